@@ -1,0 +1,199 @@
+"""The hetkd ``ClientApp``: routes Flower messages to a device's :class:`DistillClient`.
+
+Actions (message type -> what the device does -> what it replies):
+
+=================  ===============================================  ==========================
+``query.setup``    store the run config, initialise model/optimizer  architecture, sizes
+``train.local``    train on private data (cross-entropy)             scalar metrics
+``train``          FedAvg baseline: load the global weights, train   weights + scalar metrics
+``evaluate``       own model (or given weights) on own test split     scalar metrics
+                   and on the global test set
+=================  ===============================================  ==========================
+
+Distillation strategies add their own actions in the same way (see
+:mod:`hetkd.clients.actions`). Every handler opens the device's state from its
+store, works, and saves it back, so the device keeps learning across rounds
+although its weights never leave it (except in the FedAvg baseline).
+
+The device learns the run's configuration from the server's ``query.setup``
+message; without one (a ServerApp of the user's own), it reads the run config
+Flower gives it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from hetkd.clients.device import DistillClient, peak_rss_mb
+from hetkd.clients.state import make_store
+from hetkd.config import HetkdConfig, from_yaml, resolve_config
+
+__all__ = [
+    "app",
+    "device_config",
+    "device_id_of",
+    "device_session",
+    "reply",
+    "message_config",
+    "CONFIG_STATE_KEY",
+]
+
+CONFIG_STATE_KEY = "hetkd.config"
+PARTITION_ID_KEY = "partition-id"
+
+app = ClientApp()
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def device_config(context: Context) -> HetkdConfig:
+    """The run config this device was set up with (or Flower's run config)."""
+    record = context.state.get(CONFIG_STATE_KEY)
+    if record is not None:
+        return _cached_config(str(record["yaml"]))  # type: ignore[index]
+    return resolve_config(overrides=dict(context.run_config))
+
+
+_CONFIG_CACHE: dict[str, HetkdConfig] = {}
+
+
+def _cached_config(text: str) -> HetkdConfig:
+    if text not in _CONFIG_CACHE:
+        _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[text] = from_yaml(text)
+    return _CONFIG_CACHE[text]
+
+
+def device_id_of(context: Context, cfg: HetkdConfig) -> int:
+    """The device's index, from the node config's ``partition-id``."""
+    value = context.node_config.get(PARTITION_ID_KEY)
+    if value is None:
+        raise ValueError(
+            f"node config lacks '{PARTITION_ID_KEY}'; start the SuperNode with "
+            f"--node-config \"{PARTITION_ID_KEY}=<0..{cfg.simulation.num_devices - 1}>\""
+        )
+    try:
+        device_id = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"node config '{PARTITION_ID_KEY}' must be an integer, got {value!r}") from None
+    if not 0 <= device_id < cfg.simulation.num_devices:
+        raise ValueError(
+            f"node config '{PARTITION_ID_KEY}'={device_id} is outside 0..{cfg.simulation.num_devices - 1} "
+            "(simulation.num_devices)"
+        )
+    return device_id
+
+
+def _state_root(cfg: HetkdConfig) -> Path:
+    return Path(cfg.output.dir or cfg.output.root).expanduser() / "device-state"
+
+
+@contextmanager
+def device_session(context: Context, save: bool = True) -> Iterator[DistillClient]:
+    """Open this node's device with its stored state; save it back afterwards."""
+    cfg = device_config(context)
+    torch.set_num_threads(cfg.training.num_threads)
+    device_id = device_id_of(context, cfg)
+    client = DistillClient.from_config(cfg, device_id)
+    store = make_store(cfg.simulation.state_store, context, device_id, _state_root(cfg))
+    state = store.load()
+    if state is not None:
+        client.load_state_dict(state)
+    yield client
+    if save:
+        store.save(client.state_dict())
+
+
+def message_config(message: Message) -> ConfigRecord:
+    """The message's ConfigRecord (``config``), empty if it has none."""
+    record = message.content.config_records.get("config")
+    return record if record is not None else ConfigRecord()
+
+
+def reply(
+    message: Message,
+    metrics: dict[str, Any],
+    *,
+    arrays: dict[str, ArrayRecord] | None = None,
+    configs: dict[str, ConfigRecord] | None = None,
+    started: float | None = None,
+) -> Message:
+    """A reply carrying scalar ``metrics`` (plus any named records)."""
+    values = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    values["peak-rss-mb"] = peak_rss_mb()
+    if started is not None:
+        values["handler-seconds"] = time.perf_counter() - started
+    content = RecordDict({"metrics": MetricRecord(values)})
+    for key, record in (arrays or {}).items():
+        content[key] = record
+    for key, record in (configs or {}).items():
+        content[key] = record
+    return Message(content, reply_to=message)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@app.query("setup")
+def setup(message: Message, context: Context) -> Message:
+    """Store the run config sent by the server and initialise the device."""
+    started = time.perf_counter()
+    text = message_config(message).get("hetkd-config")
+    if text:
+        from_yaml(str(text))  # validate before storing
+        context.state[CONFIG_STATE_KEY] = ConfigRecord({"yaml": str(text)})
+    with device_session(context) as client:
+        info = client.describe()
+    architecture = info.pop("architecture")
+    return reply(
+        message,
+        info,
+        configs={"device": ConfigRecord({"architecture": architecture})},
+        started=started,
+    )
+
+
+@app.train("local")
+def train_local(message: Message, context: Context) -> Message:
+    """Local-only training: cross-entropy on the private data."""
+    started = time.perf_counter()
+    config = message_config(message)
+    with device_session(context) as client:
+        epochs = int(config.get("local-epochs", client.training.local_epochs))  # type: ignore[arg-type]
+        metrics = client.fit(int(config.get("server-round", 0)), epochs)  # type: ignore[arg-type]
+    return reply(message, metrics, started=started)
+
+
+@app.train()
+def train_fedavg(message: Message, context: Context) -> Message:
+    """FedAvg baseline: start from the global weights, train, send the weights back."""
+    started = time.perf_counter()
+    config = message_config(message)
+    arrays = message.content.array_records.get("arrays")
+    if arrays is None:
+        raise ValueError("a 'train' message must carry the global weights under 'arrays'")
+    with device_session(context) as client:
+        client.set_weights(arrays.to_torch_state_dict())
+        metrics = client.fit(int(config.get("server-round", 0)))  # type: ignore[arg-type]
+        weights = ArrayRecord(client.get_weights())
+    return reply(message, metrics, arrays={"arrays": weights}, started=started)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate the device's own model, or the weights the message carries (FedAvg)."""
+    started = time.perf_counter()
+    arrays = message.content.array_records.get("arrays")
+    with device_session(context, save=False) as client:
+        if arrays is not None and len(arrays) > 0:
+            client.set_weights(arrays.to_torch_state_dict())
+        metrics = client.evaluate()
+    return reply(message, metrics, started=started)

@@ -1,0 +1,178 @@
+"""One device: its own model, its private data and its optimizer state.
+
+:class:`DistillClient` is plain PyTorch, free of Flower, so it can be tested and
+reused on its own; :mod:`hetkd.clients.app` routes Flower messages to it. Its
+weights never leave it except through :meth:`DistillClient.get_weights`, which
+only the FedAvg baseline calls.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from hetkd.config import HetkdConfig, TrainingConfig
+from hetkd.data import DataView, DeviceData, build_federation
+from hetkd.models import assign_architectures, build_model, count_parameters
+from hetkd.training import (
+    LossFn,
+    cross_entropy_step,
+    evaluate_accuracy,
+    make_optimizer,
+    predict_logits,
+    resolve_device,
+    seeded,
+    train_epoch,
+)
+
+__all__ = ["DistillClient", "peak_rss_mb"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class DistillClient:
+    """A device that learns from its private data and from others' predictions.
+
+    Parameters
+    ----------
+    device_id : int
+        The device's index in the federation (its partition id).
+    architecture : str
+        The zoo name (or dotted factory path) of its model, for reports.
+    model : nn.Module
+        The device's own model; any module mapping inputs to logits.
+    data : DeviceData
+        Its private train and test parts.
+    global_test : DataView
+        The global test set (for comparing strategies on equal terms).
+    training : TrainingConfig
+        Local optimisation settings.
+    seed : int
+        The run seed; every random choice derives from (seed, device, round).
+    """
+
+    def __init__(
+        self,
+        device_id: int,
+        architecture: str,
+        model: nn.Module,
+        data: DeviceData,
+        global_test: DataView,
+        training: TrainingConfig,
+        seed: int = 0,
+    ) -> None:
+        self.device_id = device_id
+        self.architecture = architecture
+        self.torch_device = resolve_device(training.device)
+        self.model = model.to(self.torch_device)
+        self.data = data
+        self.global_test = global_test
+        self.training = training
+        self.seed = seed
+        self.optimizer = make_optimizer(self.model, training)
+        self.rounds_trained = 0
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_config(cls, cfg: HetkdConfig, device_id: int) -> "DistillClient":
+        """The device ``device_id`` of the run described by ``cfg``, freshly initialised."""
+        federation = build_federation(cfg)
+        data = federation.device(device_id)
+        architecture = assign_architectures(
+            cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers
+        )[device_id]
+        with seeded(cfg.seed, "init", device_id):
+            model = build_model(architecture, federation.input_shape, federation.num_classes)
+        return cls(device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed)
+
+    def describe(self) -> dict[str, Any]:
+        """Public facts about the device: sizes and architecture, nothing learnt."""
+        num_params = count_parameters(self.model)
+        return {
+            "device-id": self.device_id,
+            "architecture": self.architecture,
+            "num-train": len(self.data.train),
+            "num-test": len(self.data.test),
+            "num-params": num_params,
+            "model-bytes": sum(t.numel() * t.element_size() for t in self.model.state_dict().values()),
+        }
+
+    # ----------------------------------------------------------------- persistence
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the device must keep between rounds."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rounds_trained": self.rounds_trained,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rounds_trained = int(state.get("rounds_trained", 0))
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """The model's weights (only the FedAvg baseline ever sends these)."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights (FedAvg baseline)."""
+        self.model.load_state_dict(weights)
+
+    # ----------------------------------------------------------------- work
+
+    def fit(
+        self,
+        server_round: int,
+        epochs: int | None = None,
+        loss_fn: LossFn = cross_entropy_step,
+    ) -> dict[str, float]:
+        """Train on the private data for ``epochs`` (default ``training.local_epochs``).
+
+        ``loss_fn(model, x, y)`` is the loss of one private batch; distillation
+        strategies pass one that adds their term. Shuffling and dropout are
+        seeded by (run seed, device, round), so results do not depend on
+        scheduling.
+        """
+        epochs = self.training.local_epochs if epochs is None else epochs
+        start = time.perf_counter()
+        losses, seen = [], 0
+        with seeded(self.seed, "train", self.device_id, server_round) as generator:
+            for _ in range(epochs):
+                batches = self.data.train.batches(self.training.batch_size, shuffle=True, generator=generator)
+                loss, n = train_epoch(self.model, self.optimizer, batches, loss_fn, self.torch_device)
+                if n:
+                    losses.append(loss)
+                seen += n
+        self.rounds_trained += 1
+        return {
+            "train-loss": sum(losses) / len(losses) if losses else math.nan,
+            "num-examples": len(self.data.train),
+            "samples-seen": seen,
+            "train-seconds": time.perf_counter() - start,
+        }
+
+    def evaluate(self, include_global: bool = True) -> dict[str, float]:
+        """Personalised (own test split) and global (global test set) accuracy."""
+        bs = max(256, self.training.batch_size)
+        acc, loss, n = evaluate_accuracy(self.model, self.data.test.batches(bs), self.torch_device)
+        out = {"personalised-accuracy": acc, "personalised-loss": loss, "num-test": n}
+        if include_global:
+            g_acc, g_loss, g_n = evaluate_accuracy(self.model, self.global_test.batches(bs), self.torch_device)
+            out.update({"global-accuracy": g_acc, "global-loss": g_loss, "num-global-test": g_n})
+        return out
+
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of the device's model on ``inputs`` (e.g. the reference set)."""
+        return predict_logits(self.model, inputs, device=self.torch_device)

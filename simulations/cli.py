@@ -1,0 +1,116 @@
+"""The ``hetkd`` command line.
+
+    hetkd run [CONFIG] [key=value ...] [--out DIR]     one simulation, in-process
+    hetkd config [CONFIG] [key=value ...] [--flower]   print the resolved config
+
+``CONFIG`` is a YAML file (none: the defaults); ``key=value`` are dotted
+overrides (``partition.alpha=0.1``, ``models.architectures=[cnn_s,mlp_m]``,
+``strategy=fedavg``, ``num-server-rounds=5``). Every subcommand that writes
+results takes ``--out DIR`` (default ``outputs/<run-name>/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from hetkd.config import ConfigError, HetkdConfig, resolve_config, to_yaml
+from hetkd.data import DatasetUnavailableError, PartitionError
+from hetkd.models import ModelError
+
+#: errors that come from what the user asked for: reported in one line, no traceback
+USER_ERRORS = (ConfigError, ModelError, PartitionError, DatasetUnavailableError)
+
+__all__ = ["main", "config_from_args"]
+
+
+def _split(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Separate an optional leading CONFIG path from ``key=value`` overrides."""
+    config, overrides = None, []
+    for i, item in enumerate(items):
+        if "=" in item:
+            overrides.append(item)
+        elif i == 0 and config is None:
+            config = item
+        else:
+            raise ConfigError(item, "expected key=value (only the first argument may be a CONFIG file)")
+    return config, overrides
+
+
+def config_from_args(items: Sequence[str], out: str | None = None) -> HetkdConfig:
+    """Resolve ``[CONFIG] [key=value ...]`` (and ``--out``) into a checked config."""
+    config, overrides = _split(items)
+    if out:
+        overrides.append(f"output.dir={out}")
+    return resolve_config(config, overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hetkd.simulations.runner import run
+
+    cfg = config_from_args(args.items, args.out)
+    run(cfg, verbose=args.verbose)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from hetkd.config import _pyproject_table
+
+    if args.flower:
+        print(_pyproject_table())
+        return 0
+    cfg = config_from_args(args.items)
+    from hetkd.simulations.registry import check_strategy
+
+    check_strategy(cfg)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+#: modules that add a subcommand: each defines ``add_parser(subparsers)``
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def add_items_arguments(parser: argparse.ArgumentParser, out: bool = True) -> None:
+    """The ``[CONFIG] [key=value ...]`` and ``--out DIR`` arguments every command shares."""
+    parser.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]", help="YAML file and dotted overrides")
+    if out:
+        parser.add_argument("--out", metavar="DIR", help="results folder (default outputs/<run-name>/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="hetkd",
+        description="Federated learning across heterogeneous devices by knowledge distillation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one simulation in this process (Flower + Ray)")
+    add_items_arguments(p)
+    p.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved config (or the pyproject run-config table)")
+    add_items_arguments(p, out=False)
+    p.add_argument("--flower", action="store_true", help="print [tool.flwr.app.config] for pyproject.toml")
+    p.set_defaults(func=_cmd_config)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as err:
+        print(f"hetkd: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""One experiment on a Flower grid: what the ServerApp does, start to finish.
+
+:func:`prepare` resolves the output folder, builds the data picture and checks
+that every device's architecture fits the data, all before any device is
+contacted, so a bad config never starts a run. :func:`run_on_grid` then drives
+the configured strategy and records every round as it ends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import Grid
+
+from hetkd.config import HetkdConfig, to_yaml
+from hetkd.data import Federation, build_federation
+from hetkd.models import assign_architectures, build_model
+from hetkd.results import RunRecorder
+from hetkd.simulations.registry import build_strategy, check_strategy, initial_arrays
+
+__all__ = ["PreparedRun", "prepare", "resolve_output", "run_on_grid", "default_run_name"]
+
+
+def default_run_name(cfg: HetkdConfig) -> str:
+    """``<strategy>-<dataset>-s<seed>-<timestamp>``."""
+    return f"{cfg.strategy.name}-{cfg.dataset.name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_output(cfg: HetkdConfig) -> HetkdConfig:
+    """A copy of ``cfg`` whose ``output.dir`` is an absolute, fresh folder."""
+    if cfg.output.dir:
+        out = Path(cfg.output.dir).expanduser().resolve()
+        return replace(cfg, output=replace(cfg.output, dir=str(out), run_name=cfg.output.run_name or out.name))
+    name = cfg.output.run_name or default_run_name(cfg)
+    out = Path(cfg.output.root).expanduser().resolve() / name
+    candidate, k = out, 1
+    while candidate.exists() and not cfg.output.run_name:
+        k += 1
+        candidate = out.with_name(f"{name}-{k}")
+    return replace(cfg, output=replace(cfg.output, dir=str(candidate), run_name=candidate.name))
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A checked config with its data picture, ready to start."""
+
+    cfg: HetkdConfig
+    federation: Federation
+    architectures: list[str]
+    config_yaml: str
+
+
+def prepare(cfg: HetkdConfig) -> PreparedRun:
+    """Check everything that can be checked before devices start.
+
+    Raises :class:`~hetkd.config.ConfigError` / ``ValueError`` naming the bad
+    key: an unknown strategy, a partition that cannot be made, an
+    architecture that does not fit the data.
+    """
+    check_strategy(cfg)
+    cfg = resolve_output(cfg)
+    federation = build_federation(cfg)
+    archs = assign_architectures(
+        cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers
+    )
+    for arch in sorted(set(archs)):
+        build_model(arch, federation.input_shape, federation.num_classes)  # raises if it does not fit
+    return PreparedRun(cfg, federation, archs, to_yaml(cfg))
+
+
+def run_on_grid(grid: Grid, run: PreparedRun) -> dict[str, Any]:
+    """Run the configured strategy on ``grid``; write results; return the summary."""
+    cfg = run.cfg
+    summary = run.federation.summary()
+    for device, arch in zip(summary["devices"], run.architectures):
+        device["architecture"] = arch
+    recorder = RunRecorder(cfg.output.dir, plots=cfg.output.plots, progress=cfg.output.progress,
+                           total_rounds=cfg.simulation.num_rounds)
+    header = (
+        f"hetkd: {cfg.strategy.name} on {cfg.dataset.name}, {cfg.simulation.num_devices} devices "
+        f"({', '.join(sorted(set(run.architectures)))}), {cfg.partition.method} partition, "
+        f"{cfg.simulation.num_rounds} rounds, seed {cfg.seed}"
+    )
+    recorder.start(run.config_yaml, summary, header)
+    strategy = build_strategy(cfg, run.federation, run.config_yaml)
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial_arrays(cfg, run.federation),
+        num_rounds=cfg.simulation.num_rounds,
+        timeout=cfg.simulation.round_timeout,
+        on_round_end=lambda report: recorder.record(report.as_row()),
+    )
+    devices = {
+        str(info.device_id): {"architecture": info.architecture, "num_params": info.num_params,
+                              "model_bytes": info.model_bytes, "num_train": info.num_train}
+        for info in strategy.devices.values()
+    }
+    largest = max((d["model_bytes"] for d in devices.values()), default=0)
+    return recorder.finish(
+        {
+            "strategy": cfg.strategy.name,
+            "dataset": cfg.dataset.name,
+            "seed": cfg.seed,
+            "num_devices": cfg.simulation.num_devices,
+            "largest_model_bytes": largest,
+            "devices": devices,
+        }
+    )
+

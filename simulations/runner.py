@@ -1,0 +1,79 @@
+"""Running an experiment in-process on Flower's Simulation Runtime (Ray).
+
+:func:`run` is what ``hetkd run``, the tests and the benchmarks use: the same
+ServerApp and ClientApp as ``flwr run``, driven by
+:func:`flwr.simulation.run_simulation` in this process, with the config
+checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from hetkd.config import HetkdConfig
+from hetkd.simulations.experiment import prepare
+from hetkd.simulations.server_app import make_server_app
+
+__all__ = ["run", "backend_config"]
+
+
+def backend_config(cfg: HetkdConfig) -> dict[str, Any]:
+    """Flower/Ray backend settings from ``simulation.*``."""
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    return {
+        "client_resources": {"num_cpus": sim.cpus_per_device, "num_gpus": sim.gpus_per_device},
+        "init_args": init_args,
+    }
+
+
+class _DropDeprecationNotice(logging.Filter):
+    """Hide Flower's notice that ``run_simulation`` is deprecated: we use it on purpose
+    (it is the in-process Simulation Runtime; ``flwr run`` drives the same apps)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
+def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` to the end; return its summary (also in ``<out>/summary.json``).
+
+    Raises before any device starts if the config cannot run; re-raises what
+    the ServerApp raised.
+    """
+    import ray
+    from flwr.simulation import run_simulation
+
+    from hetkd.clients.app import app as client_app
+
+    prepared = prepare(cfg)
+    summaries: list[dict[str, Any]] = []
+    server_app = make_server_app(prepared.cfg, on_finish=summaries.append)
+    started_ray = not ray.is_initialized()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    notice_filter = _DropDeprecationNotice()
+    flwr_logger.addFilter(notice_filter)
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=prepared.cfg.simulation.num_devices,
+            backend_config=backend_config(prepared.cfg),  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(notice_filter)
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    if not summaries:
+        raise RuntimeError(f"the simulation ended without a summary; see {prepared.cfg.output.dir}")
+    return summaries[0]

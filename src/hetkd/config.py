@@ -1,0 +1,561 @@
+"""The run configuration: one structured schema, three ways in.
+
+A run is described by :class:`HetkdConfig`, an omegaconf structured config whose
+groups are ``dataset``, ``reference``, ``partition``, ``models``, ``strategy``,
+``training``, ``simulation`` and ``output``. Values arrive, in increasing order
+of precedence, from
+
+1. the dataclass defaults below (the only place defaults are written),
+2. an optional YAML file (``config=PATH``), which may compose fragments listed
+   under ``defaults:`` (e.g. ``defaults: [dataset/mnist1d]``),
+3. dotted overrides: a command-line dotlist (``partition.alpha=0.1``) or the
+   Flower ``run_config`` of ``flwr run --run-config``.
+
+Flower's ``run_config`` holds only scalars, so lists travel as comma-separated
+strings and ``None`` as the empty string; :func:`flower_run_config` encodes a
+config that way (it is what ``[tool.flwr.app.config]`` in ``pyproject.toml``
+holds) and :func:`resolve_config` decodes it. Two keys follow Flower's own
+conventions: ``strategy`` names ``strategy.name`` and ``num-server-rounds``
+names ``simulation.num_rounds``. Hyphens in keys are read as underscores.
+
+Every error names the offending key and, where there is a fixed set, the valid
+choices, so a typo stops a run before any device is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "DatasetConfig",
+    "ReferenceConfig",
+    "PartitionConfig",
+    "ModelsConfig",
+    "StrategyConfig",
+    "TrainingConfig",
+    "SimulationConfig",
+    "OutputConfig",
+    "HetkdConfig",
+    "FLOWER_ALIASES",
+    "resolve_config",
+    "load_yaml",
+    "apply_overrides",
+    "validate_config",
+    "flower_run_config",
+    "to_yaml",
+    "from_yaml",
+    "to_container",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"config key '{key}': {message}")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DatasetConfig:
+    """Where the labelled data comes from.
+
+    ``name`` is a key of :data:`hetkd.data.DATASETS`. ``root`` is where
+    downloadable datasets live (``download`` fetches them there when missing).
+    ``path`` is the ``.npz`` file for ``name=npz``. ``test_fraction`` of the
+    pool is held out as the global test set, which no device trains on.
+    ``num_samples`` bounds how many samples are generated or used (0 = all).
+    """
+
+    name: str = "digits"
+    root: str = "~/.cache/hetkd/data"
+    download: bool = True
+    path: str = ""
+    test_fraction: float = 0.2
+    num_samples: int = 0
+
+
+@dataclass
+class ReferenceConfig:
+    """The public reference set (SD-Dist) / proxy set (MEKD) every party holds.
+
+    ``source`` is ``pool`` (carved out of the training pool, so it is disjoint
+    from every device's private data) or the name of another dataset with the
+    same input shape. ``size`` samples are used. ``labelled`` says whether its
+    labels may be used for the quality score (never as training targets).
+    """
+
+    source: str = "pool"
+    size: int = 300
+    labelled: bool = True
+
+
+@dataclass
+class PartitionConfig:
+    """How the training pool is split over devices.
+
+    ``method``: ``iid``, ``dirichlet`` (label skew, concentration ``alpha``),
+    ``pathological`` (``classes_per_device`` labels each) or ``quantity_skew``
+    (``sparse_fraction`` of the devices hold ``sparse_max_samples`` samples,
+    the others share the rest). With a label-skew method, ``sparse_fraction``
+    > 0 additionally cuts that fraction of devices down to at most
+    ``sparse_max_samples`` samples ("sparse users"). Each device keeps
+    ``device_test_fraction`` of its partition as its own test split.
+    """
+
+    method: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_device: int = 2
+    min_samples: int = 10
+    device_test_fraction: float = 0.25
+    sparse_fraction: float = 0.0
+    sparse_max_samples: int = 20
+
+
+@dataclass
+class ModelsConfig:
+    """Which architecture each device holds.
+
+    ``assignment``: ``homogeneous`` (``architectures[0]`` everywhere),
+    ``round_robin`` (device i gets ``architectures[i % len]``), ``per_device``
+    (``architectures`` lists one per device) or ``tiers`` (``tiers`` gives the
+    fraction of devices per architecture, in order). An architecture is a name
+    from :func:`hetkd.models.available_architectures` or a dotted path
+    ``package.module:factory`` to ``factory(input_shape, num_classes)``.
+    """
+
+    assignment: str = "round_robin"
+    architectures: list[str] = field(
+        default_factory=lambda: ["cnn_s", "cnn_m", "resnet8", "mlp_s", "mlp_m"]
+    )
+    tiers: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StrategyConfig:
+    """Which server-side algorithm runs, and how devices are sampled.
+
+    ``fraction_train`` / ``fraction_evaluate`` of the devices take part in each
+    round's training / evaluation (at least ``min_devices``). Evaluation runs
+    every ``evaluate_every`` rounds and always after the last one.
+    """
+
+    name: str = "local"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_devices: int = 1
+    evaluate_every: int = 1
+
+
+@dataclass
+class TrainingConfig:
+    """Each device's local optimisation."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_threads: int = 1
+    device: str = "cpu"
+
+
+@dataclass
+class SimulationConfig:
+    """How many devices, how many rounds, and how Flower/Ray run them.
+
+    ``cpus_per_device`` / ``gpus_per_device`` are Ray resources per simulated
+    device; ``ray_address`` connects to an existing Ray cluster (empty: start a
+    local one). ``state_store`` keeps each device's weights and optimizer
+    between rounds in Flower's ``Context.state`` (``context``) or on disk
+    (``disk``, under the run's output folder). A round waits at most
+    ``round_timeout`` seconds for replies; the server waits ``wait_for_devices``
+    seconds for all ``num_devices`` to connect.
+    """
+
+    num_devices: int = 10
+    num_rounds: int = 10
+    cpus_per_device: float = 1.0
+    gpus_per_device: float = 0.0
+    ray_address: str = ""
+    state_store: str = "context"
+    round_timeout: float = 600.0
+    wait_for_devices: float = 120.0
+
+
+@dataclass
+class OutputConfig:
+    """Where results go: ``root/run_name`` unless ``dir`` is set."""
+
+    root: str = "outputs"
+    dir: str = ""
+    run_name: str = ""
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class HetkdConfig:
+    """A whole run. ``seed`` fixes partitions, initial weights and sampling."""
+
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+#: Flower-style run-config keys and the schema keys they stand for.
+FLOWER_ALIASES: dict[str, str] = {
+    "strategy": "strategy.name",
+    "num-server-rounds": "simulation.num_rounds",
+}
+#: The run-config key that names a YAML file to load under the overrides.
+CONFIG_FILE_KEY = "config"
+
+PARTITION_METHODS = ("iid", "dirichlet", "pathological", "quantity_skew")
+ASSIGNMENTS = ("homogeneous", "round_robin", "per_device", "tiers")
+OPTIMIZERS = ("sgd", "adam")
+STATE_STORES = ("context", "disk")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _schema_keys(node: Any = None, prefix: str = "") -> dict[str, Any]:
+    """Flat ``{dotted.key: default}`` of the schema."""
+    node = HetkdConfig() if node is None else node
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(_schema_keys(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+SCHEMA_KEYS: dict[str, Any] = _schema_keys()
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    group, _, _ = key.rpartition(".")
+    siblings = sorted(
+        k.rpartition(".")[2] for k in SCHEMA_KEYS if k.rpartition(".")[0] == group
+    )
+    if not siblings:  # the group itself is unknown
+        groups = sorted({k.split(".")[0] for k in SCHEMA_KEYS})
+        close = difflib.get_close_matches(key.split(".")[0], groups, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(key, f"unknown key{hint}; valid groups: {', '.join(groups)}")
+    close = difflib.get_close_matches(key.rpartition(".")[2], siblings, n=1)
+    hint = f" (did you mean '{group + '.' if group else ''}{close[0]}'?)" if close else ""
+    where = f"'{group}'" if group else "the top level"
+    return ConfigError(key, f"unknown key{hint}; valid keys in {where}: {', '.join(siblings)}")
+
+
+def _canonical_key(key: str) -> str:
+    key = key.strip()
+    if key in FLOWER_ALIASES:
+        return FLOWER_ALIASES[key]
+    return key.replace("-", "_")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _structured() -> DictConfig:
+    return OmegaConf.structured(HetkdConfig)
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    """Merge ``update`` into ``base``, turning omegaconf errors into ConfigErrors."""
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except ConfigKeyError as err:
+        raise _unknown_key_error(str(err.full_key)) from None
+    except ValidationError as err:
+        expected = SCHEMA_KEYS.get(str(err.full_key))
+        kind = type(expected).__name__ if expected is not None else "a valid value"
+        raise ConfigError(
+            str(err.full_key), f"invalid value {err.value!r} in {source}; expected {kind}"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(getattr(err, "full_key", "?")), f"{err} (in {source})") from None
+
+
+def _find_fragment(name: str, start: Path) -> Path:
+    """Find ``configs/<name>.yaml`` by walking up from ``start``."""
+    for directory in [start, *start.parents]:
+        for candidate in (directory / f"{name}.yaml", directory / "configs" / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise ConfigError("defaults", f"fragment '{name}' not found above {start}")
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Load a YAML config file, composing the fragments its ``defaults:`` lists.
+
+    Fragments are named relative to the ``configs/`` folder (``dataset/mnist1d``)
+    and merged in order before the file's own keys.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(CONFIG_FILE_KEY, f"file '{path}' does not exist")
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError("defaults", f"'{path}' includes itself")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(CONFIG_FILE_KEY, f"'{path}' must hold a mapping, not a list")
+    composed: DictConfig = OmegaConf.create({})
+    defaults = raw.pop("defaults", [])
+    if not isinstance(defaults, ListConfig):
+        raise ConfigError("defaults", f"in '{path}' must be a list of fragment names")
+    for name in defaults:
+        fragment = load_yaml(_find_fragment(str(name), path.parent), (*_seen, path))
+        composed = OmegaConf.merge(composed, fragment)  # type: ignore[assignment]
+    return OmegaConf.merge(composed, raw)  # type: ignore[return-value]
+
+
+def _decode_value(key: str, value: Any) -> Any:
+    """Decode a Flower run-config scalar into the schema's type for ``key``."""
+    default = SCHEMA_KEYS.get(key)
+    if isinstance(default, list) and isinstance(value, str):
+        text = value.strip().strip("[]")
+        items = [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
+        if default and isinstance(default[0], float) or key.endswith("tiers"):
+            try:
+                return [float(item) for item in items]
+            except ValueError:
+                raise ConfigError(key, f"expected comma-separated numbers, got {value!r}") from None
+        return items
+    return value
+
+
+def apply_overrides(cfg: DictConfig, overrides: Mapping[str, Any] | Sequence[str]) -> DictConfig:
+    """Apply dotted overrides: a mapping (Flower run_config) or ``key=value`` strings."""
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+        parsed = [(_canonical_key(k), _decode_value(_canonical_key(k), v)) for k, v in items]
+    else:
+        parsed = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(item, "an override must look like key=value")
+            key, _, text = item.partition("=")
+            key = _canonical_key(key)
+            try:
+                value = OmegaConf.from_dotlist([f"_={text}"])["_"]
+            except OmegaConfBaseException:
+                value = text
+            if isinstance(value, ListConfig):
+                value = OmegaConf.to_container(value)
+            parsed.append((key, _decode_value(key, value)))
+    for key, value in parsed:
+        if key == CONFIG_FILE_KEY:
+            continue
+        if key not in SCHEMA_KEYS:
+            raise _unknown_key_error(key)
+        update = OmegaConf.create({})
+        OmegaConf.update(update, key, value, force_add=True)
+        cfg = _merge(cfg, update, f"override {key}={value!r}")
+    return cfg
+
+
+def resolve_config(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] = (),
+) -> HetkdConfig:
+    """Build and validate a run's config: defaults ← YAML file ← overrides.
+
+    ``overrides`` may itself name the YAML file under the key ``config`` (that
+    is how ``flwr run --run-config "config='x.yaml'"`` arrives); an explicit
+    ``config_file`` wins. Empty strings mean "no file".
+    """
+    if not config_file:
+        if isinstance(overrides, Mapping):
+            config_file = overrides.get(CONFIG_FILE_KEY) or None
+        else:
+            named = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "config"]
+            config_file = named[-1].strip("'\"") if named and named[-1] else None
+    cfg = _structured()
+    if config_file:
+        cfg = _merge(cfg, load_yaml(config_file), f"'{config_file}'")
+    cfg = apply_overrides(cfg, overrides)
+    result: HetkdConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate_config(result)
+    return result
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def _check_choice(value: str, key: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(key, f"unknown value {value!r}{hint}; valid choices: {', '.join(choices)}")
+
+
+def validate_config(cfg: HetkdConfig) -> None:
+    """Check values the schema's types cannot: ranges, choices, consistency.
+
+    Dataset and architecture names are checked against the live registries of
+    :mod:`hetkd.data` and :mod:`hetkd.models`; strategy names are checked by
+    the simulation layer, which owns the strategy registry.
+    """
+    from hetkd.data import DATASETS  # local: keep `import hetkd.config` light
+    from hetkd.models import check_architecture
+
+    _check_choice(cfg.dataset.name, "dataset.name", sorted(DATASETS))
+    _check(0.0 < cfg.dataset.test_fraction < 1.0, "dataset.test_fraction",
+           f"must be in (0, 1), got {cfg.dataset.test_fraction}")
+    _check(cfg.dataset.num_samples >= 0, "dataset.num_samples",
+           f"must be >= 0 (0 = all), got {cfg.dataset.num_samples}")
+    if cfg.dataset.name == "npz":
+        _check(bool(cfg.dataset.path), "dataset.path", "must name a .npz file when dataset.name=npz")
+
+    if cfg.reference.source != "pool":
+        _check_choice(cfg.reference.source, "reference.source", ["pool", *sorted(DATASETS)])
+    _check(cfg.reference.size >= 0, "reference.size", f"must be >= 0, got {cfg.reference.size}")
+
+    p = cfg.partition
+    _check_choice(p.method, "partition.method", PARTITION_METHODS)
+    _check(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
+    _check(p.classes_per_device >= 1, "partition.classes_per_device",
+           f"must be >= 1, got {p.classes_per_device}")
+    _check(p.min_samples >= 0, "partition.min_samples", f"must be >= 0, got {p.min_samples}")
+    _check(0.0 <= p.device_test_fraction < 1.0, "partition.device_test_fraction",
+           f"must be in [0, 1), got {p.device_test_fraction}")
+    _check(0.0 <= p.sparse_fraction <= 1.0, "partition.sparse_fraction",
+           f"must be in [0, 1], got {p.sparse_fraction}")
+    _check(p.sparse_max_samples >= 2, "partition.sparse_max_samples",
+           f"must be >= 2 (a train and a test sample), got {p.sparse_max_samples}")
+    if p.method == "quantity_skew":
+        _check(p.sparse_fraction > 0, "partition.sparse_fraction",
+               "must be > 0 for partition.method=quantity_skew")
+
+    m = cfg.models
+    _check_choice(m.assignment, "models.assignment", ASSIGNMENTS)
+    _check(len(m.architectures) > 0, "models.architectures", "must list at least one architecture")
+    for i, arch in enumerate(m.architectures):
+        check_architecture(arch, f"models.architectures[{i}]")
+    n = cfg.simulation.num_devices
+    if m.assignment == "per_device":
+        _check(len(m.architectures) == n, "models.architectures",
+               f"assignment=per_device needs one architecture per device ({n}), got {len(m.architectures)}")
+    if m.assignment == "tiers":
+        _check(len(m.tiers) == len(m.architectures), "models.tiers",
+               f"needs one fraction per architecture ({len(m.architectures)}), got {len(m.tiers)}")
+        _check(all(t >= 0 for t in m.tiers) and abs(sum(m.tiers) - 1.0) < 1e-6, "models.tiers",
+               f"fractions must be >= 0 and sum to 1, got {list(m.tiers)}")
+
+    s = cfg.strategy
+    _check(0.0 < s.fraction_train <= 1.0, "strategy.fraction_train",
+           f"must be in (0, 1], got {s.fraction_train}")
+    _check(0.0 <= s.fraction_evaluate <= 1.0, "strategy.fraction_evaluate",
+           f"must be in [0, 1], got {s.fraction_evaluate}")
+    _check(s.min_devices >= 1, "strategy.min_devices", f"must be >= 1, got {s.min_devices}")
+    _check(s.evaluate_every >= 1, "strategy.evaluate_every", f"must be >= 1, got {s.evaluate_every}")
+
+    t = cfg.training
+    _check(t.local_epochs >= 0, "training.local_epochs", f"must be >= 0, got {t.local_epochs}")
+    _check(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check_choice(t.optimizer, "training.optimizer", OPTIMIZERS)
+    _check(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")
+    _check(0.0 <= t.momentum < 1.0, "training.momentum", f"must be in [0, 1), got {t.momentum}")
+    _check(t.weight_decay >= 0, "training.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(t.num_threads >= 1, "training.num_threads", f"must be >= 1, got {t.num_threads}")
+    _check(t.device == "cpu" or t.device == "auto" or t.device.startswith("cuda"), "training.device",
+           f"unknown value {t.device!r}; valid choices: cpu, auto, cuda, cuda:N")
+
+    sim = cfg.simulation
+    _check(sim.num_devices >= 1, "simulation.num_devices", f"must be >= 1, got {sim.num_devices}")
+    _check(sim.num_rounds >= 1, "simulation.num_rounds (num-server-rounds)",
+           f"must be >= 1, got {sim.num_rounds}")
+    _check(sim.cpus_per_device > 0, "simulation.cpus_per_device",
+           f"must be > 0, got {sim.cpus_per_device}")
+    _check(sim.gpus_per_device >= 0, "simulation.gpus_per_device",
+           f"must be >= 0, got {sim.gpus_per_device}")
+    _check_choice(sim.state_store, "simulation.state_store", STATE_STORES)
+    _check(sim.round_timeout > 0, "simulation.round_timeout", f"must be > 0, got {sim.round_timeout}")
+    _check(sim.wait_for_devices > 0, "simulation.wait_for_devices",
+           f"must be > 0, got {sim.wait_for_devices}")
+    _check(s.min_devices <= sim.num_devices, "strategy.min_devices",
+           f"must be <= simulation.num_devices ({sim.num_devices}), got {s.min_devices}")
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_container(cfg: HetkdConfig) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (JSON/YAML friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: HetkdConfig) -> str:
+    """The config as YAML; :func:`from_yaml` reads it back exactly."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> HetkdConfig:
+    """Read a config written by :func:`to_yaml` (validated)."""
+    cfg = _merge(_structured(), OmegaConf.create(text), "YAML text")
+    result: HetkdConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate_config(result)
+    return result
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def flower_run_config(cfg: HetkdConfig | None = None) -> dict[str, Any]:
+    """The config as a flat Flower ``run_config`` (what pyproject.toml holds)."""
+    flat = _schema_keys(cfg if cfg is not None else HetkdConfig())
+    reverse = {v: k for k, v in FLOWER_ALIASES.items()}
+    out: dict[str, Any] = {CONFIG_FILE_KEY: ""}
+    for key, value in flat.items():
+        out[reverse.get(key, key)] = _encode_value(value)
+    return out
+
+
+def _pyproject_table() -> str:
+    """Render :func:`flower_run_config` as the TOML of ``[tool.flwr.app.config]``."""
+    import json
+
+    lines = ["[tool.flwr.app.config]"]
+    for key, value in flower_run_config().items():
+        rendered = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+        toml_key = key if "." not in key else json.dumps(key)
+        lines.append(f"{toml_key} = {rendered}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m hetkd.config  -> the pyproject table
+    print(_pyproject_table())

@@ -1,0 +1,166 @@
+"""The data picture of one run: global test set, reference set, device partitions.
+
+:func:`build_federation` carves, deterministically from the seed, a labelled
+dataset into
+
+* a **global test set** (``dataset.test_fraction`` of it) that nobody trains on,
+* a public **reference set** (``reference.size`` samples, SD-Dist's reference /
+  MEKD's proxy data) taken from the pool, or from another dataset of the same
+  input shape, disjoint from every device's data,
+* one partition per device (see :mod:`hetkd.data.partition`), each split into
+  the device's own train and test part.
+
+The server and every device call it with the same config and get the same
+picture, so no index lists need to travel. Everything is an index view of one
+in-memory dataset per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from hetkd.config import HetkdConfig
+from hetkd.data.partition import partition_pool, split_train_test
+from hetkd.data.sources import ArrayDataset, DataView, load_dataset
+
+__all__ = ["DeviceData", "Federation", "build_federation"]
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceData:
+    """One device's private data: its own train and test parts."""
+
+    device_id: int
+    train: DataView
+    test: DataView
+    sparse: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Federation:
+    """Everything data-related a run needs, as index views."""
+
+    dataset: ArrayDataset
+    global_test: DataView
+    reference: DataView
+    reference_labelled: bool
+    devices: tuple[DeviceData, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.dataset.input_shape
+
+    def device(self, device_id: int) -> DeviceData:
+        """The data of device ``device_id`` (0-based)."""
+        if not 0 <= device_id < len(self.devices):
+            raise IndexError(
+                f"device id {device_id} is outside this federation of {len(self.devices)} "
+                "devices (simulation.num_devices)"
+            )
+        return self.devices[device_id]
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes and per-device label counts, for ``federation.json``."""
+        c = self.num_classes
+        return {
+            "dataset": self.dataset.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": c,
+            "global_test_size": len(self.global_test),
+            "reference_size": len(self.reference),
+            "reference_source": self.reference.base.name,
+            "reference_labelled": self.reference_labelled,
+            "devices": [
+                {
+                    "device_id": d.device_id,
+                    "train_size": len(d.train),
+                    "test_size": len(d.test),
+                    "sparse": d.sparse,
+                    "train_label_counts": np.bincount(d.train.labels, minlength=c).tolist(),
+                }
+                for d in self.devices
+            ],
+        }
+
+
+def _federation_key(cfg: HetkdConfig) -> str:
+    return json.dumps(
+        {
+            "seed": cfg.seed,
+            "dataset": asdict(cfg.dataset),
+            "reference": asdict(cfg.reference),
+            "partition": asdict(cfg.partition),
+            "num_devices": cfg.simulation.num_devices,
+        },
+        sort_keys=True,
+    )
+
+
+def build_federation(cfg: HetkdConfig) -> Federation:
+    """The run's :class:`Federation` (computed once per process and config)."""
+    return _build(_federation_key(cfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _build(key: str) -> Federation:
+    spec = json.loads(key)
+    seed, ds_cfg, ref_cfg, part_cfg = spec["seed"], spec["dataset"], spec["reference"], spec["partition"]
+    dataset = load_dataset(
+        ds_cfg["name"],
+        root=ds_cfg["root"],
+        download=ds_cfg["download"],
+        path=ds_cfg["path"],
+        num_samples=ds_cfg["num_samples"],
+    )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(dataset))
+    num_test = int(round(ds_cfg["test_fraction"] * len(dataset)))
+    global_test, rest = order[:num_test], order[num_test:]
+
+    source = ref_cfg["source"]
+    if source in ("pool", dataset.name):
+        if ref_cfg["size"] >= len(rest):
+            raise ValueError(
+                f"reference.size={ref_cfg['size']} leaves no training data in a pool of {len(rest)}"
+            )
+        reference = dataset.view(rest[: ref_cfg["size"]])
+        rest = rest[ref_cfg["size"] :]
+        labelled = bool(ref_cfg["labelled"])
+    else:
+        other = load_dataset(source, root=ds_cfg["root"], download=ds_cfg["download"])
+        if other.input_shape != dataset.input_shape:
+            raise ValueError(
+                f"reference.source={source!r} has inputs of shape {other.input_shape}, but "
+                f"dataset '{dataset.name}' has {dataset.input_shape}; they must match"
+            )
+        size = min(ref_cfg["size"], len(other))
+        reference = other.view(np.sort(rng.permutation(len(other))[:size]))
+        labelled = False  # another task's labels say nothing about this task's quality
+
+    positions, sparse_ids = partition_pool(
+        dataset.labels[rest],
+        spec["num_devices"],
+        part_cfg["method"],
+        seed,
+        alpha=part_cfg["alpha"],
+        classes_per_device=part_cfg["classes_per_device"],
+        min_samples=part_cfg["min_samples"],
+        sparse_fraction=part_cfg["sparse_fraction"],
+        sparse_max_samples=part_cfg["sparse_max_samples"],
+    )
+    devices = []
+    for device_id, pos in enumerate(positions):
+        train, test = split_train_test(rest[pos], part_cfg["device_test_fraction"], seed * 100_003 + device_id)
+        devices.append(
+            DeviceData(device_id, dataset.view(train), dataset.view(test), device_id in sparse_ids)
+        )
+    return Federation(dataset, dataset.view(global_test), reference, labelled, tuple(devices))

@@ -1,0 +1,232 @@
+"""Splitting a labelled pool over devices.
+
+Each function maps the pool's labels to one index array per device (positions
+into the pool), deterministically from ``seed``. The label-skew and iid
+partitioners are flwr-datasets' own (:class:`~flwr_datasets.partitioner.DirichletPartitioner`
+and friends), driven through a two-column Hugging Face dataset of labels and
+positions, so our partitions are the ones the Flower ecosystem reports on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "PartitionError",
+    "iid_partition",
+    "dirichlet_partition",
+    "pathological_partition",
+    "quantity_skew_partition",
+    "make_sparse",
+    "split_train_test",
+    "partition_pool",
+]
+
+
+class PartitionError(ValueError):
+    """A partition cannot be made with the given settings; names the setting."""
+
+
+def _run_partitioner(make: Callable[[], object], labels: np.ndarray) -> list[np.ndarray]:
+    import datasets
+
+    partitioner = make()
+    table = datasets.Dataset.from_dict(
+        {"label": labels.astype(np.int64), "position": np.arange(len(labels), dtype=np.int64)}
+    )
+    partitioner.dataset = table  # type: ignore[attr-defined]
+    out = []
+    for pid in range(partitioner.num_partitions):  # type: ignore[attr-defined]
+        part = partitioner.load_partition(pid)  # type: ignore[attr-defined]
+        out.append(np.asarray(part["position"], dtype=np.int64))
+    return out
+
+
+def _check_devices(num_devices: int, pool_size: int) -> None:
+    if num_devices < 1:
+        raise PartitionError(f"num_devices must be >= 1, got {num_devices}")
+    if num_devices > pool_size:
+        raise PartitionError(
+            f"cannot split {pool_size} samples over {num_devices} devices "
+            "(simulation.num_devices exceeds the training pool)"
+        )
+
+
+def iid_partition(labels: np.ndarray, num_devices: int, seed: int) -> list[np.ndarray]:
+    """Equal-size random shards (flwr-datasets ``IidPartitioner`` on a shuffled pool)."""
+    from flwr_datasets.partitioner import IidPartitioner
+
+    _check_devices(num_devices, len(labels))
+    order = np.random.default_rng(seed).permutation(len(labels))
+    parts = _run_partitioner(lambda: IidPartitioner(num_partitions=num_devices), labels[order])
+    return [order[p] for p in parts]
+
+
+def dirichlet_partition(
+    labels: np.ndarray, num_devices: int, alpha: float, seed: int, min_samples: int = 10
+) -> list[np.ndarray]:
+    """Label skew: each class is split over devices by Dirichlet(``alpha``) proportions.
+
+    Small ``alpha`` gives devices few classes each; large ``alpha`` approaches iid.
+    Draws are repeated (up to flwr-datasets' limit) until every device holds
+    at least ``min_samples`` samples.
+    """
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    _check_devices(num_devices, len(labels))
+    if alpha <= 0:
+        raise PartitionError(f"partition.alpha must be > 0, got {alpha}")
+    if min_samples * num_devices > len(labels):
+        raise PartitionError(
+            f"partition.min_samples={min_samples} x {num_devices} devices exceeds the pool "
+            f"of {len(labels)} samples"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return _run_partitioner(
+                lambda: DirichletPartitioner(
+                    num_partitions=num_devices,
+                    partition_by="label",
+                    alpha=alpha,
+                    min_partition_size=min_samples,
+                    self_balancing=False,
+                    shuffle=True,
+                    seed=seed,
+                ),
+                labels,
+            )
+        except ValueError as err:
+            raise PartitionError(
+                f"Dirichlet(alpha={alpha}) could not give every one of {num_devices} devices "
+                f"partition.min_samples={min_samples} samples in 10 draws; lower "
+                f"partition.min_samples or raise partition.alpha ({err})"
+            ) from None
+
+
+def pathological_partition(
+    labels: np.ndarray, num_devices: int, classes_per_device: int, seed: int
+) -> list[np.ndarray]:
+    """Each device holds samples of exactly ``classes_per_device`` classes."""
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    _check_devices(num_devices, len(labels))
+    num_classes = len(np.unique(labels))
+    if not 1 <= classes_per_device <= num_classes:
+        raise PartitionError(
+            f"partition.classes_per_device must be in [1, {num_classes}], got {classes_per_device}"
+        )
+    parts = _run_partitioner(
+        lambda: PathologicalPartitioner(
+            num_partitions=num_devices,
+            partition_by="label",
+            num_classes_per_partition=classes_per_device,
+            class_assignment_mode="first-deterministic",
+            shuffle=True,
+            seed=seed,
+        ),
+        labels,
+    )
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise PartitionError(
+            f"pathological partition left devices {empty} empty; use fewer devices or more "
+            "partition.classes_per_device"
+        )
+    return parts
+
+
+def quantity_skew_partition(
+    labels: np.ndarray, num_devices: int, sparse_fraction: float, sparse_max_samples: int, seed: int
+) -> list[np.ndarray]:
+    """Quantity skew: ``sparse_fraction`` of the devices get ``sparse_max_samples``
+    random samples; the others share the rest equally (flwr-datasets ``SizePartitioner``)."""
+    from flwr_datasets.partitioner import SizePartitioner
+
+    _check_devices(num_devices, len(labels))
+    rng = np.random.default_rng(seed)
+    num_sparse = min(num_devices - 1, math.ceil(sparse_fraction * num_devices))
+    sparse = set(rng.choice(num_devices, size=num_sparse, replace=False).tolist())
+    rest = len(labels) - num_sparse * sparse_max_samples
+    num_rich = num_devices - num_sparse
+    if rest < num_rich * sparse_max_samples:
+        raise PartitionError(
+            f"quantity skew needs more data: {num_sparse} sparse devices x "
+            f"partition.sparse_max_samples={sparse_max_samples} leave {rest} samples for "
+            f"{num_rich} others"
+        )
+    base, extra = divmod(rest, num_rich)
+    rich = [i for i in range(num_devices) if i not in sparse]
+    sizes = [sparse_max_samples] * num_devices
+    for k, i in enumerate(rich):
+        sizes[i] = base + (1 if k < extra else 0)
+    order = rng.permutation(len(labels))
+    parts = _run_partitioner(lambda: SizePartitioner(partition_sizes=sizes), labels[order])
+    return [order[p] for p in parts]
+
+
+def make_sparse(
+    parts: list[np.ndarray], sparse_fraction: float, max_samples: int, seed: int
+) -> tuple[list[np.ndarray], list[int]]:
+    """Cut ``sparse_fraction`` of the devices (chosen at random) to at most
+    ``max_samples`` samples: the "sparse users". Returns the new parts and
+    the sparse device ids. Samples cut away are left unused, so the other
+    devices' distributions are exactly those of the unmodified partition."""
+    if sparse_fraction <= 0:
+        return parts, []
+    rng = np.random.default_rng(seed)
+    num_sparse = min(len(parts), math.ceil(sparse_fraction * len(parts)))
+    chosen = sorted(rng.choice(len(parts), size=num_sparse, replace=False).tolist())
+    out = list(parts)
+    for i in chosen:
+        if len(out[i]) > max_samples:
+            out[i] = np.sort(rng.choice(out[i], size=max_samples, replace=False))
+    return out, chosen
+
+
+def split_train_test(
+    indices: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle one device's indices and split off ``test_fraction`` as its test part.
+
+    A device with at least two samples always keeps one of each.
+    """
+    order = np.random.default_rng(seed).permutation(indices)
+    if test_fraction <= 0 or len(order) < 2:
+        return order, order[:0]
+    num_test = min(len(order) - 1, max(1, round(test_fraction * len(order))))
+    return order[num_test:], order[:num_test]
+
+
+def partition_pool(
+    labels: np.ndarray,
+    num_devices: int,
+    method: str,
+    seed: int,
+    *,
+    alpha: float = 0.5,
+    classes_per_device: int = 2,
+    min_samples: int = 10,
+    sparse_fraction: float = 0.0,
+    sparse_max_samples: int = 20,
+) -> tuple[list[np.ndarray], list[int]]:
+    """Partition a pool by ``method``; returns per-device positions and sparse device ids."""
+    if method == "iid":
+        parts = iid_partition(labels, num_devices, seed)
+    elif method == "dirichlet":
+        parts = dirichlet_partition(labels, num_devices, alpha, seed, min_samples)
+    elif method == "pathological":
+        parts = pathological_partition(labels, num_devices, classes_per_device, seed)
+    elif method == "quantity_skew":
+        parts = quantity_skew_partition(labels, num_devices, sparse_fraction, sparse_max_samples, seed)
+        sizes = [len(p) for p in parts]
+        return parts, [i for i, n in enumerate(sizes) if n <= sparse_max_samples]
+    else:
+        raise PartitionError(
+            f"unknown partition.method {method!r}; valid choices: iid, dirichlet, pathological, quantity_skew"
+        )
+    return make_sparse(parts, sparse_fraction, sparse_max_samples, seed + 1)

@@ -1,0 +1,261 @@
+"""Labelled datasets as in-memory arrays, behind one registry.
+
+Every source returns an :class:`ArrayDataset`: raw inputs (kept in their
+compact stored dtype, e.g. uint8 pixels) plus an affine map to the float
+tensors models see, integer labels, and the input shape. Views of a dataset are
+index arrays (:class:`DataView`), never copies.
+
+Offline sources that always work: ``digits`` (scikit-learn's 8x8 digits, shipped
+with the package) and ``mnist1d`` (generated locally by the ``mnist1d``
+package). Online sources (``mnist``, ``fashion_mnist``, ``cifar10``,
+``cifar100``, ``svhn``) download through torchvision into ``root``; when that is
+impossible, :class:`DatasetUnavailableError` says where to put the files.
+``npz`` reads a user's arrays ``x`` and ``y``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ArrayDataset",
+    "DataView",
+    "DatasetUnavailableError",
+    "DATASETS",
+    "load_dataset",
+]
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset's files are missing and could not be downloaded."""
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayDataset:
+    """A labelled dataset held in memory.
+
+    ``raw`` keeps the stored dtype; :meth:`inputs` returns float32 model inputs
+    ``raw * scale + shift`` for the requested indices, so a uint8 image dataset
+    costs one byte per pixel no matter how many views of it exist.
+    """
+
+    name: str
+    raw: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != len(self.labels):
+            raise ValueError(
+                f"dataset '{self.name}': {len(self.raw)} inputs but {len(self.labels)} labels"
+            )
+        if self.labels.ndim != 1:
+            raise ValueError(f"dataset '{self.name}': labels must be 1-D, got shape {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, channels first (e.g. ``(1, 8, 8)``, ``(1, 40)``)."""
+        return tuple(self.raw.shape[1:])
+
+    def inputs(self, indices: np.ndarray | slice | None = None) -> torch.Tensor:
+        """Float32 model inputs for ``indices`` (all when ``None``)."""
+        raw = self.raw if indices is None else self.raw[indices]
+        x = torch.from_numpy(np.ascontiguousarray(raw)).to(torch.float32)
+        if self.scale != 1.0 or self.shift != 0.0:
+            x = x * self.scale + self.shift
+        return x
+
+    def targets(self, indices: np.ndarray | slice | None = None) -> torch.Tensor:
+        """Int64 labels for ``indices`` (all when ``None``)."""
+        y = self.labels if indices is None else self.labels[indices]
+        return torch.from_numpy(np.ascontiguousarray(y)).to(torch.int64)
+
+    def view(self, indices: np.ndarray) -> "DataView":
+        """An index view of this dataset."""
+        return DataView(self, np.asarray(indices, dtype=np.int64))
+
+
+@dataclass(frozen=True, eq=False)
+class DataView:
+    """A subset of an :class:`ArrayDataset`, stored as indices only."""
+
+    base: ArrayDataset
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.base.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.base.labels[self.indices]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All inputs and labels of the view as tensors."""
+        return self.base.inputs(self.indices), self.base.targets(self.indices)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(inputs, labels)`` batches; shuffled with ``generator`` if asked."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = self.indices
+        if shuffle:
+            perm = torch.randperm(len(order), generator=generator).numpy()
+            order = order[perm]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            if drop_last and len(chunk) < batch_size:
+                break
+            yield self.base.inputs(chunk), self.base.targets(chunk)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _digits(**_: object) -> ArrayDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.uint8)[:, None, :, :]  # values 0..16
+    return ArrayDataset("digits", images, bunch.target.astype(np.int64), 10, 2.0 / 16.0, -1.0)
+
+
+def _mnist1d(num_samples: int = 0, **_: object) -> ArrayDataset:
+    try:
+        import mnist1d.data as m1d
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise DatasetUnavailableError("dataset 'mnist1d' needs the 'mnist1d' package: pip install mnist1d") from err
+    args = m1d.get_dataset_args()
+    args.num_samples = num_samples if num_samples > 0 else 5000
+    state = np.random.get_state()  # mnist1d seeds NumPy's global RNG; leave it as it was
+    try:
+        data = m1d.make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    x = np.concatenate([data["x"], data["x_test"]]).astype(np.float32)[:, None, :]
+    y = np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
+    return ArrayDataset("mnist1d", x, y, 10)
+
+
+_TORCHVISION = {
+    "mnist": ("MNIST", 10),
+    "fashion_mnist": ("FashionMNIST", 10),
+    "cifar10": ("CIFAR10", 10),
+    "cifar100": ("CIFAR100", 100),
+    "svhn": ("SVHN", 10),
+}
+
+
+def _torchvision(name: str, root: str = "~/.cache/hetkd/data", download: bool = True, **_: object) -> ArrayDataset:
+    import torchvision.datasets as tvd
+
+    cls_name, num_classes = _TORCHVISION[name]
+    cls = getattr(tvd, cls_name)
+    root_path = Path(root).expanduser()
+    parts = []
+    try:
+        for split in ("train", "test"):
+            kwargs = {"split": split} if name == "svhn" else {"train": split == "train"}
+            parts.append(cls(str(root_path), download=download, **kwargs))
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError
+        how = (
+            f"set dataset.download=true with network access, or place torchvision's "
+            f"'{cls_name}' files under {root_path} (dataset.root)"
+        )
+        raise DatasetUnavailableError(
+            f"dataset '{name}' is not available under {root_path} and could not be "
+            f"downloaded ({type(err).__name__}: {err}); {how}. Offline, use "
+            f"dataset.name=digits or dataset.name=mnist1d, or dataset.name=npz with your own arrays."
+        ) from err
+    xs, ys = [], []
+    for ds in parts:
+        data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+        labels = getattr(ds, "targets", None)
+        labels = ds.labels if labels is None else labels
+        if data.ndim == 3:  # N x H x W -> N x 1 x H x W
+            data = data[:, None]
+        elif data.shape[-1] in (1, 3) and data.shape[1] not in (1, 3):  # N x H x W x C
+            data = data.transpose(0, 3, 1, 2)
+        xs.append(data.astype(np.uint8))
+        ys.append(np.asarray(labels, dtype=np.int64))
+    return ArrayDataset(name, np.concatenate(xs), np.concatenate(ys), num_classes, 2.0 / 255.0, -1.0)
+
+
+def _npz(path: str = "", **_: object) -> ArrayDataset:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DatasetUnavailableError(f"dataset 'npz': file '{file}' (dataset.path) does not exist")
+    with np.load(file, allow_pickle=False) as arrays:
+        missing = [k for k in ("x", "y") if k not in arrays]
+        if missing:
+            raise DatasetUnavailableError(
+                f"dataset 'npz': '{file}' lacks array(s) {missing}; it holds {sorted(arrays.files)}"
+            )
+        x, y = arrays["x"], arrays["y"].astype(np.int64)
+    if x.ndim == 2:  # flat vectors -> one channel
+        x = x[:, None, :]
+    elif x.ndim == 3:  # N x H x W images -> one channel
+        x = x[:, None]
+    scale, shift = (2.0 / 255.0, -1.0) if x.dtype == np.uint8 else (1.0, 0.0)
+    num_classes = int(y.max()) + 1 if len(y) else 0
+    return ArrayDataset("npz", x, y, num_classes, scale, shift)
+
+
+#: name -> loader(**dataset options) -> ArrayDataset
+DATASETS: dict[str, Callable[..., ArrayDataset]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    **{name: functools.partial(_torchvision, name) for name in _TORCHVISION},
+    "npz": _npz,
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, root: str, download: bool, path: str, num_samples: int) -> ArrayDataset:
+    ds = DATASETS[name](root=root, download=download, path=path, num_samples=num_samples)
+    if 0 < num_samples < len(ds):
+        keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:num_samples])
+        ds = ArrayDataset(ds.name, ds.raw[keep], ds.labels[keep], ds.num_classes, ds.scale, ds.shift)
+    return ds
+
+
+def load_dataset(
+    name: str,
+    *,
+    root: str = "~/.cache/hetkd/data",
+    download: bool = True,
+    path: str = "",
+    num_samples: int = 0,
+) -> ArrayDataset:
+    """Load (once per process) the dataset registered as ``name``.
+
+    ``num_samples`` > 0 keeps a seeded random subset of that size (for
+    ``mnist1d`` it is the number generated).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(sorted(DATASETS))}")
+    return _load_cached(name, root, download, path, num_samples)

@@ -1,0 +1,56 @@
+"""Figures written into run folders (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["plot_accuracy", "plot_curves"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    title: str = "",
+    ylabel: str = "accuracy",
+    xlabel: str = "round",
+) -> Path:
+    """Line plot of named ``(x, y)`` series, saved to ``path``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        points = [(x, y) for x, y in points if y is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Personalised (mean, worst 10%) and global accuracy per round of one run."""
+    keys = {
+        "personalised (mean)": "personalised_accuracy_mean",
+        "personalised (worst 10%)": "personalised_accuracy_worst10",
+        "global (mean)": "global_accuracy_mean",
+    }
+    curves = {name: [(r["round"], r.get(key)) for r in rows] for name, key in keys.items()}
+    return plot_curves(curves, path, title="accuracy per round")

@@ -1,0 +1,222 @@
+"""Run results: per-round summaries, files written as the run goes, final figures.
+
+A run folder holds
+
+* ``config.yaml``   the resolved configuration (reload it with ``hetkd run``),
+* ``federation.json`` dataset sizes and every device's architecture and labels,
+* ``metrics.jsonl`` one JSON object per round, appended and flushed as soon as
+  the round ends, so a crash loses at most the round in flight,
+* ``summary.json``  the final figures (last and best round), rewritten after
+  every round,
+* ``accuracy.png``  personalised and global accuracy per round.
+
+The accuracy statistics are pure functions (:func:`accuracy_summary`) so they
+are tested alone and shared by every strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round"]
+
+
+def accuracy_summary(
+    accuracies: Sequence[float], weights: Sequence[float] | None = None, prefix: str = ""
+) -> dict[str, float]:
+    """Mean, std, worst-10% and sample-weighted mean of per-device accuracies.
+
+    ``worst10`` is the mean over the worst ceil(10%) of devices (the worst
+    device when there are fewer than 20); ``weighted`` is total correct over
+    total test samples, the figure HtFLlib/PFLlib report. NaNs (devices without
+    test data) are ignored; with no finite value every figure is NaN.
+    """
+    acc = np.asarray(accuracies, dtype=np.float64)
+    w = np.ones_like(acc) if weights is None else np.asarray(weights, dtype=np.float64)
+    if acc.shape != w.shape:
+        raise ValueError(f"{len(acc)} accuracies but {len(w)} weights")
+    keep = np.isfinite(acc) & (w > 0)
+    acc, w = acc[keep], w[keep]
+    if len(acc) == 0:
+        return {f"{prefix}{k}": math.nan for k in ("mean", "std", "worst10", "weighted")}
+    k = max(1, math.ceil(0.1 * len(acc)))
+    return {
+        f"{prefix}mean": float(acc.mean()),
+        f"{prefix}std": float(acc.std()),
+        f"{prefix}worst10": float(np.sort(acc)[:k].mean()),
+        f"{prefix}weighted": float((acc * w).sum() / w.sum()),
+    }
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rounds recorded in a ``metrics.jsonl`` (a torn last line is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+FINAL_KEYS = (
+    "personalised_accuracy_mean",
+    "personalised_accuracy_std",
+    "personalised_accuracy_worst10",
+    "personalised_accuracy_weighted",
+    "global_accuracy_mean",
+    "global_accuracy_std",
+)
+
+
+def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Last-round and best-round figures plus totals, from per-round rows."""
+    out: dict[str, Any] = {"rounds": len(rows)}
+    evaluated = [r for r in rows if r.get("personalised_accuracy_mean") is not None]
+    for key in FINAL_KEYS:
+        values = [r.get(key) for r in evaluated if r.get(key) is not None]
+        out[f"final_{key}"] = values[-1] if values else None
+        if not key.endswith("_std"):
+            out[f"best_{key}"] = max(values) if values else None
+    for key in ("bytes_up_per_device", "bytes_down_per_device"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[f"mean_{key}_per_round"] = float(np.mean(values)) if values else None
+    out["wall_seconds"] = float(sum(r.get("seconds", 0.0) for r in rows))
+    peaks = [r.get("server_peak_rss_mb") for r in rows if r.get("server_peak_rss_mb")]
+    out["server_peak_rss_mb"] = max(peaks) if peaks else None
+    peaks = [r.get("device_peak_rss_mb") for r in rows if r.get("device_peak_rss_mb")]
+    out["device_peak_rss_mb"] = max(peaks) if peaks else None
+    out["failures"] = int(sum(len(r.get("failures", [])) for r in rows))
+    return out
+
+
+def _pct(value: Any) -> str:
+    return "   -  " if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:5.1f}%"
+
+
+def format_round(row: Mapping[str, Any]) -> str:
+    """One line of the console table."""
+    up = row.get("bytes_up_per_device") or 0
+    down = row.get("bytes_down_per_device") or 0
+    std = row.get("personalised_accuracy_std")
+    std_txt = f"±{100 * std:4.1f}" if isinstance(std, float) and math.isfinite(std) else "     "
+    return (
+        f"{row['round']:>5}  {_pct(row.get('personalised_accuracy_mean'))}{std_txt}  "
+        f"{_pct(row.get('personalised_accuracy_worst10'))}  {_pct(row.get('global_accuracy_mean'))}  "
+        f"{up / 1024:9.1f}  {down / 1024:9.1f}  {row.get('seconds', 0):7.1f}  {len(row.get('failures', []))}"
+    )
+
+
+TABLE_HEADER = (
+    "round  personalised   worst10  global     up KiB/dev  down KiB/dev  seconds  failed"
+)
+
+
+class RunRecorder:
+    """Writes a run's files as it goes and prints a per-round table.
+
+    Call :meth:`start` once with the config text and federation summary,
+    :meth:`record` after every round, :meth:`finish` at the end.
+    """
+
+    def __init__(self, out_dir: str | Path, plots: bool = True, progress: bool = True, total_rounds: int = 0) -> None:
+        self.out_dir = Path(out_dir).expanduser().resolve()
+        self.plots = plots
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.total_rounds = total_rounds
+        self._console = None
+        self._progress = None
+        self._task = None
+        self._want_progress = progress
+
+    @property
+    def console(self):  # rich is imported lazily: devices never need it
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(highlight=False, soft_wrap=True)
+        return self._console
+
+    def start(self, config_yaml: str, federation: Mapping[str, Any] | None = None, header: str = "") -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.out_dir / "config.yaml", config_yaml)
+        if federation is not None:
+            _write_atomic(self.out_dir / "federation.json", json.dumps(_clean(federation), indent=1, default=_json_default))
+        (self.out_dir / "metrics.jsonl").write_text("")
+        if header:
+            self.console.print(header)
+        self.console.print(f"results: {self.out_dir}")
+        self.console.print(TABLE_HEADER)
+        if self._want_progress and self.console.is_terminal and self.total_rounds:
+            from rich.progress import Progress
+
+            self._progress = Progress(transient=True, console=self.console)
+            self._progress.start()
+            self._task = self._progress.add_task("rounds", total=self.total_rounds)
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        """Append one round (a flat-ish dict with a ``round`` key) and flush it to disk."""
+        row = _clean(dict(row))
+        self.rows.append(row)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _write_atomic(self.out_dir / "summary.json", json.dumps(final_figures(self.rows), indent=1))
+        self.console.print(format_round(row))
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1)
+
+    def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write the final ``summary.json`` (plus ``extra``) and the plot; return the summary."""
+        if self._progress is not None:
+            self._progress.stop()
+        summary = final_figures(self.rows)
+        summary["total_seconds"] = time.time() - self.started
+        summary["out_dir"] = str(self.out_dir)
+        summary.update(_clean(dict(extra or {})))
+        _write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1, default=_json_default))
+        if self.plots and self.rows:
+            from hetkd.plots import plot_accuracy
+
+            plot_accuracy(self.rows, self.out_dir / "accuracy.png")
+        fin = summary.get("final_personalised_accuracy_mean")
+        glob = summary.get("final_global_accuracy_mean")
+        self.console.print(
+            f"final: personalised {_pct(fin)}  global {_pct(glob)}  "
+            f"wall {summary['wall_seconds']:.1f}s  results in {self.out_dir}"
+        )
+        return summary

@@ -1,0 +1,148 @@
+"""Local optimisation, evaluation and prediction loops shared by devices and servers.
+
+Pure PyTorch: a model, an optimizer and batches in; numbers out. The loops take
+any iterable of ``(inputs, labels)`` batches, so a user's own ``DataLoader``
+works as well as our :class:`~hetkd.data.DataView`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from hetkd.config import TrainingConfig
+
+__all__ = [
+    "derive_seed",
+    "seeded",
+    "make_optimizer",
+    "resolve_device",
+    "train_epoch",
+    "evaluate_accuracy",
+    "predict_logits",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of parts (run seed, device id, round, purpose).
+
+    Seeds derived this way do not depend on which process or in which order
+    devices run, so a simulation is reproducible however Ray schedules it.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class seeded:
+    """Context manager: seed torch's global RNG from ``parts``; restore it after."""
+
+    def __init__(self, *parts: object) -> None:
+        self.seed = derive_seed(*parts)
+        self._state: torch.Tensor | None = None
+
+    def __enter__(self) -> torch.Generator:
+        self._state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        return torch.Generator().manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._state is not None
+        torch.random.set_rng_state(self._state)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``/``cuda:N``, or ``auto`` (CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"training.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``training.optimizer`` with its settings."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown training.optimizer {cfg.optimizer!r}; valid choices: sgd, adam")
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Plain supervised loss on one private batch."""
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    loss_fn: LossFn = cross_entropy_step,
+    device: torch.device | None = None,
+) -> tuple[float, int]:
+    """One pass over ``batches``; returns (mean loss per sample, samples seen).
+
+    ``loss_fn(model, x, y)`` gives the batch loss, so distillation strategies
+    add their terms without rewriting the loop. A non-finite loss stops the
+    epoch with an error instead of silently corrupting the weights.
+    """
+    model.train()
+    total, seen = 0.0, 0
+    for x, y in batches:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        if len(y) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            continue  # BatchNorm cannot train on a single sample
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} after {seen} samples")
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(y)
+        seen += len(y)
+    return (total / seen if seen else math.nan), seen
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module, batches: Iterable[Batch], device: torch.device | None = None
+) -> tuple[float, float, int]:
+    """(accuracy, mean cross-entropy, number of samples) of ``model`` on ``batches``."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in batches:
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum().item())
+        n += len(y)
+    if n == 0:
+        return math.nan, math.nan, 0
+    return correct / n, loss / n, n
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, inputs: torch.Tensor | Iterator[torch.Tensor], batch_size: int = 256,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) on ``inputs``, on the CPU."""
+    model.eval()
+    chunks = inputs.split(batch_size) if isinstance(inputs, torch.Tensor) else inputs
+    outs = []
+    for x in chunks:
+        if device is not None:
+            x = x.to(device)
+        outs.append(model(x).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
