@@ -23,16 +23,17 @@ Flower gives it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
 from hetkd.clients.device import DistillClient, peak_rss_mb
 from hetkd.clients.state import make_store
+
 from hetkd.config import HetkdConfig, from_yaml, resolve_config
 
 __all__ = [

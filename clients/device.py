@@ -83,7 +83,7 @@ class DistillClient:
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_config(cls, cfg: HetkdConfig, device_id: int) -> "DistillClient":
+    def from_config(cls, cfg: HetkdConfig, device_id: int) -> DistillClient:
         """The device ``device_id`` of the run described by ``cfg``, freshly initialised."""
         federation = build_federation(cfg)
         data = federation.device(device_id)

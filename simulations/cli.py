@@ -15,12 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hetkd.config import ConfigError, HetkdConfig, resolve_config, to_yaml
-from hetkd.data import DatasetUnavailableError, PartitionError
-from hetkd.models import ModelError
+from hetkd.simulations.experiment import USER_ERRORS
 
-#: errors that come from what the user asked for: reported in one line, no traceback
-USER_ERRORS = (ConfigError, ModelError, PartitionError, DatasetUnavailableError)
+from hetkd.config import ConfigError, HetkdConfig, resolve_config, to_yaml
 
 __all__ = ["main", "config_from_args"]
 

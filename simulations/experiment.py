@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from flwr.serverapp import Grid
-
-from hetkd.config import HetkdConfig, to_yaml
-from hetkd.data import Federation, build_federation
-from hetkd.models import assign_architectures, build_model
-from hetkd.results import RunRecorder
 from hetkd.simulations.registry import build_strategy, check_strategy, initial_arrays
 
-__all__ = ["PreparedRun", "prepare", "resolve_output", "run_on_grid", "default_run_name"]
+from hetkd.config import ConfigError, HetkdConfig, to_yaml
+from hetkd.data import DatasetUnavailableError, Federation, PartitionError, build_federation
+from hetkd.models import ModelError, assign_architectures, build_model
+from hetkd.results import RunRecorder
+
+__all__ = ["PreparedRun", "USER_ERRORS", "prepare", "resolve_output", "run_on_grid", "default_run_name"]
+
+#: errors caused by what the user asked for: reported in one line, before any device starts
+USER_ERRORS = (ConfigError, ModelError, PartitionError, DatasetUnavailableError)
 
 
 def default_run_name(cfg: HetkdConfig) -> str:

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord
+from hetkd.strategies import DeviceStrategy, FedAvg, LocalOnly
 
 from hetkd.config import ConfigError, HetkdConfig
 from hetkd.data import Federation
 from hetkd.models import assign_architectures, build_model
-from hetkd.strategies import DeviceStrategy, FedAvg, LocalOnly
 from hetkd.training import seeded
 
 __all__ = ["STRATEGIES", "StrategySpec", "build_strategy", "check_strategy", "initial_arrays"]

@@ -12,9 +12,10 @@ import logging
 import os
 from typing import Any
 
-from hetkd.config import HetkdConfig
 from hetkd.simulations.experiment import prepare
 from hetkd.simulations.server_app import make_server_app
+
+from hetkd.config import HetkdConfig
 
 __all__ = ["run", "backend_config"]
 
@@ -47,7 +48,6 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
     """
     import ray
     from flwr.simulation import run_simulation
-
     from hetkd.clients.app import app as client_app
 
     prepared = prepare(cfg)

@@ -9,14 +9,17 @@ app around a config they already resolved.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from logging import ERROR
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+from hetkd.simulations.experiment import USER_ERRORS, prepare, run_on_grid
 
 from hetkd.config import CONFIG_FILE_KEY, HetkdConfig, flower_run_config, resolve_config
-from hetkd.simulations.experiment import prepare, run_on_grid
 
 __all__ = ["app", "make_server_app", "config_from_flower"]
 
@@ -63,8 +66,13 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else config_from_flower(grid, context)
-        summary = run_on_grid(grid, prepare(run_cfg))
+        try:
+            run_cfg = cfg if cfg is not None else config_from_flower(grid, context)
+            prepared = prepare(run_cfg)
+        except USER_ERRORS as err:  # one clear line before Flower's traceback
+            log(ERROR, "hetkd: the run cannot start: %s", err)
+            raise
+        summary = run_on_grid(grid, prepared)
         if on_finish is not None:
             on_finish(summary)
 

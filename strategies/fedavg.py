@@ -12,7 +12,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy
 
 __all__ = ["FedAvg", "HeterogeneousModelsError"]

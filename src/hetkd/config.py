@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -326,8 +327,8 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(raw, DictConfig):
         raise ConfigError(CONFIG_FILE_KEY, f"'{path}' must hold a mapping, not a list")
     composed: DictConfig = OmegaConf.create({})
-    defaults = raw.pop("defaults", [])
-    if not isinstance(defaults, ListConfig):
+    defaults = raw.pop("defaults", None) or []
+    if not isinstance(defaults, (list, ListConfig)):
         raise ConfigError("defaults", f"in '{path}' must be a list of fragment names")
     for name in defaults:
         fragment = load_yaml(_find_fragment(str(name), path.parent), (*_seen, path))

@@ -16,9 +16,9 @@ impossible, :class:`DatasetUnavailableError` says where to put the files.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ class ArrayDataset:
         y = self.labels if indices is None else self.labels[indices]
         return torch.from_numpy(np.ascontiguousarray(y)).to(torch.int64)
 
-    def view(self, indices: np.ndarray) -> "DataView":
+    def view(self, indices: np.ndarray) -> DataView:
         """An index view of this dataset."""
         return DataView(self, np.asarray(indices, dtype=np.int64))
 

@@ -1,0 +1,128 @@
+"""One device: state that survives rounds, stores that survive crashes, and its ClientApp."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from hetkd.clients import ContextStateStore, DiskStateStore, DistillClient
+from hetkd.clients.app import app as client_app
+
+from hetkd.config import to_yaml
+from tests.conftest import InProcessGrid, small_config
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    flat_a, flat_b = [], []
+    for state, flat in ((a, flat_a), (b, flat_b)):
+        for value in state["model"].values():
+            flat.append(value)
+        for s in state["optimizer"]["state"].values():
+            flat.extend(v for v in s.values() if isinstance(v, torch.Tensor))
+    return len(flat_a) == len(flat_b) and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b))
+
+
+def test_device_state_persists_across_rounds_through_the_context_store(tmp_path):
+    cfg = small_config(tmp_path, "training.optimizer=sgd", "training.momentum=0.9")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    device = DistillClient.from_config(cfg, 1)
+    initial = {k: v.clone() for k, v in device.model.state_dict().items()}
+    device.fit(server_round=1)
+    ContextStateStore(context).save(device.state_dict())
+
+    # round 2: a fresh object (as in a new process) picks up exactly where round 1 ended
+    again = DistillClient.from_config(cfg, 1)
+    assert all(torch.equal(initial[k], v) for k, v in again.model.state_dict().items())
+    again.load_state_dict(ContextStateStore(context).load())
+    assert _same_state(again.state_dict(), device.state_dict())
+    assert again.rounds_trained == 1
+    assert any(len(s) for s in again.optimizer.state_dict()["state"].values()), "momentum must persist"
+    again.fit(server_round=2)
+    assert not _same_state(again.state_dict(), device.state_dict())
+
+
+def test_training_is_reproducible_for_a_seed(tmp_path):
+    cfg = small_config(tmp_path)
+    a, b = DistillClient.from_config(cfg, 0), DistillClient.from_config(cfg, 0)
+    torch.manual_seed(1)  # the global RNG state must not matter
+    loss_a = a.fit(1)["train-loss"]
+    torch.manual_seed(2)
+    loss_b = b.fit(1)["train-loss"]
+    assert loss_a == loss_b
+    assert _same_state(a.state_dict(), b.state_dict())
+
+
+def test_disk_store_round_trips_exactly(tmp_path):
+    cfg = small_config(tmp_path)
+    device = DistillClient.from_config(cfg, 2)
+    device.fit(1)
+    store = DiskStateStore(tmp_path / "states", 2)
+    assert store.load() is None
+    store.save(device.state_dict())
+    restored = DistillClient.from_config(cfg, 2)
+    restored.load_state_dict(store.load())
+    assert _same_state(restored.state_dict(), device.state_dict())
+
+
+def _write_forever(path: str, ready) -> None:  # runs in a child process
+    store = DiskStateStore(path, 0)
+    big = {"model": {"w": torch.randn(2_000_000)}, "optimizer": {"state": {}, "param_groups": []}}
+    ready.set()
+    while True:
+        store.save(big)
+
+
+def test_disk_store_survives_a_killed_writer(tmp_path):
+    store = DiskStateStore(tmp_path, 0)
+    good = {"model": {"w": torch.arange(5.0)}, "optimizer": {"state": {}, "param_groups": []}}
+    store.save(good)
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    writer = ctx.Process(target=_write_forever, args=(str(tmp_path), ready))
+    writer.start()
+    try:
+        assert ready.wait(60)
+        time.sleep(0.5)  # let it be in the middle of writing
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        writer.join(10)
+    state = store.load()  # either the old or a complete new state, never a torn file
+    assert state["model"]["w"].shape in {(5,), (2_000_000,)}
+
+
+def _message(node: int, kind: str, config: dict | None = None) -> Message:
+    return Message(RecordDict({"config": ConfigRecord(config or {})}), node, kind)
+
+
+def test_client_app_setup_train_evaluate(tmp_path):
+    grid = InProcessGrid(num_devices=3)  # sets Flower's task identity for messages
+    cfg = small_config(tmp_path, devices=3)
+    node = grid.node_ids[2]
+    context = grid.contexts[node]
+    reply = client_app(_message(node, "query.setup", {"hetkd-config": to_yaml(cfg)}), context)
+    assert not reply.has_error()
+    assert reply.content["device"]["architecture"] == "resnet8"  # round robin: device 2
+    assert reply.content["metrics"]["device-id"] == 2
+    first = client_app(_message(node, "train.local", {"server-round": 1}), context)
+    second = client_app(_message(node, "train.local", {"server-round": 2}), context)
+    assert second.content["metrics"]["train-loss"] < first.content["metrics"]["train-loss"]
+    ev = client_app(Message(RecordDict({"config": ConfigRecord({})}), node, "evaluate"), context)
+    metrics = ev.content["metrics"]
+    assert 0.0 <= metrics["personalised-accuracy"] <= 1.0 and 0.0 <= metrics["global-accuracy"] <= 1.0
+    assert set(ev.content.keys()) == {"metrics"}  # evaluation sends back numbers only
+
+
+def test_node_without_partition_id_gets_an_error_naming_the_key(tmp_path):
+    InProcessGrid(num_devices=1)
+    cfg = small_config(tmp_path, devices=2)
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(Exception, match="partition-id"):
+        client_app(_message(5, "query.setup", {"hetkd-config": to_yaml(cfg)}), context)
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 9}, state=RecordDict(), run_config={})
+    with pytest.raises(Exception, match="partition-id'=9 is outside 0..1"):
+        client_app(_message(5, "query.setup", {"hetkd-config": to_yaml(cfg)}), context)

@@ -1,0 +1,119 @@
+"""End to end through Flower's real runtime (Ray): files, accuracy, and `flwr run`.
+
+Marked ``slow``: each run starts Ray. ``make test`` runs them; ``pytest -m "not slow"``
+is the quick subset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hetkd.simulations import run
+
+from hetkd.results import read_metrics
+from tests.conftest import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+RUN_FILES = ("config.yaml", "federation.json", "metrics.jsonl", "summary.json", "accuracy.png")
+
+
+def _check_run_folder(out: Path, rounds: int) -> list[dict]:
+    for name in RUN_FILES:
+        assert (out / name).is_file(), f"{name} missing from {out}"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    for key in ("personalised_accuracy_mean", "personalised_accuracy_std", "personalised_accuracy_worst10",
+                "global_accuracy_mean", "bytes_up_per_device", "bytes_down_per_device", "seconds"):
+        assert rows[-1][key] is not None, key
+    return rows
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("strategy=local",),
+        ("strategy=fedavg", "models.assignment=homogeneous", "models.architectures=[cnn_m]"),
+    ],
+    ids=["local", "fedavg"],
+)
+def test_two_round_simulation_writes_results_and_learns(tmp_path, overrides):
+    cfg = small_config(tmp_path, *overrides, "output.plots=true", "training.local_epochs=5", devices=4)
+    summary = run(cfg)
+    out = Path(summary["out_dir"])
+    rows = _check_run_folder(out, 2)
+    assert summary["final_personalised_accuracy_mean"] > 0.3, "10 classes: chance is 0.1"
+    assert rows[-1]["global_accuracy_mean"] > 0.15
+    assert summary["failures"] == 0
+    assert json.loads((out / "summary.json").read_text())["strategy"] == cfg.strategy.name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flwr_run_drives_the_same_apps(tmp_path):
+    """`flwr run .` against a SuperLink this test starts (and stops, by PID)."""
+    bin_dir = Path(sys.executable).parent
+    flwr, superlink = bin_dir / "flwr", bin_dir / "flower-superlink"
+    if not flwr.exists() or not superlink.exists():
+        pytest.skip("flwr CLI not installed beside this Python")
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    http_port, fleet_port = _free_port(), _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "hetkd-test"\n\n[superlink.hetkd-test]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+    app_dir = tmp_path / "app"
+    shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", "*.egg-info"))
+    log = open(tmp_path / "superlink.log", "w")
+    link = subprocess.Popen(
+        [str(superlink), "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(http_port), "--fleet-api-address", f"127.0.0.1:{fleet_port}",
+         # a file database: flwr 1.39's ':memory:' one races between threads (sqlite "no transaction")
+         "--database", str(tmp_path / "state.db")],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", http_port)) == 0:
+                    break
+            assert link.poll() is None, (tmp_path / "superlink.log").read_text()[-2000:]
+            time.sleep(0.5)
+        out = tmp_path / "out"
+        result = subprocess.run(
+            [str(flwr), "run", str(app_dir), "--stream",
+             "--federation-config", "num-supernodes=3 client-resources-num-cpus=1",
+             "--run-config", f"strategy='local' num-server-rounds=2 simulation.num_devices=3 "
+                             f"partition.min_samples=5 output.dir='{out}'"],
+            env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "results:" in result.stdout and "round" in result.stdout
+        _check_run_folder(out, 2)
+        # the [tool.flwr.federations] rule: flwr must not have rewritten our pyproject
+        assert "[tool.flwr.app.config]" in (app_dir / "pyproject.toml").read_text()
+    finally:
+        os.killpg(link.pid, signal.SIGTERM)
+        try:
+            link.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(link.pid, signal.SIGKILL)
+            link.wait(10)
+        log.close()

@@ -1,0 +1,124 @@
+"""Strategies on an in-process grid: the round loop, failures, sampling, FedAvg."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from flwr.app import ArrayRecord
+from hetkd.simulations.registry import build_strategy, initial_arrays
+from hetkd.strategies import FedAvg, HeterogeneousModelsError, LocalOnly, RoundReport
+
+from hetkd.config import to_yaml
+from hetkd.data import build_federation
+from tests.conftest import InProcessGrid, corrupt_metric, small_config
+
+
+def _run(cfg, grid, rounds=2):
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports: list[RoundReport] = []
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays(cfg, build_federation(cfg)),
+                            num_rounds=rounds, on_round_end=reports.append)
+    return strategy, reports, result
+
+
+def test_local_only_rounds_report_every_figure(tmp_path):
+    cfg = small_config(tmp_path)
+    strategy, reports, result = _run(cfg, InProcessGrid(4))
+    assert isinstance(strategy, LocalOnly)
+    assert [r.round for r in reports] == [1, 2]
+    row = reports[-1].as_row()
+    for key in ("personalised_accuracy_mean", "personalised_accuracy_std", "personalised_accuracy_worst10",
+                "personalised_accuracy_weighted", "global_accuracy_mean", "bytes_up_per_device",
+                "bytes_down_per_device", "seconds", "server_peak_rss_mb", "device_peak_rss_mb"):
+        assert row[key] is not None and not (isinstance(row[key], float) and math.isnan(row[key])), key
+    assert set(row["devices"]) == {"0", "1", "2", "3"}
+    assert row["failures"] == []
+    # Flower's Result carries the same figures, so the strategy works in any ServerApp
+    assert result.evaluate_metrics_clientapp[2]["personalised-accuracy-mean"] == row["personalised_accuracy_mean"]
+
+
+def test_same_seed_same_numbers_different_node_ids(tmp_path):
+    cfg = small_config(tmp_path, "strategy.fraction_train=0.5")
+    _, first, _ = _run(cfg, InProcessGrid(4))
+    grid = InProcessGrid(4)
+    grid.node_ids = list(reversed([5000 + i for i in range(4)]))  # other ids, other order
+    grid.contexts = {n: grid.contexts[o] for n, o in zip(grid.node_ids, list(grid.contexts))}
+    for ctx, n in zip(grid.contexts.values(), grid.node_ids):
+        ctx.node_id = n
+    grid.connected = set(grid.node_ids)
+    _, second, _ = _run(cfg, grid)
+    for a, b in zip(first, second):
+        assert a.as_row()["devices"] == b.as_row()["devices"]
+        assert a.metrics["personalised_accuracy_mean"] == b.metrics["personalised_accuracy_mean"]
+
+
+def test_sampling_takes_the_configured_fraction(tmp_path):
+    cfg = small_config(tmp_path, "strategy.fraction_train=0.5")
+    _, reports, _ = _run(cfg, InProcessGrid(4))
+    assert all(r.sampled == 2 and r.trained == 2 for r in reports)
+    assert len(reports[-1].devices) == 4  # everyone evaluates
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("error", "simulated device crash"),
+        ("drop", "no reply"),
+        (corrupt_metric("num-examples"), "non-finite"),
+        (corrupt_metric("personalised-accuracy", 0.5), None),  # a plausible value is fine
+    ],
+)
+def test_a_failing_device_is_left_out_reported_and_the_round_goes_on(tmp_path, fault, reason):
+    cfg = small_config(tmp_path)
+    grid = InProcessGrid(4)
+    bad_node = grid.node_ids[1]
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    strategy.setup_devices(grid, block=True)
+    grid.faults[bad_node] = fault
+    reports: list[RoundReport] = []
+    strategy.start(grid=grid, num_rounds=2, on_round_end=reports.append)
+    assert len(reports) == 2
+    for report in reports:
+        failed = {f["device"] for f in report.failures}
+        if reason is None:
+            assert failed == set()
+        else:
+            assert failed == {1} and reason in report.failures[0]["reason"]
+            assert report.trained == 3
+            assert not math.isnan(report.metrics["personalised_accuracy_mean"])
+
+
+def test_fedavg_averages_one_architecture(tmp_path):
+    cfg = small_config(tmp_path, "strategy=fedavg", "models.assignment=homogeneous", "models.architectures=[cnn_s]")
+    strategy, reports, result = _run(cfg, InProcessGrid(4))
+    assert isinstance(strategy, FedAvg)
+    assert len(result.arrays) > 0
+    # weights travel both ways: far more bytes than a metrics-only strategy
+    assert reports[-1].metrics["bytes_up_per_device"] > 10_000
+    assert reports[-1].metrics["bytes_down_per_device"] > 10_000
+    accs = [d["global_accuracy"] for d in reports[-1].devices.values()]
+    assert max(accs) - min(accs) < 1e-9, "all devices evaluate the same global model"
+
+
+def test_fedavg_refuses_heterogeneous_devices_at_runtime(tmp_path):
+    cfg = small_config(tmp_path)  # round robin over five architectures
+    strategy = FedAvg(num_devices=4, device_config=to_yaml(cfg))
+    with pytest.raises(HeterogeneousModelsError, match="same architecture"):
+        strategy.start(grid=InProcessGrid(4), initial_arrays=ArrayRecord(), num_rounds=1)
+
+
+def test_evaluate_every_skips_rounds_but_not_the_last(tmp_path):
+    cfg = small_config(tmp_path, "strategy.evaluate_every=2")
+    _, reports, _ = _run(cfg, InProcessGrid(4), rounds=3)
+    evaluated = [r.round for r in reports if "personalised_accuracy_mean" in r.metrics]
+    assert evaluated == [2, 3]
+
+
+def test_missing_devices_stop_the_start_with_advice(tmp_path):
+    cfg = small_config(tmp_path)
+    strategy = LocalOnly(num_devices=4, min_devices=4, wait_for_devices=1.0, device_config=to_yaml(cfg))
+    grid = InProcessGrid(4)
+    grid.connected = set(grid.node_ids[:2])
+    with pytest.raises(RuntimeError, match="num-supernodes=4"):
+        strategy.start(grid=grid, num_rounds=1)
