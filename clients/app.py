@@ -2,18 +2,21 @@
 
 Actions (message type -> what the device does -> what it replies):
 
-=================  ===============================================  ==========================
-``query.setup``    store the run config, initialise model/optimizer  architecture, sizes
-``train.local``    train on private data (cross-entropy)             scalar metrics
-``train``          FedAvg baseline: load the global weights, train   weights + scalar metrics
-``evaluate``       own model (or given weights) on own test split     scalar metrics
-                   and on the global test set
-=================  ===============================================  ==========================
+============================  ==============================================  =========================
+``query.setup``               store the run config, initialise the model      architecture, sizes
+``train.local``               train on private data (cross-entropy)           scalar metrics
+``train.reference_distill``   train on private data + distil towards the      reference predictions
+                              targets it received (or picked itself) on the   + scalar metrics
+                              reference set; predict on the reference set
+``train``                     FedAvg baseline: load global weights, train     weights + scalar metrics
+``evaluate``                  own model (or given weights) on own test split  scalar metrics
+                              and on the global test set
+============================  ==============================================  =========================
 
-Distillation strategies add their own actions in the same way (see
-:mod:`hetkd.clients.actions`). Every handler opens the device's state from its
-store, works, and saves it back, so the device keeps learning across rounds
-although its weights never leave it (except in the FedAvg baseline).
+Record and action names live in :mod:`hetkd.protocol`. Every handler opens the
+device's state from its store, works, and saves it back, so the device keeps
+learning across rounds although its weights never leave it (except in the
+FedAvg baseline).
 
 The device learns the run's configuration from the server's ``query.setup``
 message; without one (a ServerApp of the user's own), it reads the run config
@@ -29,12 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from hetkd import protocol as P
 from hetkd.clients.device import DistillClient, peak_rss_mb
 from hetkd.clients.state import make_store
-
 from hetkd.config import HetkdConfig, from_yaml, resolve_config
+from hetkd.distill.codec import decode_logits, encode_logits
+from hetkd.distill.similarity import mix_targets, neighbour_plan
+from hetkd.training import derive_seed
 
 __all__ = [
     "app",
@@ -115,7 +122,7 @@ def device_session(context: Context, save: bool = True) -> Iterator[DistillClien
 
 def message_config(message: Message) -> ConfigRecord:
     """The message's ConfigRecord (``config``), empty if it has none."""
-    record = message.content.config_records.get("config")
+    record = message.content.config_records.get(P.CONFIG)
     return record if record is not None else ConfigRecord()
 
 
@@ -132,7 +139,7 @@ def reply(
     values["peak-rss-mb"] = peak_rss_mb()
     if started is not None:
         values["handler-seconds"] = time.perf_counter() - started
-    content = RecordDict({"metrics": MetricRecord(values)})
+    content = RecordDict({P.METRICS: MetricRecord(values)})
     for key, record in (arrays or {}).items():
         content[key] = record
     for key, record in (configs or {}).items():
@@ -147,7 +154,7 @@ def reply(
 def setup(message: Message, context: Context) -> Message:
     """Store the run config sent by the server and initialise the device."""
     started = time.perf_counter()
-    text = message_config(message).get("hetkd-config")
+    text = message_config(message).get(P.RUN_CONFIG_YAML)
     if text:
         from_yaml(str(text))  # validate before storing
         context.state[CONFIG_STATE_KEY] = ConfigRecord({"yaml": str(text)})
@@ -157,7 +164,7 @@ def setup(message: Message, context: Context) -> Message:
     return reply(
         message,
         info,
-        configs={"device": ConfigRecord({"architecture": architecture})},
+        configs={P.DEVICE: ConfigRecord({"architecture": architecture})},
         started=started,
     )
 
@@ -169,7 +176,7 @@ def train_local(message: Message, context: Context) -> Message:
     config = message_config(message)
     with device_session(context) as client:
         epochs = int(config.get("local-epochs", client.training.local_epochs))  # type: ignore[arg-type]
-        metrics = client.fit(int(config.get("server-round", 0)), epochs)  # type: ignore[arg-type]
+        metrics = client.fit(int(config.get(P.SERVER_ROUND, 0)), epochs)  # type: ignore[arg-type]
     return reply(message, metrics, started=started)
 
 
@@ -178,23 +185,104 @@ def train_fedavg(message: Message, context: Context) -> Message:
     """FedAvg baseline: start from the global weights, train, send the weights back."""
     started = time.perf_counter()
     config = message_config(message)
-    arrays = message.content.array_records.get("arrays")
+    arrays = message.content.array_records.get(P.ARRAYS)
     if arrays is None:
-        raise ValueError("a 'train' message must carry the global weights under 'arrays'")
+        raise ValueError(f"a '{P.TRAIN_FEDAVG}' message must carry the global weights under '{P.ARRAYS}'")
     with device_session(context) as client:
         client.set_weights(arrays.to_torch_state_dict())
-        metrics = client.fit(int(config.get("server-round", 0)))  # type: ignore[arg-type]
+        metrics = client.fit(int(config.get(P.SERVER_ROUND, 0)))  # type: ignore[arg-type]
         weights = ArrayRecord(client.get_weights())
-    return reply(message, metrics, arrays={"arrays": weights}, started=started)
+    return reply(message, metrics, arrays={P.ARRAYS: weights}, started=started)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the device's own model, or the weights the message carries (FedAvg)."""
     started = time.perf_counter()
-    arrays = message.content.array_records.get("arrays")
+    arrays = message.content.array_records.get(P.ARRAYS)
     with device_session(context, save=False) as client:
         if arrays is not None and len(arrays) > 0:
             client.set_weights(arrays.to_torch_state_dict())
         metrics = client.evaluate()
     return reply(message, metrics, started=started)
+
+
+NEIGHBOURS_STATE_KEY = "hetkd.neighbours"
+
+
+def _pick_own_target(
+    client: DistillClient, population: ArrayRecord, config: ConfigRecord, context: Context
+) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """Device-side SD-Dist: choose neighbours from the relayed predictions, locally.
+
+    The device puts its own current predictions first, runs the same
+    selection rule the server would, and keeps its neighbour list to itself
+    (only their mean distance and whether they changed are reported).
+    """
+    others = decode_logits(population[P.REFERENCE_LOGITS].numpy())
+    ids = population[P.DEVICE_IDS].numpy().astype(int).tolist()
+    keep = [k for k, d in enumerate(ids) if d != client.device_id]
+    if not keep:
+        return None, {}
+    own = client.reference_logits().log_softmax(-1)
+    logits = torch.cat([own[None], others[keep]])
+    quality = None
+    if P.QUALITY in population:
+        q = torch.from_numpy(population[P.QUALITY].numpy().astype("float32"))
+        quality = torch.cat([torch.tensor([float("inf")]), q[keep]])
+    weights, distance, neighbours = neighbour_plan(
+        logits,
+        [0],
+        num_neighbours=int(config["num-neighbours"]),  # type: ignore[arg-type]
+        num_candidates=int(config["num-candidates"]),  # type: ignore[arg-type]
+        rule=str(config["neighbour-rule"]),
+        similarity=str(config["similarity"]),
+        weighting=str(config["weighting"]),
+        temperature=float(config["temperature"]),  # type: ignore[arg-type]
+        quality=quality,
+        generator=torch.Generator().manual_seed(
+            derive_seed(client.seed, "neighbours", client.device_id, config.get(P.SERVER_ROUND, 0))
+        ),
+    )
+    chosen = sorted(ids[keep[j - 1]] for j in neighbours[0])
+    previous = context.state.get(NEIGHBOURS_STATE_KEY)
+    changed = previous is None or list(previous["ids"]) != chosen  # type: ignore[index]
+    context.state[NEIGHBOURS_STATE_KEY] = ConfigRecord({"ids": chosen or [-1]})
+    target = mix_targets(weights[:1], logits, str(config.get("mix", "logits")), float(config["temperature"]))[0]
+    stats = {
+        "neighbour-distance": float(distance[0, neighbours[0]].mean()) if neighbours[0] else float("nan"),
+        "neighbours-changed": float(changed),
+    }
+    return target, stats
+
+
+@app.train("reference_distill")
+def train_reference_distill(message: Message, context: Context) -> Message:
+    """Logit exchange (FedMD, SD-Dist): distil towards targets on the reference set,
+    then send back predictions on the reference set and nothing else."""
+    started = time.perf_counter()
+    config = message_config(message)
+    server_round = int(config.get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
+    precision = str(config.get("precision", "float32"))
+    with device_session(context) as client:
+        extra: dict[str, float] = {}
+        targets = message.content.array_records.get(P.TARGETS)
+        population = message.content.array_records.get(P.POPULATION)
+        target = decode_logits(targets[P.REFERENCE_LOGITS].numpy()) if targets is not None else None
+        if target is None and population is not None:
+            target, extra = _pick_own_target(client, population, config, context)
+        if target is None:
+            metrics = client.fit(server_round)
+        else:
+            metrics = client.fit_towards(
+                server_round,
+                target,
+                rho=float(config.get("rho", 0.9)),  # type: ignore[arg-type]
+                temperature=float(config.get("temperature", 3.0)),  # type: ignore[arg-type]
+                reference_batch_size=int(config.get("reference-batch-size", 0)),  # type: ignore[arg-type]
+                kd_scale=float(config.get("kd-scale", 1.0)),  # type: ignore[arg-type]
+            )
+        metrics.update(extra)
+        metrics["distilled"] = float(target is not None)
+        predictions = ArrayRecord({P.REFERENCE_LOGITS: Array(encode_logits(client.reference_logits(), precision))})
+    return reply(message, metrics, arrays={P.PREDICTIONS: predictions}, started=started)

@@ -18,10 +18,12 @@ from torch import nn
 
 from hetkd.config import HetkdConfig, TrainingConfig
 from hetkd.data import DataView, DeviceData, build_federation
+from hetkd.distill.losses import ReferenceKD
 from hetkd.models import assign_architectures, build_model, count_parameters
 from hetkd.training import (
     LossFn,
     cross_entropy_step,
+    derive_seed,
     evaluate_accuracy,
     make_optimizer,
     predict_logits,
@@ -57,6 +59,8 @@ class DistillClient:
         Local optimisation settings.
     seed : int
         The run seed; every random choice derives from (seed, device, round).
+    reference : DataView | None
+        The public reference set every device holds (logit-exchange strategies).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class DistillClient:
         global_test: DataView,
         training: TrainingConfig,
         seed: int = 0,
+        reference: DataView | None = None,
     ) -> None:
         self.device_id = device_id
         self.architecture = architecture
@@ -77,6 +82,7 @@ class DistillClient:
         self.global_test = global_test
         self.training = training
         self.seed = seed
+        self.reference = reference
         self.optimizer = make_optimizer(self.model, training)
         self.rounds_trained = 0
 
@@ -92,7 +98,9 @@ class DistillClient:
         )[device_id]
         with seeded(cfg.seed, "init", device_id):
             model = build_model(architecture, federation.input_shape, federation.num_classes)
-        return cls(device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed)
+        return cls(
+            device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed, federation.reference
+        )
 
     def describe(self) -> dict[str, Any]:
         """Public facts about the device: sizes and architecture, nothing learnt."""
@@ -162,6 +170,43 @@ class DistillClient:
             "samples-seen": seen,
             "train-seconds": time.perf_counter() - start,
         }
+
+    def fit_towards(
+        self,
+        server_round: int,
+        target_logits: torch.Tensor,
+        rho: float,
+        temperature: float,
+        reference_batch_size: int = 0,
+        epochs: int | None = None,
+        kd_scale: float = 1.0,
+    ) -> dict[str, float]:
+        """Train on private data while distilling towards ``target_logits`` on the reference set.
+
+        ``target_logits`` has one row per reference sample. Each private batch
+        is paired with ``reference_batch_size`` reference samples (0: the
+        private batch size); see :class:`hetkd.distill.ReferenceKD`.
+        """
+        inputs = self._reference_inputs()
+        if target_logits.shape[0] != len(inputs):
+            raise ValueError(
+                f"targets have {target_logits.shape[0]} rows but the reference set has {len(inputs)} samples"
+            )
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "reference", self.device_id, server_round))
+        loss = ReferenceKD(
+            inputs, target_logits, rho, temperature, reference_batch_size or self.training.batch_size, generator,
+            kd_scale,
+        )
+        return self.fit(server_round, epochs, loss)
+
+    def _reference_inputs(self) -> torch.Tensor:
+        if self.reference is None or len(self.reference) == 0:
+            raise ValueError(f"device {self.device_id} holds no reference set (reference.size=0?)")
+        return self.reference.base.inputs(self.reference.indices)
+
+    def reference_logits(self) -> torch.Tensor:
+        """The model's logits on the reference set: its "messenger", ``(R, C)``."""
+        return self.predict(self._reference_inputs())
 
     def evaluate(self, include_global: bool = True) -> dict[str, float]:
         """Personalised (own test split) and global (global test set) accuracy."""

@@ -15,9 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hetkd.simulations.experiment import USER_ERRORS
-
 from hetkd.config import ConfigError, HetkdConfig, resolve_config, to_yaml
+from hetkd.simulations.experiment import USER_ERRORS
 
 __all__ = ["main", "config_from_args"]
 
@@ -66,7 +65,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 #: modules that add a subcommand: each defines ``add_parser(subparsers)``
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("hetkd.simulations.compare",)
 
 
 def add_items_arguments(parser: argparse.ArgumentParser, out: bool = True) -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from flwr.serverapp import Grid
-from hetkd.simulations.registry import build_strategy, check_strategy, initial_arrays
 
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.data import DatasetUnavailableError, Federation, PartitionError, build_federation
 from hetkd.models import ModelError, assign_architectures, build_model
-from hetkd.results import RunRecorder
+from hetkd.results import RunRecorder, subset_accuracy
+from hetkd.simulations.registry import CENTRAL, build_strategy, check_strategy, initial_arrays
 
 __all__ = ["PreparedRun", "USER_ERRORS", "prepare", "resolve_output", "run_on_grid", "default_run_name"]
 
@@ -64,6 +64,9 @@ def prepare(cfg: HetkdConfig) -> PreparedRun:
     architecture that does not fit the data.
     """
     check_strategy(cfg)
+    if cfg.strategy.name == CENTRAL:
+        raise ConfigError("strategy.name", "'central' pools all device data and runs in this process; "
+                          "use `hetkd run strategy=central` or `hetkd compare`, not flwr run")
     cfg = resolve_output(cfg)
     federation = build_federation(cfg)
     archs = assign_architectures(
@@ -81,7 +84,7 @@ def run_on_grid(grid: Grid, run: PreparedRun) -> dict[str, Any]:
     for device, arch in zip(summary["devices"], run.architectures):
         device["architecture"] = arch
     recorder = RunRecorder(cfg.output.dir, plots=cfg.output.plots, progress=cfg.output.progress,
-                           total_rounds=cfg.simulation.num_rounds)
+                           total_rounds=cfg.simulation.num_rounds, quiet=cfg.output.quiet)
     header = (
         f"hetkd: {cfg.strategy.name} on {cfg.dataset.name}, {cfg.simulation.num_devices} devices "
         f"({', '.join(sorted(set(run.architectures)))}), {cfg.partition.method} partition, "
@@ -96,20 +99,25 @@ def run_on_grid(grid: Grid, run: PreparedRun) -> dict[str, Any]:
         timeout=cfg.simulation.round_timeout,
         on_round_end=lambda report: recorder.record(report.as_row()),
     )
+    strategy.write_artifacts(Path(cfg.output.dir))
     devices = {
         str(info.device_id): {"architecture": info.architecture, "num_params": info.num_params,
                               "model_bytes": info.model_bytes, "num_train": info.num_train}
         for info in strategy.devices.values()
     }
     largest = max((d["model_bytes"] for d in devices.values()), default=0)
-    return recorder.finish(
-        {
-            "strategy": cfg.strategy.name,
-            "dataset": cfg.dataset.name,
-            "seed": cfg.seed,
-            "num_devices": cfg.simulation.num_devices,
-            "largest_model_bytes": largest,
-            "devices": devices,
-        }
-    )
+    return recorder.finish(run_facts(cfg, summary, recorder.rows) | {"largest_model_bytes": largest, "devices": devices})
+
+
+def run_facts(cfg: HetkdConfig, federation_summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figures every run summary carries besides the per-round ones."""
+    sparse = [d["device_id"] for d in federation_summary["devices"] if d.get("sparse")]
+    return {
+        "strategy": cfg.strategy.name,
+        "dataset": cfg.dataset.name,
+        "seed": cfg.seed,
+        "num_devices": cfg.simulation.num_devices,
+        "sparse_devices": sparse,
+        "final_personalised_accuracy_sparse": subset_accuracy(rows, sparse) if sparse else None,
+    }
 

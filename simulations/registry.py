@@ -12,14 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord
-from hetkd.strategies import DeviceStrategy, FedAvg, LocalOnly
 
 from hetkd.config import ConfigError, HetkdConfig
 from hetkd.data import Federation
 from hetkd.models import assign_architectures, build_model
+from hetkd.strategies import DeviceStrategy, FedAvg, FedMD, LocalOnly, SDDist
 from hetkd.training import seeded
 
-__all__ = ["STRATEGIES", "StrategySpec", "build_strategy", "check_strategy", "initial_arrays"]
+__all__ = ["CENTRAL", "STRATEGIES", "StrategySpec", "build_strategy", "check_strategy", "initial_arrays"]
+
+#: the pooled-data upper bound: not a federated strategy, run in-process only
+CENTRAL = "central"
 
 
 def _common(cfg: HetkdConfig, device_config: str) -> dict[str, object]:
@@ -34,6 +37,43 @@ def _common(cfg: HetkdConfig, device_config: str) -> dict[str, object]:
         "device_config": device_config,
         "wait_for_devices": cfg.simulation.wait_for_devices,
     }
+
+
+def _exchange(cfg: HetkdConfig, federation: Federation, device_config: str) -> dict[str, object]:
+    kd = cfg.strategy.kd
+    labels = federation.reference.base.targets(federation.reference.indices) if federation.reference_labelled else None
+    return {
+        **_common(cfg, device_config),
+        "num_reference": len(federation.reference),
+        "num_classes": federation.num_classes,
+        "reference_labels": labels,
+        "rho": kd.rho,
+        "temperature": kd.temperature,
+        "reference_batch_size": kd.reference_batch_size,
+        "precision": kd.precision,
+        "warmup_rounds": kd.warmup_rounds,
+        "mix": kd.mix,
+        "t_squared": kd.t_squared,
+    }
+
+
+def _sd_dist(cfg: HetkdConfig, federation: Federation, device_config: str) -> SDDist:
+    sd = cfg.strategy.sd_dist
+    return SDDist(
+        num_neighbours=sd.num_neighbours,
+        num_candidates=sd.num_candidates,
+        neighbour_rule=sd.neighbour_rule,
+        similarity=sd.similarity,
+        weighting=sd.weighting,
+        neighbour_selection=sd.neighbour_selection,
+        **_exchange(cfg, federation, device_config),  # type: ignore[arg-type]
+    )
+
+
+def _check_reference(cfg: HetkdConfig) -> None:
+    if cfg.reference.size < 1:
+        raise ConfigError("reference.size", f"strategy '{cfg.strategy.name}' exchanges predictions on a reference set; "
+                          f"it must hold at least 1 sample, got {cfg.reference.size}")
 
 
 def _check_homogeneous(cfg: HetkdConfig) -> None:
@@ -71,17 +111,30 @@ STRATEGIES: dict[str, StrategySpec] = {
         _check_homogeneous,
         global_model=True,
     ),
+    "fedmd": StrategySpec(
+        lambda cfg, fed, text: FedMD(**_exchange(cfg, fed, text)),  # type: ignore[arg-type]
+        "FedMD-style: everyone distils from the plain average of all devices' reference predictions",
+        _check_reference,
+    ),
+    "sd-dist": StrategySpec(
+        _sd_dist,
+        "SD-Dist: each device distils from its most similar, best-scoring neighbours",
+        _check_reference,
+    ),
 }
 
 
 def check_strategy(cfg: HetkdConfig) -> None:
     """Reject an unknown ``strategy.name`` or a config the strategy cannot run."""
     name = cfg.strategy.name
+    if name == CENTRAL:
+        return
     if name not in STRATEGIES:
-        close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
+        choices = [*STRATEGIES, CENTRAL]
+        close = difflib.get_close_matches(name, choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
-            "strategy.name", f"unknown strategy {name!r}{hint}; valid choices: {', '.join(STRATEGIES)}"
+            "strategy.name", f"unknown strategy {name!r}{hint}; valid choices: {', '.join(choices)}"
         )
     spec = STRATEGIES[name]
     if spec.check is not None:
@@ -90,6 +143,9 @@ def check_strategy(cfg: HetkdConfig) -> None:
 
 def build_strategy(cfg: HetkdConfig, federation: Federation, device_config: str) -> DeviceStrategy:
     """The strategy ``cfg.strategy.name`` configured from ``cfg``."""
+    if cfg.strategy.name == CENTRAL:
+        raise ConfigError("strategy.name", "'central' trains one model per architecture on pooled data, in this "
+                          "process; run it with `hetkd run` or `hetkd compare`, not on a Flower grid")
     check_strategy(cfg)
     return STRATEGIES[cfg.strategy.name].build(cfg, federation, device_config)
 

@@ -12,10 +12,10 @@ import logging
 import os
 from typing import Any
 
-from hetkd.simulations.experiment import prepare
-from hetkd.simulations.server_app import make_server_app
-
 from hetkd.config import HetkdConfig
+from hetkd.simulations.experiment import prepare
+from hetkd.simulations.registry import CENTRAL
+from hetkd.simulations.server_app import make_server_app
 
 __all__ = ["run", "backend_config"]
 
@@ -46,8 +46,13 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
     Raises before any device starts if the config cannot run; re-raises what
     the ServerApp raised.
     """
+    if cfg.strategy.name == CENTRAL:
+        from hetkd.simulations.central import run_central
+
+        return run_central(cfg)
     import ray
     from flwr.simulation import run_simulation
+
     from hetkd.clients.app import app as client_app
 
     prepared = prepare(cfg)

@@ -17,9 +17,9 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
-from hetkd.simulations.experiment import USER_ERRORS, prepare, run_on_grid
 
 from hetkd.config import CONFIG_FILE_KEY, HetkdConfig, flower_run_config, resolve_config
+from hetkd.simulations.experiment import USER_ERRORS, prepare, run_on_grid
 
 __all__ = ["app", "make_server_app", "config_from_flower"]
 

@@ -8,15 +8,21 @@ a ClientApp that answers the same actions).
 
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy, MeteredGrid, RoundReport, payload_bytes
 from hetkd.strategies.fedavg import FedAvg, HeterogeneousModelsError
+from hetkd.strategies.fedmd import FedMD
 from hetkd.strategies.local_only import LocalOnly
+from hetkd.strategies.logit_exchange import LogitExchange
+from hetkd.strategies.sd_dist import SDDist
 
 __all__ = [
     "DeviceInfo",
     "DeviceStrategy",
     "FedAvg",
+    "FedMD",
     "HeterogeneousModelsError",
     "LocalOnly",
+    "LogitExchange",
     "MeteredGrid",
     "RoundReport",
+    "SDDist",
     "payload_bytes",
 ]

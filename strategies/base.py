@@ -28,7 +28,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
+from hetkd import protocol as P
 from hetkd.results import accuracy_summary
 
 __all__ = [
@@ -154,9 +156,9 @@ def check_reply(message: Message, required: Iterable[str] = (), finite: Iterable
     """
     if message.has_error():
         return f"device error: {message.error.reason}"
-    metrics = message.content.metric_records.get("metrics")
+    metrics = message.content.metric_records.get(P.METRICS)
     if metrics is None:
-        return "reply lacks its 'metrics' record"
+        return f"reply lacks its '{P.METRICS}' record"
     missing = [k for k in required if k not in metrics]
     if missing:
         return f"reply lacks metric(s) {missing}"
@@ -193,7 +195,7 @@ class DeviceStrategy(Strategy):
     """
 
     #: message type of a training round; subclasses set their action
-    train_action: str = "train.local"
+    train_action: str = P.TRAIN_LOCAL
 
     def __init__(
         self,
@@ -228,6 +230,7 @@ class DeviceStrategy(Strategy):
         self.device_config = device_config
         self.wait_for_devices = wait_for_devices
         self.devices: dict[int, DeviceInfo] = {}  # node id -> info
+        self.rejected: dict[int, str] = {}  # node id -> why its set-up failed
         self.timeout: float = 3600.0
         self._failures: list[dict[str, Any]] = []
         self._device_rows: dict[int, dict[str, Any]] = defaultdict(dict)
@@ -269,25 +272,26 @@ class DeviceStrategy(Strategy):
                 )
             if connected < expected:
                 log(WARNING, "%d of %d expected devices connected; starting with those", connected, expected)
-        new = [n for n in grid.get_node_ids() if n not in self.devices]
+        new = [n for n in grid.get_node_ids() if n not in self.devices and n not in self.rejected]
         if not new:
             return []
-        config = ConfigRecord({"hetkd-config": self.device_config} if self.device_config else {})
-        messages = [Message(RecordDict({"config": config}), n, "query.setup") for n in new]
+        config = ConfigRecord({P.RUN_CONFIG_YAML: self.device_config} if self.device_config else {})
+        messages = [Message(RecordDict({P.CONFIG: config}), n, P.SETUP) for n in new]
         added = []
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
             problem = check_reply(reply, ("device-id", "num-train", "num-test", "num-params", "model-bytes"))
-            if problem is None and "device" not in reply.content.config_records:
-                problem = "setup reply lacks its 'device' record"
+            if problem is None and P.DEVICE not in reply.content.config_records:
+                problem = f"setup reply lacks its '{P.DEVICE}' record"
             if problem:
                 self._report_failure(node, problem, "setup")
+                self.rejected[node] = problem  # not asked again: its answer would not change
                 continue
-            m = reply.content.metric_records["metrics"]
+            m = reply.content.metric_records[P.METRICS]
             info = DeviceInfo(
                 node_id=node,
                 device_id=int(m["device-id"]),
-                architecture=str(reply.content.config_records["device"]["architecture"]),
+                architecture=str(reply.content.config_records[P.DEVICE]["architecture"]),
                 num_train=int(m["num-train"]),
                 num_test=int(m["num-test"]),
                 num_params=int(m["num-params"]),
@@ -327,20 +331,24 @@ class DeviceStrategy(Strategy):
 
     def train_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
         """What a sampled device receives for training (override to add payloads)."""
-        return RecordDict({"config": config})
+        return RecordDict({P.CONFIG: config})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One ``train_action`` message per sampled device."""
         nodes = self.sample(grid, server_round, self.fraction_train, "train")
-        log(INFO, "configure_train: %d of %d devices", len(nodes), len(self.devices))
+        log(DEBUG, "configure_train: %d of %d devices", len(nodes), len(self.devices))
+        self.before_train(server_round, nodes)
         messages = []
         for node in nodes:
             cfg = ConfigRecord(dict(config))
-            cfg["server-round"] = server_round
+            cfg[P.SERVER_ROUND] = server_round
             messages.append(Message(self.train_content(server_round, node, cfg, arrays), node, self.train_action))
         return messages
+
+    def before_train(self, server_round: int, node_ids: list[int]) -> None:
+        """Hook: called with the sampled nodes before their training messages are built."""
 
     #: metric keys a training reply must carry (finite)
     train_required: tuple[str, ...] = ("num-examples",)
@@ -379,7 +387,7 @@ class DeviceStrategy(Strategy):
             return arrays, None
         losses, weights = [], []
         for reply in valid:
-            m = reply.content.metric_records["metrics"]
+            m = reply.content.metric_records[P.METRICS]
             device = self.device_id(reply.metadata.src_node_id)
             row = self._device_rows[device]
             row["train_loss"] = m.get("train-loss")
@@ -394,6 +402,10 @@ class DeviceStrategy(Strategy):
         self._round_metrics["train_loss"] = metrics.get("train-loss")
         return arrays, metrics
 
+    def note_device(self, device_id: int, **values: Any) -> None:
+        """Add per-device figures to this round's report (``devices`` in metrics.jsonl)."""
+        self._device_rows[device_id].update(values)
+
     def _note_peak(self, metrics: MetricRecord) -> None:
         peak = metrics.get("peak-rss-mb")
         if _finite(peak):
@@ -404,7 +416,7 @@ class DeviceStrategy(Strategy):
 
     def evaluate_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
         """What a device receives for evaluation (its own model is evaluated by default)."""
-        return RecordDict({"config": config})
+        return RecordDict({P.CONFIG: config})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -414,7 +426,7 @@ class DeviceStrategy(Strategy):
         messages = []
         for node in nodes:
             cfg = ConfigRecord(dict(config))
-            cfg["server-round"] = server_round
+            cfg[P.SERVER_ROUND] = server_round
             messages.append(Message(self.evaluate_content(server_round, node, cfg, arrays), node, MessageType.EVALUATE))
         return messages
 
@@ -425,7 +437,7 @@ class DeviceStrategy(Strategy):
             return None
         pers, weights, glob = [], [], []
         for reply in valid:
-            m = reply.content.metric_records["metrics"]
+            m = reply.content.metric_records[P.METRICS]
             device = self.device_id(reply.metadata.src_node_id)
             row = self._device_rows[device]
             row["personalised_accuracy"] = m.get("personalised-accuracy")
@@ -446,6 +458,10 @@ class DeviceStrategy(Strategy):
     def round_extras(self, server_round: int) -> dict[str, Any]:
         """Hook: strategy-specific figures for this round's report."""
         return {}
+
+    def write_artifacts(self, out_dir: Path) -> list[Path]:
+        """Hook: write strategy-specific files (e.g. plots) after the run; returns them."""
+        return []
 
     def start(
         self,
@@ -474,6 +490,7 @@ class DeviceStrategy(Strategy):
         result = Result(arrays=arrays)
         log(INFO, "Starting %s for %d rounds", type(self).__name__, num_rounds)
         self.summary()
+        self._failures, self._device_rows, self._round_metrics = [], defaultdict(dict), {}
         meter.phase = "setup"
         self.setup_devices(meter, block=True)
         if evaluate_fn is not None:
@@ -483,7 +500,6 @@ class DeviceStrategy(Strategy):
         for server_round in range(1, num_rounds + 1):
             started = time.perf_counter()
             meter.reset()
-            self._failures, self._device_rows, self._round_metrics = [], defaultdict(dict), {}
             meter.phase = "setup"
             self.setup_devices(meter)  # late joiners
             meter.phase = "train"
@@ -511,6 +527,7 @@ class DeviceStrategy(Strategy):
                 self._report_failure(node, reason, "round")
             report = self._report(server_round, time.perf_counter() - started, meter, sampled)
             log(INFO, "round %d: %s", server_round, {k: v for k, v in report.metrics.items() if "accuracy_mean" in k})
+            self._failures, self._device_rows, self._round_metrics = [], defaultdict(dict), {}
             if on_round_end is not None:
                 on_round_end(report)
         return result

@@ -9,9 +9,11 @@ reports, and refuses federations whose devices hold different architectures.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from hetkd import protocol as P
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy
 
 __all__ = ["FedAvg", "HeterogeneousModelsError"]
@@ -30,7 +32,7 @@ class FedAvg(DeviceStrategy):
     the global model on each device's test split.
     """
 
-    train_action = MessageType.TRAIN
+    train_action = P.TRAIN_FEDAVG
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -48,15 +50,15 @@ class FedAvg(DeviceStrategy):
             )
 
     def train_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
-        return RecordDict({"arrays": arrays, "config": config})
+        return RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
 
     def evaluate_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
-        return RecordDict({"arrays": arrays, "config": config})
+        return RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
 
     def check_train_reply(self, reply: Message) -> str | None:
-        arrays = reply.content.array_records.get("arrays")
+        arrays = reply.content.array_records.get(P.ARRAYS)
         if arrays is None:
-            return "FedAvg reply lacks its 'arrays' record"
+            return f"FedAvg reply lacks its '{P.ARRAYS}' record"
         if len(reply.content.array_records) != 1:
             return "FedAvg reply must carry exactly one ArrayRecord"
         for key, array in arrays.items():
@@ -68,8 +70,8 @@ class FedAvg(DeviceStrategy):
     def process_train_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
         if not replies:
             return None
-        keys = set(replies[0].content["arrays"].keys())
-        consistent = [r for r in replies if set(r.content["arrays"].keys()) == keys]
+        keys = set(replies[0].content[P.ARRAYS].keys())
+        consistent = [r for r in replies if set(r.content[P.ARRAYS].keys()) == keys]
         for r in replies:
             if r not in consistent:
                 self._report_failure(r.metadata.src_node_id, "FedAvg reply has different array keys", "train")

@@ -29,6 +29,7 @@ def small_config(tmp_path, *overrides: str, devices: int = 4) -> HetkdConfig:
         None,
         [
             f"simulation.num_devices={devices}",
+            "strategy=local",
             "num-server-rounds=2",
             "reference.size=200",
             "partition.min_samples=5",

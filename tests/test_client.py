@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+
 from hetkd.clients import ContextStateStore, DiskStateStore, DistillClient
 from hetkd.clients.app import app as client_app
-
 from hetkd.config import to_yaml
 from tests.conftest import InProcessGrid, small_config
 

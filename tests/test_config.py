@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hetkd.simulations.registry import check_strategy
 
 from hetkd.config import (
     ConfigError,
@@ -16,6 +15,7 @@ from hetkd.config import (
     to_yaml,
 )
 from hetkd.models import ModelError
+from hetkd.simulations.registry import check_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 

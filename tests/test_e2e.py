@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hetkd.simulations import run
 
 from hetkd.results import read_metrics
+from hetkd.simulations import run
 from tests.conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +117,32 @@ def test_flwr_run_drives_the_same_apps(tmp_path):
             os.killpg(link.pid, signal.SIGKILL)
             link.wait(10)
         log.close()
+
+
+def test_sd_dist_beats_local_only_on_global_accuracy(tmp_path):
+    """Through Flower's runtime: same partitions, models and seed; only the strategy differs."""
+    common = ("training.local_epochs=5", "num-server-rounds=8", "reference.size=300", "partition.min_samples=10",
+              "strategy.sd_dist.num_neighbours=5", "strategy.sd_dist.num_candidates=7")
+    local = run(small_config(tmp_path / "local", "strategy=local", *common, devices=10))
+    sd = run(small_config(tmp_path / "sd", "strategy=sd-dist", *common, devices=10))
+    assert sd["final_global_accuracy_mean"] >= local["final_global_accuracy_mean"] + 0.08, (local, sd)
+    assert sd["final_personalised_accuracy_mean"] >= local["final_personalised_accuracy_mean"]
+    assert (Path(sd["out_dir"]) / "similarity.png").is_file()
+    # predictions only: far below what one model's weights would cost
+    assert sd["mean_bytes_up_per_device_per_round"] < 0.1 * sd["largest_model_bytes"]
+
+
+def test_compare_writes_json_markdown_and_plot(tmp_path):
+    from hetkd.simulations.compare import compare
+
+    cfg = small_config(tmp_path, "num-server-rounds=2", devices=3)
+    payload = compare(cfg, ["central", "local", "sd-dist"], [0], tmp_path / "cmp")
+    for name in ("compare.json", "compare.md", "compare.png"):
+        assert (tmp_path / "cmp" / name).is_file()
+    table = payload["strategies"]
+    assert set(table) == {"central", "local", "sd-dist"}
+    assert table["central"]["final_global_accuracy_mean"]["mean"] > 0.5
+    assert table["central"]["bytes_per_device_per_round"]["mean"] == 0
+    assert table["sd-dist"]["bytes_per_device_per_round"]["mean"] > table["local"]["bytes_per_device_per_round"]["mean"]
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| sd-dist |" in text and "± " in text

@@ -6,11 +6,11 @@ import math
 
 import pytest
 from flwr.app import ArrayRecord
-from hetkd.simulations.registry import build_strategy, initial_arrays
-from hetkd.strategies import FedAvg, HeterogeneousModelsError, LocalOnly, RoundReport
 
 from hetkd.config import to_yaml
 from hetkd.data import build_federation
+from hetkd.simulations.registry import build_strategy, initial_arrays
+from hetkd.strategies import FedAvg, HeterogeneousModelsError, LocalOnly, RoundReport
 from tests.conftest import InProcessGrid, corrupt_metric, small_config
 
 
@@ -122,3 +122,16 @@ def test_missing_devices_stop_the_start_with_advice(tmp_path):
     grid.connected = set(grid.node_ids[:2])
     with pytest.raises(RuntimeError, match="num-supernodes=4"):
         strategy.start(grid=grid, num_rounds=1)
+
+
+def test_a_node_that_cannot_be_set_up_is_reported_once_and_not_asked_again(tmp_path):
+    cfg = small_config(tmp_path)  # 4 devices expected
+    grid = InProcessGrid(5)  # one SuperNode too many: partition-id 4 is out of range
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports: list[RoundReport] = []
+    strategy.start(grid=grid, num_rounds=2, on_round_end=reports.append)
+    assert len(strategy.devices) == 4 and grid.node_ids[4] in strategy.rejected
+    assert "partition-id" in reports[0].failures[0]["reason"]
+    assert reports[1].failures == []
+    setups = [t for t in grid.traffic if t.message.metadata.dst_node_id == grid.node_ids[4]]
+    assert len(setups) == 1

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_accuracy", "plot_curves"]
+__all__ = ["plot_accuracy", "plot_curves", "plot_matrix"]
 
 
 def _pyplot():
@@ -55,3 +55,24 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     }
     curves = {name: [(r["round"], r.get(key)) for r in rows] for name, key in keys.items()}
     return plot_curves(curves, path, title="accuracy per round")
+
+
+def plot_matrix(matrix, labels: Sequence[str], path: str | Path, title: str = "") -> Path:
+    """A heat map of a square matrix (e.g. device-to-device distances)."""
+    plt = _pyplot()
+    size = max(4.0, min(12.0, 0.35 * len(labels) + 2))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(matrix, cmap="viridis")
+    if len(labels) <= 40:
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("device j")
+    ax.set_ylabel("device i")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round"]
+__all__ = ["accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round", "subset_accuracy"]
 
 
 def accuracy_summary(
@@ -54,6 +54,18 @@ def accuracy_summary(
         f"{prefix}worst10": float(np.sort(acc)[:k].mean()),
         f"{prefix}weighted": float((acc * w).sum() / w.sum()),
     }
+
+
+def subset_accuracy(rows: Sequence[Mapping[str, Any]], device_ids: Sequence[int],
+                    key: str = "personalised_accuracy") -> float | None:
+    """Mean of a per-device figure over ``device_ids`` in the last round that has it."""
+    wanted = {str(d) for d in device_ids}
+    for row in reversed(rows):
+        values = [v.get(key) for k, v in (row.get("devices") or {}).items() if k in wanted]
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if values:
+            return float(np.mean(values))
+    return None
 
 
 def _json_default(value: Any) -> Any:
@@ -152,9 +164,12 @@ class RunRecorder:
     :meth:`record` after every round, :meth:`finish` at the end.
     """
 
-    def __init__(self, out_dir: str | Path, plots: bool = True, progress: bool = True, total_rounds: int = 0) -> None:
+    def __init__(
+        self, out_dir: str | Path, plots: bool = True, progress: bool = True, total_rounds: int = 0, quiet: bool = False
+    ) -> None:
         self.out_dir = Path(out_dir).expanduser().resolve()
         self.plots = plots
+        self.quiet = quiet
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
         self.total_rounds = total_rounds
@@ -177,6 +192,8 @@ class RunRecorder:
         if federation is not None:
             _write_atomic(self.out_dir / "federation.json", json.dumps(_clean(federation), indent=1, default=_json_default))
         (self.out_dir / "metrics.jsonl").write_text("")
+        if self.quiet:
+            return
         if header:
             self.console.print(header)
         self.console.print(f"results: {self.out_dir}")
@@ -197,7 +214,8 @@ class RunRecorder:
             f.flush()
             os.fsync(f.fileno())
         _write_atomic(self.out_dir / "summary.json", json.dumps(final_figures(self.rows), indent=1))
-        self.console.print(format_round(row))
+        if not self.quiet:
+            self.console.print(format_round(row))
         if self._progress is not None:
             self._progress.update(self._task, advance=1)
 
@@ -216,6 +234,8 @@ class RunRecorder:
             plot_accuracy(self.rows, self.out_dir / "accuracy.png")
         fin = summary.get("final_personalised_accuracy_mean")
         glob = summary.get("final_global_accuracy_mean")
+        if self.quiet:
+            return summary
         self.console.print(
             f"final: personalised {_pct(fin)}  global {_pct(glob)}  "
             f"wall {summary['wall_seconds']:.1f}s  results in {self.out_dir}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-__all__ = ["kd_kl", "kd_kl_to_probs", "soften"]
+__all__ = ["kd_kl", "kd_kl_to_probs", "soften", "ReferenceKD"]
 
 
 def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,3 +52,53 @@ def kd_kl(
 ) -> torch.Tensor:
     """Hinton's KD loss ``scale · KL(softmax(t/T) ‖ softmax(s/T))`` (``scale`` = T² by default)."""
     return kd_kl_to_probs(student_logits, soften(teacher_logits, temperature), temperature, scale)
+
+
+class ReferenceKD:
+    """A private batch's loss plus distillation on a reference batch drawn beside it.
+
+    ``(1 - rho) · CE(student(x), y) + rho · s · KL(softmax(t/T) ‖ softmax(student(x_ref)/T))``
+    where ``x_ref`` are ``batch_size`` reference inputs drawn (with
+    replacement, from ``generator``) for every private batch, ``t`` their
+    target logits, and ``s = kd_scale`` (1 as in SD-Dist's local step; Hinton's
+    T² is the other common choice). Both batches go through the model in one
+    forward pass. Use it as the ``loss_fn`` of :func:`hetkd.training.train_epoch`.
+    """
+
+    def __init__(
+        self,
+        reference_inputs: torch.Tensor,
+        target_logits: torch.Tensor,
+        rho: float,
+        temperature: float,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        kd_scale: float = 1.0,
+    ) -> None:
+        if len(reference_inputs) != len(target_logits):
+            raise ValueError(
+                f"{len(reference_inputs)} reference inputs but {len(target_logits)} target rows"
+            )
+        if len(reference_inputs) == 0:
+            raise ValueError("the reference set is empty")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho must be in [0, 1], got {rho}")
+        if batch_size < 1:
+            raise ValueError(f"reference batch size must be >= 1, got {batch_size}")
+        if not torch.isfinite(target_logits).all():
+            raise ValueError("target logits contain NaN or infinite values")
+        self.inputs = reference_inputs
+        self.targets = target_logits.float()
+        self.rho = rho
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.generator = generator
+        self.kd_scale = kd_scale
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        idx = torch.randint(len(self.inputs), (self.batch_size,), generator=self.generator)
+        ref_x = self.inputs[idx].to(x.device)
+        logits = model(torch.cat([x, ref_x]))
+        ce = F.cross_entropy(logits[: len(x)], y)
+        kd = kd_kl(logits[len(x) :], self.targets[idx].to(x.device), self.temperature, scale=self.kd_scale)
+        return (1.0 - self.rho) * ce + self.rho * kd

@@ -1,0 +1,189 @@
+"""``hetkd compare``: strategies side by side on identical partitions, models and seeds.
+
+    hetkd compare CONFIG --strategies central,local,fedmd,sd-dist --seeds 3 [--out DIR] [key=value ...]
+
+Every strategy runs on the same config (only ``strategy.name`` changes), so
+partitions, architectures and initial weights are identical; each seed is run
+for every strategy. Writes into ``DIR``:
+
+* ``compare.json`` per strategy: mean, std and per-seed values of the final
+  personalised accuracy (mean, worst 10 %, sample-weighted, sparse devices),
+  global accuracy, bytes per device per round and wall seconds; the run folders;
+* ``compare.md``   the same as a table;
+* ``compare.png``  personalised and global accuracy per round (mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hetkd.config import ConfigError, HetkdConfig
+from hetkd.results import read_metrics
+from hetkd.simulations.registry import check_strategy
+
+__all__ = ["compare", "add_parser", "FIGURES"]
+
+#: figures compared, as (summary key, column title, is a fraction)
+FIGURES = (
+    ("final_personalised_accuracy_mean", "personalised", True),
+    ("final_personalised_accuracy_worst10", "worst 10%", True),
+    ("final_personalised_accuracy_weighted", "pers. weighted", True),
+    ("best_personalised_accuracy_mean", "pers. best round", True),
+    ("final_global_accuracy_mean", "global", True),
+    ("final_personalised_accuracy_sparse", "sparse devices", True),
+    ("bytes_per_device_per_round", "bytes/device/round", False),
+    ("wall_seconds", "wall s", False),
+)
+
+
+def _stats(values: list[float | None]) -> dict[str, Any]:
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "std": None, "values": values}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite)), "values": values}
+
+
+def _run_one(cfg: HetkdConfig) -> dict[str, Any]:
+    from hetkd.simulations.runner import run
+
+    summary = run(cfg)
+    up = summary.get("mean_bytes_up_per_device_per_round") or 0.0
+    down = summary.get("mean_bytes_down_per_device_per_round") or 0.0
+    summary["bytes_per_device_per_round"] = up + down
+    return summary
+
+
+def compare(cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
+    """Run every strategy for every seed; write and return the comparison."""
+    if not strategies:
+        raise ConfigError("--strategies", "name at least one strategy")
+    for name in strategies:
+        check_strategy(replace(cfg, strategy=replace(cfg.strategy, name=name)))
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    import ray
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from hetkd.simulations.runner import backend_config
+
+    console = Console(highlight=False, soft_wrap=True)
+    started_ray = not ray.is_initialized()
+    if started_ray:  # one Ray session for all runs
+        ray.init(**backend_config(cfg)["init_args"], include_dashboard=False)
+    results: dict[str, dict[str, Any]] = {name: {"runs": []} for name in strategies}
+    try:
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+            task = progress.add_task("compare", total=len(strategies) * len(seeds))
+            for seed in seeds:
+                for name in strategies:
+                    run_cfg = replace(
+                        cfg,
+                        seed=seed,
+                        strategy=replace(cfg.strategy, name=name),
+                        output=replace(cfg.output, dir=str(out / name / f"seed{seed}"), run_name="",
+                                       quiet=True, progress=False),
+                    )
+                    t0 = time.perf_counter()
+                    summary = _run_one(run_cfg)
+                    results[name]["runs"].append(summary)
+                    console.print(
+                        f"{name:>10} seed {seed}: personalised {summary.get('final_personalised_accuracy_mean') or 0:.3f}"
+                        f"  global {summary.get('final_global_accuracy_mean') or 0:.3f}  ({time.perf_counter() - t0:.0f}s)"
+                    )
+                    progress.advance(task)
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    table: dict[str, Any] = {}
+    for name, entry in results.items():
+        runs = entry["runs"]
+        table[name] = {key: _stats([r.get(key) for r in runs]) for key, _, _ in FIGURES}
+        table[name]["run_dirs"] = [r["out_dir"] for r in runs]
+        table[name]["largest_model_bytes"] = max((r.get("largest_model_bytes") or 0 for r in runs), default=0)
+    payload = {"seeds": seeds, "strategies": table, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / "compare.md").write_text(_markdown(table, seeds))
+    _plot(table, out / "compare.png")
+    console.print(_markdown(table, seeds))
+    console.print(f"comparison written to {out}")
+    return payload
+
+
+def _cell(stat: dict[str, Any], fraction: bool) -> str:
+    if stat["mean"] is None:
+        return "–"
+    if fraction:
+        return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+    return f"{stat['mean']:,.0f} ± {stat['std']:,.0f}"
+
+
+def _markdown(table: dict[str, Any], seeds: list[int]) -> str:
+    head = "| strategy | " + " | ".join(title for _, title, _ in FIGURES) + " |"
+    rule = "|" + "---|" * (len(FIGURES) + 1)
+    lines = [f"Accuracy in %, mean ± std over seeds {seeds} (final round unless noted).", "", head, rule]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row[key], frac) for key, _, frac in FIGURES) + " |")
+    largest = max((row.get("largest_model_bytes") or 0 for row in table.values()), default=0)
+    if largest:
+        lines += ["", f"For scale: FedAvg with the largest model of this zoo ({largest:,} bytes of weights) "
+                      f"would move about {2 * largest:,} bytes per device per round (weights down and up)."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(table: dict[str, Any], path: Path) -> None:
+    from hetkd.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, row in table.items():
+        for ax, key in zip(axes, ("personalised_accuracy_mean", "global_accuracy_mean")):
+            curves = [read_metrics(Path(d) / "metrics.jsonl") for d in row["run_dirs"]]
+            rounds = sorted({r["round"] for c in curves for r in c if r.get(key) is not None})
+            means = [np.mean([r[key] for c in curves for r in c if r["round"] == k and r.get(key) is not None])
+                     for k in rounds]
+            ax.plot(rounds, means, marker="o", markersize=3, label=name)
+    for ax, title in zip(axes, ("personalised accuracy (mean over devices)", "global accuracy (mean over devices)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from hetkd.simulations.cli import config_from_args
+
+    if args.seeds < 1:
+        raise ConfigError("--seeds", f"must be >= 1, got {args.seeds}")
+    cfg = config_from_args(args.items)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    seeds = [cfg.seed + k for k in range(args.seeds)]
+    name = Path(args.items[0]).stem if args.items and "=" not in args.items[0] else "default"
+    out = Path(args.out) if args.out else Path(cfg.output.root) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    compare(cfg, strategies, seeds, out)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from hetkd.simulations.cli import add_items_arguments
+
+    p = sub.add_parser("compare", help="run several strategies on identical partitions and seeds")
+    add_items_arguments(p)
+    p.add_argument("--strategies", default="central,local,fedmd,sd-dist",
+                   help="comma-separated strategy names (plus 'central', the pooled-data upper bound)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (config seed, seed+1, ...)")
+    p.set_defaults(func=_cmd)

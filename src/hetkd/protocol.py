@@ -1,0 +1,40 @@
+"""The wire protocol between hetkd strategies and devices: action and record names.
+
+Strategies (server side) and the ClientApp (device side) both import these, so
+a message type or payload key is spelt in one place. What may cross from a
+device to the server is exactly: scalar ``metrics``, the ``device`` facts at
+set-up, ``predictions`` on public inputs, and (FedAvg baseline only) ``arrays``.
+"""
+
+# message types (Flower: "<category>.<action>")
+SETUP = "query.setup"
+TRAIN_LOCAL = "train.local"
+TRAIN_FEDAVG = "train"
+TRAIN_REFERENCE_DISTILL = "train.reference_distill"
+EVALUATE = "evaluate"
+
+# record keys
+CONFIG = "config"  # ConfigRecord, server -> device
+METRICS = "metrics"  # MetricRecord, device -> server
+DEVICE = "device"  # ConfigRecord, device -> server at set-up (architecture)
+ARRAYS = "arrays"  # ArrayRecord of weights: FedAvg only
+TARGETS = "targets"  # ArrayRecord, server -> device: this device's target logits
+POPULATION = "population"  # ArrayRecord, server -> device: everyone's predictions (device-side selection)
+PREDICTIONS = "predictions"  # ArrayRecord, device -> server: predictions on public inputs
+
+# array keys
+REFERENCE_LOGITS = "reference-logits"
+DEVICE_IDS = "device-ids"
+QUALITY = "quality"
+
+# config keys
+RUN_CONFIG_YAML = "hetkd-config"
+SERVER_ROUND = "server-round"
+
+#: records a device may send to the server, by strategy family
+DEVICE_TO_SERVER = {
+    "logit-exchange": {METRICS, PREDICTIONS},
+    "local": {METRICS},
+    "setup": {METRICS, DEVICE},
+    "fedavg": {METRICS, ARRAYS},
+}

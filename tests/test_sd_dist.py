@@ -1,0 +1,191 @@
+"""SD-Dist and FedMD as Flower strategies: the protocol, failures, late joiners."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+from hetkd import protocol as P
+from hetkd.config import to_yaml
+from hetkd.data import build_federation
+from hetkd.simulations.registry import build_strategy
+from hetkd.strategies import FedMD, SDDist
+from tests.conftest import InProcessGrid, small_config
+
+SD = ("strategy=sd-dist", "strategy.sd_dist.num_neighbours=2", "strategy.sd_dist.num_candidates=3",
+      "training.local_epochs=1", "reference.size=100")
+
+
+def _start(cfg, grid, rounds=2, strategy=None):
+    strategy = strategy or build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports = []
+    strategy.start(grid=grid, num_rounds=rounds, on_round_end=reports.append)
+    return strategy, reports
+
+
+
+
+def test_only_reference_predictions_and_scalars_leave_a_device(tmp_path):
+    cfg = small_config(tmp_path, *SD)
+    grid = InProcessGrid(4)
+    strategy, reports = _start(cfg, grid, rounds=2)
+    fed = build_federation(cfg)
+    r, c = len(fed.reference), fed.num_classes
+    kinds = {t.message.metadata.message_type for t in grid.traffic}
+    assert kinds == {P.SETUP, P.TRAIN_REFERENCE_DISTILL, P.EVALUATE}
+    for t in grid.traffic:
+        assert t.reply is not None and not t.reply.has_error(), t.reply.error if t.reply else "no reply"
+        content = t.reply.content
+        kind = t.message.metadata.message_type
+        if kind == P.SETUP:
+            assert set(content.keys()) == {P.METRICS, P.DEVICE}
+            assert set(content[P.DEVICE].keys()) == {"architecture"}
+        elif kind == P.EVALUATE:
+            assert set(content.keys()) == {P.METRICS}
+        else:
+            assert set(content.keys()) == {P.METRICS, P.PREDICTIONS}
+            arrays = content[P.PREDICTIONS]
+            assert list(arrays.keys()) == [P.REFERENCE_LOGITS]
+            assert tuple(arrays[P.REFERENCE_LOGITS].shape) == (r, c), "one row per reference sample, nothing else"
+        for record in content.metric_records.values():
+            assert all(isinstance(v, (int, float)) for v in record.values())
+    # and what goes down: a config and, after warm-up, R x C targets
+    for t in grid.traffic:
+        if t.message.metadata.message_type == P.TRAIN_REFERENCE_DISTILL:
+            keys = set(t.message.content.keys())
+            assert keys <= {P.CONFIG, P.TARGETS}
+            if P.TARGETS in keys:
+                assert tuple(t.message.content[P.TARGETS][P.REFERENCE_LOGITS].shape) == (r, c)
+    # second round distils: targets went to every device
+    assert reports[1].metrics["distilled_devices"] == 4
+    assert reports[1].metrics["bytes_up_per_device"] < 2 * r * c + 1000
+
+
+def test_distillation_rounds_report_neighbours_and_churn(tmp_path):
+    cfg = small_config(tmp_path, *SD)
+    strategy, reports = _start(cfg, InProcessGrid(4), rounds=3)
+    assert isinstance(strategy, SDDist)
+    assert reports[0].metrics.get("neighbour_distance_mean") is None  # warm-up
+    for report in reports[1:]:
+        assert report.metrics["neighbour_distance_mean"] > 0
+        assert 0.0 <= report.metrics["neighbour_churn"] <= 1.0
+        for device, row in report.devices.items():
+            assert device not in row["neighbours"] and 1 <= len(row["neighbours"]) <= 2
+    assert reports[1].metrics["neighbour_churn"] == 1.0  # first choice counts as a change
+    files = strategy.write_artifacts(tmp_path)
+    assert [f.name for f in files] == ["similarity.png"] and files[0].is_file()
+
+
+def _replace_predictions(value):
+    def fault(reply: Message) -> Message:
+        if reply.has_error() or P.PREDICTIONS not in reply.content:
+            return reply
+        content = RecordDict(dict(reply.content.items()))
+        content[P.PREDICTIONS] = ArrayRecord({P.REFERENCE_LOGITS: Array(value(reply))})
+        return Message(content=content, metadata=reply.metadata)
+
+    return fault
+
+
+def _nan(reply):
+    a = reply.content[P.PREDICTIONS][P.REFERENCE_LOGITS].numpy().astype(np.float32)
+    a[0, 0] = np.nan
+    return a
+
+
+def _wrong_shape(reply):
+    return reply.content[P.PREDICTIONS][P.REFERENCE_LOGITS].numpy()[:-1]
+
+
+@pytest.mark.parametrize(("fault", "reason"), [(_nan, "NaN"), (_wrong_shape, "shape"), ("drop", "no reply"),
+                                               ("error", "crash")])
+def test_a_bad_device_is_left_out_and_never_corrupts_others(tmp_path, fault, reason):
+    cfg = small_config(tmp_path, *SD)
+    grid = InProcessGrid(4)
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    strategy.setup_devices(grid, block=True)
+    bad = grid.node_ids[2]
+    grid.faults[bad] = "drop" if fault == "drop" else "error" if fault == "error" else _replace_predictions(fault)
+    _, reports = _start(cfg, grid, rounds=3, strategy=strategy)
+    assert 2 not in strategy.predictions, "a bad reply never enters the record"
+    for report in reports:
+        assert any(f["device"] == 2 and reason in f["reason"] for f in report.failures)
+        assert report.trained == 3
+    for device, row in reports[-1].devices.items():
+        assert 2 not in row.get("neighbours", []), "nobody learns from the bad device"
+    for t in grid.traffic:
+        targets = t.message.content.array_records.get(P.TARGETS)
+        if targets is not None:
+            assert np.isfinite(targets[P.REFERENCE_LOGITS].numpy()).all()
+    assert not math.isnan(reports[-1].metrics["personalised_accuracy_mean"])
+
+
+def test_late_joiner_gets_targets_once_it_has_predictions_on_record(tmp_path):
+    cfg = small_config(tmp_path, *SD)
+    grid = InProcessGrid(4)
+    late = grid.node_ids[3]
+    grid.connected.discard(late)
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    strategy.setup_devices(grid, block=True)  # starts with 3 of 4
+    strategy.num_devices = 3
+    state = {"round": 0}
+
+    def join(report):
+        state["round"] = report.round
+        if report.round == 1:
+            grid.connected.add(late)
+
+    strategy.start(grid=grid, num_rounds=3, on_round_end=join)
+    to_late = [t.message for t in grid.traffic
+               if t.message.metadata.dst_node_id == late and t.message.metadata.message_type == P.TRAIN_REFERENCE_DISTILL]
+    assert len(to_late) == 2  # rounds 2 and 3
+    assert P.TARGETS not in to_late[0].content  # round 2: nothing on record yet, trains locally
+    assert P.TARGETS in to_late[1].content  # round 3: has predictions on record
+
+
+def test_unsampled_devices_keep_their_predictions_on_record(tmp_path):
+    cfg = small_config(tmp_path, *SD, "strategy.fraction_train=0.5")
+    strategy, reports = _start(cfg, InProcessGrid(4), rounds=3)
+    assert all(r.trained == 2 for r in reports)
+    assert len(strategy.predictions) == 4  # sampled at different rounds, all still on record
+
+
+def test_device_side_selection_keeps_the_graph_off_the_server(tmp_path):
+    cfg = small_config(tmp_path, *SD, "strategy.sd_dist.neighbour_selection=device")
+    grid = InProcessGrid(4)
+    strategy, reports = _start(cfg, grid, rounds=3)
+    assert strategy.neighbours == {} and strategy.last_distance is None
+    assert strategy.write_artifacts(tmp_path) == []
+    round3 = [t.message for t in grid.traffic if t.message.metadata.message_type == P.TRAIN_REFERENCE_DISTILL][-4:]
+    for message in round3:
+        assert P.TARGETS not in message.content and P.POPULATION in message.content
+        ids = message.content[P.POPULATION][P.DEVICE_IDS].numpy()
+        assert sorted(ids.tolist()) == [0, 1, 2, 3]
+    assert reports[-1].metrics["neighbour_distance_mean"] > 0
+    assert reports[-1].metrics["distilled_devices"] == 4
+
+
+def test_fedmd_targets_are_the_population_average(tmp_path):
+    cfg = small_config(tmp_path, *SD, "strategy=fedmd", "strategy.kd.mix=logits")
+    grid = InProcessGrid(3)
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    assert isinstance(strategy, FedMD)
+    _start(cfg, grid, rounds=1, strategy=strategy)
+    ids, logits = strategy.population()
+    strategy.before_train(2, list(strategy.devices))
+    expected = logits.mean(0)
+    for device in ids:
+        assert torch.allclose(strategy._targets[device], expected, atol=1e-5)
+
+
+def test_strategy_rejects_bad_arguments_by_name():
+    with pytest.raises(ValueError, match="neighbour_rule"):
+        SDDist(num_reference=10, num_classes=3, neighbour_rule="closest")
+    with pytest.raises(ValueError, match="precision"):
+        SDDist(num_reference=10, num_classes=3, precision="int4")
+    with pytest.raises(ValueError, match="reference_labels"):
+        SDDist(num_reference=10, num_classes=3, reference_labels=torch.zeros(9, dtype=torch.long))
