@@ -281,6 +281,7 @@ def train_reference_distill(message: Message, context: Context) -> Message:
                 temperature=float(config.get("temperature", 3.0)),  # type: ignore[arg-type]
                 reference_batch_size=int(config.get("reference-batch-size", 0)),  # type: ignore[arg-type]
                 kd_scale=float(config.get("kd-scale", 1.0)),  # type: ignore[arg-type]
+                min_steps=int(config.get("min-steps", 0)),  # type: ignore[arg-type]
             )
         metrics.update(extra)
         metrics["distilled"] = float(target is not None)

@@ -19,7 +19,7 @@ from torch import nn
 from hetkd.config import HetkdConfig, TrainingConfig
 from hetkd.data import DataView, DeviceData, build_federation
 from hetkd.distill.losses import ReferenceKD
-from hetkd.models import assign_architectures, build_model, count_parameters
+from hetkd.models import assign_architectures, build_model, count_parameters, state_bytes
 from hetkd.training import (
     LossFn,
     cross_entropy_step,
@@ -111,7 +111,7 @@ class DistillClient:
             "num-train": len(self.data.train),
             "num-test": len(self.data.test),
             "num-params": num_params,
-            "model-bytes": sum(t.numel() * t.element_size() for t in self.model.state_dict().values()),
+            "model-bytes": state_bytes(self.model),
         }
 
     # ----------------------------------------------------------------- persistence
@@ -145,20 +145,23 @@ class DistillClient:
         server_round: int,
         epochs: int | None = None,
         loss_fn: LossFn = cross_entropy_step,
+        min_steps: int = 0,
     ) -> dict[str, float]:
         """Train on the private data for ``epochs`` (default ``training.local_epochs``).
 
         ``loss_fn(model, x, y)`` is the loss of one private batch; distillation
-        strategies pass one that adds their term. Shuffling and dropout are
-        seeded by (run seed, device, round), so results do not depend on
-        scheduling.
+        strategies pass one that adds their term. An epoch takes at least
+        ``min_steps`` optimisation steps, passing over the private data again
+        if needed (so a device with very little data still takes enough
+        distillation steps). Shuffling and dropout are seeded by (run seed,
+        device, round), so results do not depend on scheduling.
         """
         epochs = self.training.local_epochs if epochs is None else epochs
         start = time.perf_counter()
         losses, seen = [], 0
         with seeded(self.seed, "train", self.device_id, server_round) as generator:
             for _ in range(epochs):
-                batches = self.data.train.batches(self.training.batch_size, shuffle=True, generator=generator)
+                batches = self._epoch_batches(generator, min_steps)
                 loss, n = train_epoch(self.model, self.optimizer, batches, loss_fn, self.torch_device)
                 if n:
                     losses.append(loss)
@@ -171,6 +174,16 @@ class DistillClient:
             "train-seconds": time.perf_counter() - start,
         }
 
+    def _epoch_batches(self, generator: torch.Generator, min_steps: int):
+        """Shuffled private batches: one pass, repeated until ``min_steps`` batches."""
+        steps = 0
+        while True:
+            for batch in self.data.train.batches(self.training.batch_size, shuffle=True, generator=generator):
+                steps += 1
+                yield batch
+            if steps == 0 or steps >= min_steps:
+                return
+
     def fit_towards(
         self,
         server_round: int,
@@ -180,12 +193,14 @@ class DistillClient:
         reference_batch_size: int = 0,
         epochs: int | None = None,
         kd_scale: float = 1.0,
+        min_steps: int = 0,
     ) -> dict[str, float]:
         """Train on private data while distilling towards ``target_logits`` on the reference set.
 
         ``target_logits`` has one row per reference sample. Each private batch
         is paired with ``reference_batch_size`` reference samples (0: the
-        private batch size); see :class:`hetkd.distill.ReferenceKD`.
+        private batch size); see :class:`hetkd.distill.ReferenceKD`. Each
+        epoch takes at least ``min_steps`` steps (see :meth:`fit`).
         """
         inputs = self._reference_inputs()
         if target_logits.shape[0] != len(inputs):
@@ -197,7 +212,7 @@ class DistillClient:
             inputs, target_logits, rho, temperature, reference_batch_size or self.training.batch_size, generator,
             kd_scale,
         )
-        return self.fit(server_round, epochs, loss)
+        return self.fit(server_round, epochs, loss, min_steps)
 
     def _reference_inputs(self) -> torch.Tensor:
         if self.reference is None or len(self.reference) == 0:

@@ -1,7 +1,8 @@
 """The ``hetkd`` command line.
 
     hetkd run [CONFIG] [key=value ...] [--out DIR]     one simulation, in-process
-    hetkd config [CONFIG] [key=value ...] [--flower]   print the resolved config
+    hetkd config [CONFIG] [key=value ...] [--flower]   print the resolved config (--out: also save it)
+    hetkd compare CONFIG --strategies a,b --seeds N    strategies side by side
 
 ``CONFIG`` is a YAML file (none: the defaults); ``key=value`` are dotted
 overrides (``partition.alpha=0.1``, ``models.architectures=[cnn_s,mlp_m]``,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hetkd.config import ConfigError, HetkdConfig, resolve_config, to_yaml
 from hetkd.simulations.experiment import USER_ERRORS
@@ -60,19 +62,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from hetkd.simulations.registry import check_strategy
 
     check_strategy(cfg)
-    print(to_yaml(cfg), end="")
+    text = to_yaml(cfg)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(text)
     return 0
 
 
 #: modules that add a subcommand: each defines ``add_parser(subparsers)``
-COMMAND_MODULES: tuple[str, ...] = ("hetkd.simulations.compare",)
+COMMAND_MODULES: tuple[str, ...] = ("hetkd.simulations.compare", "hetkd.simulations.b2kd")
 
 
-def add_items_arguments(parser: argparse.ArgumentParser, out: bool = True) -> None:
+def add_items_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``[CONFIG] [key=value ...]`` and ``--out DIR`` arguments every command shares."""
     parser.add_argument("items", nargs="*", metavar="[CONFIG] [key=value]", help="YAML file and dotted overrides")
-    if out:
-        parser.add_argument("--out", metavar="DIR", help="results folder (default outputs/<run-name>/)")
+    parser.add_argument("--out", metavar="DIR", help="results folder (default outputs/<run-name>/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("config", help="print the resolved config (or the pyproject run-config table)")
-    add_items_arguments(p, out=False)
+    add_items_arguments(p)
     p.add_argument("--flower", action="store_true", help="print [tool.flwr.app.config] for pyproject.toml")
     p.set_defaults(func=_cmd_config)
     for module in COMMAND_MODULES:

@@ -111,6 +111,11 @@ def compare(cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path
         table[name] = {key: _stats([r.get(key) for r in runs]) for key, _, _ in FIGURES}
         table[name]["run_dirs"] = [r["out_dir"] for r in runs]
         table[name]["largest_model_bytes"] = max((r.get("largest_model_bytes") or 0 for r in runs), default=0)
+        zoo = next((r["zoo_largest_model"] for r in runs if r.get("zoo_largest_model")), None)
+        table[name]["zoo_largest_model"] = zoo
+        sent = table[name]["bytes_per_device_per_round"]["mean"]
+        # what this strategy sends per device per round, against FedAvg with the zoo's largest model
+        table[name]["bytes_fraction_of_fedavg_zoo_largest"] = sent / (2 * zoo["bytes"]) if sent and zoo else None
     payload = {"seeds": seeds, "strategies": table, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / "compare.md").write_text(_markdown(table, seeds))
@@ -135,9 +140,18 @@ def _markdown(table: dict[str, Any], seeds: list[int]) -> str:
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(_cell(row[key], frac) for key, _, frac in FIGURES) + " |")
     largest = max((row.get("largest_model_bytes") or 0 for row in table.values()), default=0)
+    zoo = next((row["zoo_largest_model"] for row in table.values() if row.get("zoo_largest_model")), None)
+    if largest or zoo:
+        lines += ["", "For scale, FedAvg moves a model's weights down and up every round:"]
     if largest:
-        lines += ["", f"For scale: FedAvg with the largest model of this zoo ({largest:,} bytes of weights) "
-                      f"would move about {2 * largest:,} bytes per device per round (weights down and up)."]
+        lines.append(f"- with the largest model in these runs: {2 * largest:,} bytes per device per round;")
+    if zoo:
+        lines.append(f"- with the largest model of the zoo for this data ({zoo['architecture']}): "
+                     f"{2 * zoo['bytes']:,} bytes per device per round.")
+        shares = [f"{name} {100 * row['bytes_fraction_of_fedavg_zoo_largest']:.2f}%" for name, row in table.items()
+                  if row.get("bytes_fraction_of_fedavg_zoo_largest")]
+        if shares:
+            lines.append("Bytes per device per round as a share of the latter: " + ", ".join(shares) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.data import DatasetUnavailableError, Federation, PartitionError, build_federation
-from hetkd.models import ModelError, assign_architectures, build_model
+from hetkd.models import ModelError, assign_architectures, build_model, largest_architecture
 from hetkd.results import RunRecorder, subset_accuracy
 from hetkd.simulations.registry import CENTRAL, build_strategy, check_strategy, initial_arrays
 
@@ -106,7 +106,16 @@ def run_on_grid(grid: Grid, run: PreparedRun) -> dict[str, Any]:
         for info in strategy.devices.values()
     }
     largest = max((d["model_bytes"] for d in devices.values()), default=0)
-    return recorder.finish(run_facts(cfg, summary, recorder.rows) | {"largest_model_bytes": largest, "devices": devices})
+    zoo_name, zoo_bytes = largest_architecture(run.federation.input_shape, run.federation.num_classes)
+    return recorder.finish(
+        run_facts(cfg, summary, recorder.rows)
+        | {
+            "largest_model_bytes": largest,
+            # the zoo's largest model for this data: what one FedAvg transfer could cost
+            "zoo_largest_model": {"architecture": zoo_name, "bytes": zoo_bytes},
+            "devices": devices,
+        }
+    )
 
 
 def run_facts(cfg: HetkdConfig, federation_summary: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

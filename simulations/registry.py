@@ -54,6 +54,7 @@ def _exchange(cfg: HetkdConfig, federation: Federation, device_config: str) -> d
         "warmup_rounds": kd.warmup_rounds,
         "mix": kd.mix,
         "t_squared": kd.t_squared,
+        "min_steps": kd.min_steps,
     }
 
 

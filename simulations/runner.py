@@ -59,6 +59,9 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
     summaries: list[dict[str, Any]] = []
     server_app = make_server_app(prepared.cfg, on_finish=summaries.append)
     started_ray = not ray.is_initialized()
+    # Flower's Ray backend writes this process's sys.path into PYTHONPATH (for its
+    # workers); put the caller's value back so later subprocesses are unaffected
+    pythonpath = os.environ.get("PYTHONPATH")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -79,6 +82,10 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
         flwr_logger.removeFilter(notice_filter)
         if started_ray and ray.is_initialized():
             ray.shutdown()
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     if not summaries:
         raise RuntimeError(f"the simulation ended without a summary; see {prepared.cfg.output.dir}")
     return summaries[0]

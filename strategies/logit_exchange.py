@@ -60,6 +60,9 @@ class LogitExchange(DeviceStrategy):
         temperature-softened distributions; see :func:`hetkd.distill.mix_targets`).
     t_squared : bool
         Scale the KD term by T² (Hinton et al.); ``False`` follows SD-Dist's code.
+    min_steps : int
+        Each local epoch takes at least this many steps, repeating the private
+        data when it is small (0: one pass over it, as in the paper).
 
     The defaults are the SD-Dist paper's (ρ = 0.9, T = 3, logit mean, no T²,
     float32); ``hetkd run`` configs use their own, see
@@ -83,6 +86,7 @@ class LogitExchange(DeviceStrategy):
         warmup_rounds: int = 1,
         mix: str = "logits",
         t_squared: bool = False,
+        min_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -112,6 +116,9 @@ class LogitExchange(DeviceStrategy):
         self.warmup_rounds = warmup_rounds
         self.mix = mix
         self.t_squared = t_squared
+        if min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {min_steps}")
+        self.min_steps = min_steps
         #: device id -> its latest reference log-probabilities, (R, C)
         self.predictions: dict[int, torch.Tensor] = {}
         self._targets: dict[int, torch.Tensor] = {}
@@ -165,6 +172,7 @@ class LogitExchange(DeviceStrategy):
             "precision": self.precision,
             "mix": self.mix,
             "kd-scale": self.temperature**2 if self.t_squared else 1.0,
+            "min-steps": self.min_steps,
         }
 
     def train_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:

@@ -49,7 +49,9 @@ def _check_run_folder(out: Path, rounds: int) -> list[dict]:
 )
 def test_two_round_simulation_writes_results_and_learns(tmp_path, overrides):
     cfg = small_config(tmp_path, *overrides, "output.plots=true", "training.local_epochs=5", devices=4)
+    pythonpath = os.environ.get("PYTHONPATH")
     summary = run(cfg)
+    assert os.environ.get("PYTHONPATH") == pythonpath, "the run must leave the caller's environment as it was"
     out = Path(summary["out_dir"])
     rows = _check_run_folder(out, 2)
     assert summary["final_personalised_accuracy_mean"] > 0.3, "10 classes: chance is 0.1"
@@ -144,5 +146,8 @@ def test_compare_writes_json_markdown_and_plot(tmp_path):
     assert table["central"]["final_global_accuracy_mean"]["mean"] > 0.5
     assert table["central"]["bytes_per_device_per_round"]["mean"] == 0
     assert table["sd-dist"]["bytes_per_device_per_round"]["mean"] > table["local"]["bytes_per_device_per_round"]["mean"]
+    # the communication claim: predictions cost far under 1 % of FedAvg with the zoo's largest model
+    assert table["sd-dist"]["zoo_largest_model"]["architecture"] == "resnet32"
+    assert 0 < table["sd-dist"]["bytes_fraction_of_fedavg_zoo_largest"] < 0.01
     text = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| sd-dist |" in text and "± " in text
+    assert "| sd-dist |" in text and "± " in text and "resnet32" in text

@@ -92,3 +92,15 @@ def test_bring_your_own_model_by_dotted_path():
         build_model("tests.test_models:not_a_model", (1, 8, 8), 10)
     with pytest.raises(ModelError, match="cannot import"):
         build_model("no_such_module_xyz:factory", (1, 8, 8), 10)
+
+
+def test_largest_architecture_is_the_biggest_state_that_fits_the_data():
+    from hetkd.models import available_architectures, largest_architecture, state_bytes
+
+    name, size = largest_architecture((1, 8, 8), 10)
+    assert name == "resnet32"
+    assert size == state_bytes(build_model("resnet32", (1, 8, 8), 10))
+    for other in ("cnn_l", "resnet20", "mlp_l"):
+        assert state_bytes(build_model(other, (1, 8, 8), 10)) < size
+    signal_name, _ = largest_architecture((1, 40), 10)
+    assert signal_name in available_architectures("signal")

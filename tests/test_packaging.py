@@ -51,7 +51,8 @@ def test_subpackages_import_under_hetkd_from_their_top_level_folders():
 
 def test_no_generic_top_level_modules_are_importable(tmp_path):
     code = "import importlib.util as u; print([m for m in ('strategies','clients','simulations','configs') if u.find_spec(m)])"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    # -I: only what the installation provides (no PYTHONPATH, no working directory)
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 

@@ -44,6 +44,8 @@ __all__ = [
     "TrainingConfig",
     "SimulationConfig",
     "OutputConfig",
+    "MEKDConfig",
+    "B2KDConfig",
     "HetkdConfig",
     "FLOWER_ALIASES",
     "resolve_config",
@@ -156,7 +158,10 @@ class ReferenceKDConfig:
     (the mean of their softened distributions, robust to label skew).
     Predictions travel as log-probabilities at ``precision`` (``float32``,
     ``float16`` or ``uint8``). The first ``warmup_rounds`` rounds are local
-    training only.
+    training only. A local epoch takes at least ``min_steps`` steps, passing
+    over the private data again when it is small (0: one pass, as in the
+    paper); the default 10 is about one pass over a 300-sample reference set
+    at batch size 32, so devices with a few samples still distil.
 
     The paper ran ρ = 0.9 without T² for ~1000 one-epoch rounds; for runs of
     tens of rounds we default to ρ = 0.3 with T² (a KD weight of 3.9 against
@@ -171,6 +176,7 @@ class ReferenceKDConfig:
     warmup_rounds: int = 1
     mix: str = "probs"
     t_squared: bool = True
+    min_steps: int = 10
 
 
 @dataclass
@@ -270,6 +276,84 @@ class OutputConfig:
 
 
 @dataclass
+class MEKDConfig:
+    """MEKD's hyperparameters (Ma et al., CVPR 2024), shared by ``hetkd b2kd`` and the MEKD strategy.
+
+    ``response``: what a teacher answers with: ``soft`` (probabilities),
+    ``hard`` (one-hot labels) or ``logits``. Distillation minimises
+    ``w_f · dist(G(s/generator_temperature), G(t/generator_temperature)) +
+    w_kl · T · KL(t/T ‖ s/T)`` with ``T = temperature`` and ``distance`` ``l1``
+    or ``l2``, for ``distill_steps`` SGD updates on ``distill_batch_size``
+    synthetic inputs (``distill_lr``, ``distill_momentum``,
+    ``distill_weight_decay``; the rate is multiplied by ``lr_gamma`` at each
+    fraction of the steps in ``lr_milestones``). Deprivatization runs
+    ``gan_steps`` D-then-G updates on ``gan_batch_size`` proxy inputs with Adam
+    (``gan_lr_generator``, ``gan_lr_discriminator``, betas ``gan_beta1``,
+    ``gan_beta2``); ``w_info`` weighs the information term and
+    ``generator_width`` is G's first feature-map width (0: by input size).
+
+    The reference uses T = T_g = 5, w_f = w_kl = 1, L1, SGD 0.1 decayed 10x at
+    1/3 and 2/3 of 240 epochs x 500 iterations of 128, and a DCGAN trained for
+    200 epochs with Adam 2e-4; see :mod:`hetkd.distill.mekd` for where we
+    differ and why.
+    """
+
+    response: str = "soft"
+    temperature: float = 5.0
+    generator_temperature: float = 5.0
+    w_f: float = 1.0
+    w_kl: float = 1.0
+    distance: str = "l1"
+    w_info: float = 0.5
+    gan_steps: int = 1500
+    gan_batch_size: int = 64
+    gan_lr_generator: float = 1e-4
+    gan_lr_discriminator: float = 4e-4
+    gan_beta1: float = 0.5
+    gan_beta2: float = 0.999
+    generator_width: int = 0
+    distill_steps: int = 1000
+    distill_batch_size: int = 128
+    distill_lr: float = 0.1
+    distill_momentum: float = 0.9
+    distill_weight_decay: float = 5e-4
+    lr_milestones: list[float] = field(default_factory=lambda: [0.33, 0.67])
+    lr_gamma: float = 0.1
+
+
+@dataclass
+class B2KDConfig:
+    """The black-box KD experiment ``hetkd b2kd``: one teacher, one student, several methods.
+
+    The ``teacher`` architecture trains for ``teacher_epochs`` on the whole
+    training pool (every device's train and test part; optimizer, learning
+    rate and batch size from ``training``), or is loaded from ``teacher_path``
+    (a ``teacher.pt`` an earlier run wrote). The proxy set is the federation's
+    reference set (``reference.*``), disjoint from the teacher's data; its
+    labels are never read. Each of ``methods`` runs for each of ``responses``
+    and each of ``seeds``; a seed fixes the ``student``'s initial weights and
+    every random draw of deprivatization and distillation, the same for every
+    method and response. Active Mixup runs ``mixup_rounds`` rounds, each
+    querying the ``mixup_queries`` least-confident of ``mixup_candidates``
+    random proxy pairs. ``workers`` processes (0: one per CPU core) run the
+    (seed, response) jobs side by side, each with ``training.num_threads``
+    threads; the numbers do not depend on it.
+    """
+
+    teacher: str = "resnet20"
+    student: str = "resnet8"
+    teacher_epochs: int = 30
+    teacher_path: str = ""
+    methods: list[str] = field(default_factory=lambda: ["mekd", "kd_generated", "kd_proxy", "active_mixup"])
+    responses: list[str] = field(default_factory=lambda: ["soft", "hard"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    mixup_rounds: int = 3
+    mixup_candidates: int = 2000
+    mixup_queries: int = 200
+    workers: int = 1
+
+
+@dataclass
 class HetkdConfig:
     """A whole run. ``seed`` fixes partitions, initial weights and sampling."""
 
@@ -282,6 +366,8 @@ class HetkdConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    mekd: MEKDConfig = field(default_factory=MEKDConfig)
+    b2kd: B2KDConfig = field(default_factory=B2KDConfig)
 
 
 #: Flower-style run-config keys and the schema keys they stand for.
@@ -571,6 +657,7 @@ def validate_config(cfg: HetkdConfig) -> None:
            f"must be > 0, got {sim.wait_for_devices}")
     _check(s.min_devices <= sim.num_devices, "strategy.min_devices",
            f"must be <= simulation.num_devices ({sim.num_devices}), got {s.min_devices}")
+    _validate_mekd(cfg)
 
 
 def _validate_exchange(s: StrategyConfig) -> None:
@@ -586,12 +673,57 @@ def _validate_exchange(s: StrategyConfig) -> None:
     _check_choice(kd.precision, "strategy.kd.precision", PRECISIONS)
     _check(kd.warmup_rounds >= 0, "strategy.kd.warmup_rounds", f"must be >= 0, got {kd.warmup_rounds}")
     _check_choice(kd.mix, "strategy.kd.mix", MIX_SPACES)
+    _check(kd.min_steps >= 0, "strategy.kd.min_steps", f"must be >= 0, got {kd.min_steps}")
     _check(sd.num_neighbours >= 1, "strategy.sd_dist.num_neighbours", f"must be >= 1, got {sd.num_neighbours}")
     _check(sd.num_candidates >= 1, "strategy.sd_dist.num_candidates", f"must be >= 1, got {sd.num_candidates}")
     _check_choice(sd.neighbour_rule, "strategy.sd_dist.neighbour_rule", NEIGHBOUR_RULES)
     _check_choice(sd.similarity, "strategy.sd_dist.similarity", SIMILARITIES)
     _check_choice(sd.weighting, "strategy.sd_dist.weighting", WEIGHTINGS)
     _check_choice(sd.neighbour_selection, "strategy.sd_dist.neighbour_selection", NEIGHBOUR_SELECTIONS)
+
+
+def _validate_mekd(cfg: HetkdConfig) -> None:
+    """MEKD's hyperparameters (``mekd``) and the ``b2kd`` experiment's settings."""
+    from hetkd.distill.blackbox import METHODS
+    from hetkd.distill.mekd import DISTANCES, RESPONSE_KINDS
+    from hetkd.models import check_architecture
+
+    m = cfg.mekd
+    _check_choice(m.response, "mekd.response", RESPONSE_KINDS)
+    for key in ("temperature", "generator_temperature", "gan_lr_generator", "gan_lr_discriminator", "distill_lr"):
+        _check(getattr(m, key) > 0, f"mekd.{key}", f"must be > 0, got {getattr(m, key)}")
+    for key in ("w_f", "w_kl", "w_info", "distill_weight_decay"):
+        _check(getattr(m, key) >= 0, f"mekd.{key}", f"must be >= 0, got {getattr(m, key)}")
+    _check(m.w_f + m.w_kl > 0, "mekd.w_kl", "w_f and w_kl cannot both be 0")
+    _check_choice(m.distance, "mekd.distance", DISTANCES)
+    for key in ("gan_beta1", "gan_beta2", "distill_momentum"):
+        _check(0.0 <= getattr(m, key) < 1.0, f"mekd.{key}", f"must be in [0, 1), got {getattr(m, key)}")
+    _check(m.gan_steps >= 0, "mekd.gan_steps", f"must be >= 0, got {m.gan_steps}")
+    _check(m.distill_steps >= 1, "mekd.distill_steps", f"must be >= 1, got {m.distill_steps}")
+    for key in ("gan_batch_size", "distill_batch_size"):
+        _check(getattr(m, key) >= 2, f"mekd.{key}", f"must be >= 2 (BatchNorm), got {getattr(m, key)}")
+    _check(m.generator_width >= 0, "mekd.generator_width", f"must be >= 0 (0: by input size), got {m.generator_width}")
+    _check(all(0.0 < f < 1.0 for f in m.lr_milestones) and list(m.lr_milestones) == sorted(m.lr_milestones),
+           "mekd.lr_milestones", f"must be increasing fractions in (0, 1), got {list(m.lr_milestones)}")
+    _check(0.0 < m.lr_gamma <= 1.0, "mekd.lr_gamma", f"must be in (0, 1], got {m.lr_gamma}")
+
+    b = cfg.b2kd
+    check_architecture(b.teacher, "b2kd.teacher")
+    check_architecture(b.student, "b2kd.student")
+    _check(b.teacher_epochs >= 1 or bool(b.teacher_path), "b2kd.teacher_epochs",
+           f"must be >= 1 unless b2kd.teacher_path names a teacher to load, got {b.teacher_epochs}")
+    for key, values, choices in (("b2kd.methods", b.methods, sorted(METHODS)),
+                                 ("b2kd.responses", b.responses, list(RESPONSE_KINDS))):
+        _check(len(values) > 0, key, f"must list at least one of: {', '.join(choices)}")
+        for i, value in enumerate(values):
+            _check_choice(value, f"{key}[{i}]", choices)
+        _check(len(set(values)) == len(values), key, f"lists a value twice: {list(values)}")
+    _check(len(b.seeds) > 0 and len(set(b.seeds)) == len(b.seeds), "b2kd.seeds",
+           f"must list at least one seed, each once, got {list(b.seeds)}")
+    _check(b.mixup_rounds >= 0, "b2kd.mixup_rounds", f"must be >= 0, got {b.mixup_rounds}")
+    _check(1 <= b.mixup_queries <= b.mixup_candidates, "b2kd.mixup_queries",
+           f"must be in [1, b2kd.mixup_candidates={b.mixup_candidates}], got {b.mixup_queries}")
+    _check(b.workers >= 0, "b2kd.workers", f"must be >= 0 (0: one per CPU core), got {b.workers}")
 
 
 # --------------------------------------------------------------------------- output

@@ -1,7 +1,10 @@
 """Distillation math: losses, similarity between devices, generative black-box KD."""
 
+from hetkd.distill.blackbox import active_mixup, kd_on_generated, kd_on_proxy
 from hetkd.distill.codec import decode_logits, encode_logits
+from hetkd.distill.generative import make_discriminator, make_generator
 from hetkd.distill.losses import ReferenceKD, kd_kl, kd_kl_to_probs, soften
+from hetkd.distill.mekd import BlackBoxTeacher, deprivatize, distill, mapping_emulation_loss
 from hetkd.distill.similarity import (
     mix_targets,
     neighbour_weights,
@@ -12,11 +15,20 @@ from hetkd.distill.similarity import (
 )
 
 __all__ = [
+    "BlackBoxTeacher",
     "ReferenceKD",
+    "active_mixup",
     "decode_logits",
+    "deprivatize",
+    "distill",
     "encode_logits",
     "kd_kl",
     "kd_kl_to_probs",
+    "kd_on_generated",
+    "kd_on_proxy",
+    "make_discriminator",
+    "make_generator",
+    "mapping_emulation_loss",
     "mix_targets",
     "neighbour_weights",
     "pairwise_distance",

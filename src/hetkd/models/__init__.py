@@ -9,6 +9,8 @@ from hetkd.models.zoo import (
     build_model,
     check_architecture,
     count_parameters,
+    largest_architecture,
+    state_bytes,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "build_model",
     "check_architecture",
     "count_parameters",
+    "largest_architecture",
+    "state_bytes",
 ]

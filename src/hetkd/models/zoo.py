@@ -14,6 +14,7 @@ with the same signature ("bring your own model").
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ __all__ = [
     "build_model",
     "assign_architectures",
     "count_parameters",
+    "largest_architecture",
+    "state_bytes",
 ]
 
 
@@ -446,3 +449,31 @@ def assign_architectures(
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (the trainable state a FedAvg round would send)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict (parameters and buffers): what one FedAvg transfer carries."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def largest_architecture(input_shape: Sequence[int], num_classes: int) -> tuple[str, int]:
+    """``(name, state bytes)`` of the registered architecture with the largest state that
+    accepts inputs of ``input_shape``: what one weight-averaging transfer would cost at
+    most with this zoo. Builds each candidate once per shape (seconds for the torchvision
+    families); the answer is cached."""
+    return _largest_architecture(tuple(int(d) for d in input_shape), int(num_classes))
+
+
+@functools.lru_cache(maxsize=16)
+def _largest_architecture(shape: tuple[int, ...], num_classes: int) -> tuple[str, int]:
+    best: tuple[str, int] | None = None
+    for name in available_architectures():
+        try:
+            size = state_bytes(build_model(name, shape, num_classes))
+        except ModelError:
+            continue  # does not take this input shape
+        if best is None or size > best[1]:
+            best = (name, size)
+    if best is None:
+        raise ModelError(f"no registered architecture accepts inputs of shape {shape}")
+    return best

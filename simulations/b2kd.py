@@ -1,0 +1,457 @@
+"""``hetkd b2kd``: black-box KD of one teacher into one student, MEKD against baselines.
+
+    hetkd b2kd configs/experiments/b2kd_digits.yaml [key=value ...] [--out DIR]
+
+The data picture comes from :func:`hetkd.data.build_federation`:
+
+* the **teacher** trains on the whole training pool: every device's train and
+  test part (with ``simulation.num_devices=1`` and ``partition.method=iid``
+  that is one device holding the pool);
+* the **proxy set** is the federation's reference set (``reference.size``
+  inputs carved from the pool before it is partitioned, or another dataset of
+  the same shape with ``reference.source``), so it is disjoint from the
+  teacher's data; its labels are never read;
+* accuracy is measured on the **global test set**.
+
+The teacher is trained once (seed ``seed``) or loaded from
+``b2kd.teacher_path``. For every seed in ``b2kd.seeds`` and every response
+kind in ``b2kd.responses`` the command deprivatizes a generator (when a method
+needs one) and runs each of ``b2kd.methods`` from the same initial student.
+The folder (``--out``, default ``outputs/b2kd-<dataset>-<time>/``) receives
+
+* ``b2kd.json``  teacher accuracy, every method's student accuracy, its ratio
+  to the teacher's, wall seconds and teacher queries: per run and as mean and
+  std (population, ddof = 0) over seeds;
+* ``b2kd.md``    the same as a table;
+* ``samples.png`` G's samples (first seed) grouped by the teacher's label;
+* ``teacher.pt`` the teacher (reload it with ``b2kd.teacher_path=...``);
+* ``config.yaml`` the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hetkd.config import ConfigError, HetkdConfig, to_yaml
+from hetkd.data import DataView, build_federation
+from hetkd.distill.blackbox import METHODS, active_mixup, kd_on_generated, kd_on_proxy
+from hetkd.distill.generative import Generator
+from hetkd.distill.mekd import BlackBoxTeacher, DistillSettings, GanSettings, deprivatize, distill, proxy_inputs
+from hetkd.models import ModelError, build_model, count_parameters
+from hetkd.simulations.cli import add_items_arguments, config_from_args
+from hetkd.training import evaluate_accuracy, make_optimizer, seeded, train_epoch
+
+__all__ = ["add_parser", "run_b2kd", "run_job", "B2KDData", "b2kd_data", "train_teacher", "summarise", "markdown_table"]
+
+#: methods that distil on generated inputs and so need a deprivatized G
+NEEDS_GENERATOR = frozenset({"mekd", "kd_generated"})
+
+
+# --------------------------------------------------------------------------- data and teacher
+
+
+@dataclass(frozen=True)
+class B2KDData:
+    """The teacher's training data, the unlabelled proxy set and the test set."""
+
+    teacher_train: DataView
+    proxy: DataView
+    test: DataView
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.test.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.test.num_classes
+
+
+def b2kd_data(cfg: HetkdConfig) -> B2KDData:
+    """Teacher data = every device's data; proxy = the reference set; test = the global test set."""
+    fed = build_federation(cfg)
+    pool = np.concatenate([np.concatenate([d.train.indices, d.test.indices]) for d in fed.devices])
+    if len(fed.reference) < 2:
+        raise ConfigError("reference.size", f"the proxy set needs at least 2 inputs, got {len(fed.reference)}")
+    return B2KDData(fed.dataset.view(np.sort(pool)), fed.reference, fed.global_test)
+
+
+def _build(name: str, key: str, data: B2KDData) -> nn.Module:
+    try:
+        return build_model(name, data.input_shape, data.num_classes)
+    except ModelError as err:
+        raise ConfigError(key, str(err)) from None
+
+
+def train_teacher(cfg: HetkdConfig, data: B2KDData) -> nn.Module:
+    """Train ``b2kd.teacher`` on the pool for ``b2kd.teacher_epochs`` (``training`` settings, cosine decay)."""
+    with seeded("b2kd-teacher", cfg.seed) as rng:
+        model = _build(cfg.b2kd.teacher, "b2kd.teacher", data)
+        optimizer = make_optimizer(model, cfg.training)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.b2kd.teacher_epochs)
+        for _ in range(cfg.b2kd.teacher_epochs):
+            train_epoch(model, optimizer, data.teacher_train.batches(cfg.training.batch_size, True, rng))
+            schedule.step()
+    return model.eval()
+
+
+def load_teacher(cfg: HetkdConfig, data: B2KDData) -> nn.Module:
+    """The teacher saved by an earlier run at ``b2kd.teacher_path`` (checked against the config)."""
+    path = Path(cfg.b2kd.teacher_path).expanduser()
+    if not path.is_file():
+        raise ConfigError("b2kd.teacher_path", f"file '{path}' does not exist")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {"architecture": cfg.b2kd.teacher, "input_shape": list(data.input_shape),
+                "num_classes": data.num_classes}
+    for key, value in expected.items():
+        if saved.get(key) != value:
+            raise ConfigError("b2kd.teacher_path", f"'{path}' holds a teacher with {key}={saved.get(key)!r}, "
+                                                   f"but this run needs {value!r}")
+    model = _build(cfg.b2kd.teacher, "b2kd.teacher", data)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval()
+
+
+def save_teacher(model: nn.Module, cfg: HetkdConfig, data: B2KDData, path: Path) -> None:
+    torch.save({"architecture": cfg.b2kd.teacher, "input_shape": list(data.input_shape),
+                "num_classes": data.num_classes, "dataset": cfg.dataset.name,
+                "state_dict": model.state_dict()}, path)
+
+
+def _accuracy(model: nn.Module, view: DataView) -> float:
+    return float(evaluate_accuracy(model, view.batches(512))[0])
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def run_method(
+    method: str,
+    teacher: BlackBoxTeacher,
+    student: nn.Module,
+    generator: Generator | None,
+    proxy: DataView,
+    cfg: HetkdConfig,
+    seed: int,
+) -> nn.Module:
+    """Run one black-box method (a key of :data:`~hetkd.distill.blackbox.METHODS`)."""
+    settings = DistillSettings.from_config(cfg.mekd)
+    if method in NEEDS_GENERATOR and generator is None:
+        raise ValueError(f"method {method!r} needs a deprivatized generator")
+    if method == "mekd":
+        return distill(teacher, student, generator, settings=settings, seed=seed)  # type: ignore[arg-type]
+    if method == "kd_generated":
+        return kd_on_generated(teacher, student, generator, settings=settings, seed=seed)  # type: ignore[arg-type]
+    if method == "kd_proxy":
+        return kd_on_proxy(teacher, student, proxy, settings=settings, seed=seed)
+    if method == "active_mixup":
+        b = cfg.b2kd
+        return active_mixup(teacher, student, proxy, settings=settings, seed=seed, rounds=b.mixup_rounds,
+                            candidates=b.mixup_candidates, queries=b.mixup_queries)
+    raise ConfigError("b2kd.methods", f"unknown method {method!r}; valid choices: {', '.join(sorted(METHODS))}")
+
+
+# --------------------------------------------------------------------------- results
+
+
+def summarise(values: list[float]) -> dict[str, Any]:
+    """Mean, population std and the values themselves."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "values": [float(v) for v in arr]}
+
+
+def _aggregate(rows: list[dict[str, Any]], methods: list[str], responses: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for method in methods:
+        out[method] = {}
+        for response in responses:
+            mine = [r for r in rows if r["method"] == method and r["response"] == response]
+            out[method][response] = {k: summarise([r[k] for r in mine]) for k in ("accuracy", "ratio", "seconds", "queries")}
+    return out
+
+
+def _pct(summary: dict[str, Any]) -> str:
+    return f"{100 * summary['mean']:.1f} ± {100 * summary['std']:.1f}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """``b2kd.md``: teacher line, then one row per method with accuracy and ratio per response."""
+    responses = report["responses"]
+    lines = [
+        f"# Black-box KD on {report['dataset']}: {report['teacher']['architecture']} → "
+        f"{report['student']['architecture']}",
+        "",
+        f"Teacher accuracy {100 * report['teacher']['accuracy']:.2f} % on the global test set "
+        f"({report['data']['test_size']} inputs); trained on {report['data']['teacher_train_size']} inputs; "
+        f"proxy: {report['data']['proxy_size']} unlabelled inputs ({report['data']['proxy_source']}). "
+        f"Untrained student {_pct(report['student']['untrained_accuracy'])} %. "
+        f"Mean ± std (ddof = 0) over seeds {report['seeds']}.",
+        "",
+        "| method | " + " | ".join(f"{r} acc % | {r} / teacher % | {r} s" for r in responses) + " |",
+        "|---|" + "---:|---:|---:|" * len(responses),
+    ]
+    for method, by_response in report["methods"].items():
+        cells = []
+        for r in responses:
+            s = by_response[r]
+            cells += [_pct(s["accuracy"]), _pct(s["ratio"]), f"{s['seconds']['mean']:.1f}"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if report["deprivatization"]:
+        cells = []
+        for r in responses:
+            d = report["deprivatization"].get(r)
+            cells += ["", "", f"{d['seconds']['mean']:.1f}" if d else ""]
+        lines.append("| (deprivatization) | " + " | ".join(cells) + " |")
+    lines += ["", f"Wall time {report['wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plot_generator_samples(
+    generators: dict[str, Generator], teacher: nn.Module, num_classes: int, path: Path, per_class: int = 8
+) -> Path:
+    """A grid: one row per class (the teacher's label), ``per_class`` samples of each generator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = per_class * len(generators)
+    fig, axes = plt.subplots(num_classes, columns, figsize=(0.7 * columns, 0.7 * num_classes), squeeze=False)
+    for block, (name, g) in enumerate(generators.items()):
+        with seeded("b2kd-samples", name):
+            z = torch.randn(max(400, 40 * num_classes), g.latent_dim)
+        with torch.no_grad():
+            x = g.eval()(z)
+            labels = teacher.eval()(x).argmax(1)
+        low, high = float(x.min()), float(x.max())
+        for c in range(num_classes):
+            picked = x[labels == c][:per_class]
+            for k in range(per_class):
+                ax = axes[c, block * per_class + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k >= len(picked):  # the teacher gave this label to fewer samples
+                    for spine in ax.spines.values():
+                        spine.set_visible(False)
+                    continue
+                sample = picked[k]
+                if sample.dim() == 3:
+                    img = sample[0] if sample.shape[0] == 1 else sample.permute(1, 2, 0)[..., :3]
+                    ax.imshow(((img - low) / (high - low + 1e-12)).clamp(0, 1).numpy(), cmap="gray",
+                              vmin=0, vmax=1)
+                else:
+                    ax.plot(sample.reshape(-1).numpy() if sample.dim() == 1 else sample[0].numpy(), lw=0.8)
+                    ax.set_ylim(low, high)
+            axes[c, block * per_class].set_ylabel(str(c), rotation=0, labelpad=8)
+        axes[0, block * per_class].set_title(f"G ({name} responses)", loc="left", fontsize=9)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _output_dir(cfg: HetkdConfig) -> Path:
+    if cfg.output.dir:
+        return Path(cfg.output.dir).expanduser().resolve()
+    name = cfg.output.run_name or f"b2kd-{cfg.dataset.name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(cfg.output.root).expanduser().resolve() / name
+    candidate, k = out, 1
+    while candidate.exists() and not cfg.output.run_name:
+        k += 1
+        candidate = out.with_name(f"{name}-{k}")
+    return candidate
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_job(
+    cfg: HetkdConfig,
+    teacher_state: dict[str, torch.Tensor],
+    output_range: tuple[float, float],
+    seed: int,
+    response: str,
+) -> dict[str, Any]:
+    """One (seed, response) job: deprivatize G if needed, then every method from the same student.
+
+    Self-contained (it rebuilds the data and the teacher from the config and
+    the teacher's weights), so it runs alike in this process or in a worker.
+    """
+    torch.set_num_threads(cfg.training.num_threads)
+    b = cfg.b2kd
+    data = b2kd_data(cfg)
+    teacher = _build(b.teacher, "b2kd.teacher", data)
+    teacher.load_state_dict(teacher_state)
+    teacher.eval()
+    with seeded("b2kd-student", seed):
+        initial = _build(b.student, "b2kd.student", data)
+    job: dict[str, Any] = {"seed": seed, "response": response, "untrained": _accuracy(initial, data.test),
+                           "student_parameters": count_parameters(initial), "rows": [], "generation": None,
+                           "generator": None}
+    generator = None
+    if any(m in NEEDS_GENERATOR for m in b.methods):
+        oracle = BlackBoxTeacher(teacher, response)
+        t0 = time.time()
+        generator = deprivatize(oracle, data.proxy, settings=GanSettings.from_config(cfg.mekd), seed=seed,
+                                output_range=output_range, num_classes=data.num_classes)
+        job["generation"] = {"seed": seed, "response": response, "seconds": time.time() - t0,
+                             "queries": oracle.queries}
+        job["generator"] = generator
+    teacher_acc = _accuracy(teacher, data.test)
+    for method in b.methods:
+        oracle = BlackBoxTeacher(teacher, response)
+        t0 = time.time()
+        student = run_method(method, oracle, copy.deepcopy(initial), generator, data.proxy, cfg, seed)
+        seconds = time.time() - t0
+        acc = _accuracy(student, data.test)
+        job["rows"].append({"seed": seed, "response": response, "method": method, "accuracy": acc,
+                            "ratio": acc / teacher_acc if teacher_acc > 0 else float("nan"),
+                            "seconds": seconds, "queries": oracle.queries})
+    return job
+
+
+def _job_lines(job: dict[str, Any]) -> list[str]:
+    head = f"seed {job['seed']}  {job['response']:<6}"
+    lines = []
+    if job["generation"]:
+        g = job["generation"]
+        lines.append(f"{head} {'deprivatization':<16} {'':>8}   {'':>19}  {g['seconds']:6.1f} s  {g['queries']} queries")
+    for r in job["rows"]:
+        lines.append(f"{head} {r['method']:<16} {100 * r['accuracy']:6.2f} %  ({100 * r['ratio']:5.1f} % of teacher)"
+                     f"  {r['seconds']:6.1f} s  {r['queries']} queries")
+    return lines
+
+
+def _run_jobs(
+    cfg: HetkdConfig, teacher: nn.Module, output_range: tuple[float, float], console: Any
+) -> list[dict[str, Any]]:
+    """All (seed, response) jobs, in ``b2kd.workers`` processes; results in job order."""
+    from rich.progress import Progress
+
+    b = cfg.b2kd
+    state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    specs = [(seed, response) for seed in b.seeds for response in b.responses]
+    workers = min(b.workers or os.cpu_count() or 1, len(specs))
+    show_bar = cfg.output.progress and console.is_terminal and not cfg.output.quiet
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+    with Progress(console=console, transient=True, disable=not show_bar) as bar:
+        task = bar.add_task(f"b2kd ({workers} worker{'s' if workers > 1 else ''})", total=len(specs))
+        if workers <= 1:
+            for seed, response in specs:
+                done[(seed, response)] = run_job(cfg, state, output_range, seed, response)
+                for line in _job_lines(done[(seed, response)]):
+                    console.print(line)
+                bar.advance(task)
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            # spawn, not fork: a forked child of a process that already ran OpenMP threads can hang
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(run_job, cfg, state, output_range, s, r): (s, r) for s, r in specs}
+                for future in as_completed(futures):
+                    done[futures[future]] = future.result()
+                    for line in _job_lines(done[futures[future]]):
+                        console.print(line)
+                    bar.advance(task)
+    return [done[spec] for spec in specs]
+
+
+def run_b2kd(cfg: HetkdConfig) -> dict[str, Any]:
+    """Run the whole experiment; write the folder's files; return the report (``b2kd.json``)."""
+    from rich.console import Console
+
+    started = time.time()
+    console = Console(highlight=False, soft_wrap=True, quiet=cfg.output.quiet)
+    out = _output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "config.yaml", to_yaml(cfg))
+    torch.set_num_threads(cfg.training.num_threads)
+    b = cfg.b2kd
+    data = b2kd_data(cfg)
+    _build(b.student, "b2kd.student", data)  # fail before training anything if the student cannot fit
+
+    t0 = time.time()
+    teacher = load_teacher(cfg, data) if b.teacher_path else train_teacher(cfg, data)
+    teacher_seconds = time.time() - t0
+    save_teacher(teacher, cfg, data, out / "teacher.pt")
+    teacher_acc = _accuracy(teacher, data.test)
+    console.print(f"results: {out}")
+    console.print(f"teacher {b.teacher}: {100 * teacher_acc:.2f} % on {len(data.test)} test inputs "
+                  f"({'loaded' if b.teacher_path else f'trained on {len(data.teacher_train)} inputs'}, "
+                  f"{teacher_seconds:.1f} s); proxy: {len(data.proxy)} unlabelled inputs")
+
+    x_proxy = proxy_inputs(data.proxy)
+    jobs = _run_jobs(cfg, teacher, (float(x_proxy.min()), float(x_proxy.max())), console)
+    rows = [row for job in jobs for row in job["rows"]]
+    g_rows = [job["generation"] for job in jobs if job["generation"]]
+    untrained = {job["seed"]: job["untrained"] for job in jobs}
+    report: dict[str, Any] = {
+        "dataset": cfg.dataset.name,
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "data": {
+            "teacher_train_size": len(data.teacher_train),
+            "proxy_size": len(data.proxy),
+            "proxy_source": f"reference set, source={cfg.reference.source}, labels unused",
+            "test_size": len(data.test),
+        },
+        "teacher": {"architecture": b.teacher, "accuracy": teacher_acc, "seconds": teacher_seconds,
+                    "parameters": count_parameters(teacher), "loaded_from": b.teacher_path},
+        "student": {"architecture": b.student, "parameters": jobs[0]["student_parameters"],
+                    "untrained_accuracy": summarise([untrained[s] for s in b.seeds])},
+        "seeds": list(b.seeds),
+        "responses": list(b.responses),
+        "methods": _aggregate(rows, list(b.methods), list(b.responses)),
+        "deprivatization": {
+            r: {k: summarise([g[k] for g in g_rows if g["response"] == r]) for k in ("seconds", "queries")}
+            for r in b.responses if any(g["response"] == r for g in g_rows)
+        },
+        "runs": rows,
+        "deprivatization_runs": g_rows,
+        "settings": {"mekd": asdict(cfg.mekd), "b2kd": asdict(cfg.b2kd), "training": asdict(cfg.training)},
+        "workers": min(b.workers or os.cpu_count() or 1, len(jobs)),
+    }
+    first = {job["response"]: job["generator"] for job in jobs if job["seed"] == b.seeds[0] and job["generator"]}
+    if first and cfg.output.plots:
+        plot_generator_samples(first, teacher, data.num_classes, out / "samples.png")
+    report["wall_seconds"] = time.time() - started
+    _write(out / "b2kd.json", json.dumps(report, indent=1))
+    table = markdown_table(report)
+    _write(out / "b2kd.md", table)
+    console.print(table)
+    return report
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cmd_b2kd(args: argparse.Namespace) -> int:
+    run_b2kd(config_from_args(args.items, args.out))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``hetkd b2kd``."""
+    p = subparsers.add_parser(
+        "b2kd", help="black-box KD of one teacher into one student: MEKD and baselines (soft/hard responses)"
+    )
+    add_items_arguments(p)
+    p.set_defaults(func=_cmd_b2kd)
