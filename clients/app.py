@@ -8,6 +8,10 @@ Actions (message type -> what the device does -> what it replies):
 ``train.reference_distill``   train on private data + distil towards the      reference predictions
                               targets it received (or picked itself) on the   + scalar metrics
                               reference set; predict on the reference set
+``train.ensemble_distill``    train on private data + distil towards the      answers on the query
+                              ensemble's answers on last round's query;       + scalar metrics
+                              answer this round's query (reference rows or
+                              generator samples: FedDF, MEKD)
 ``train``                     FedAvg baseline: load global weights, train     weights + scalar metrics
 ``evaluate``                  own model (or given weights) on own test split  scalar metrics
                               and on the global test set
@@ -39,7 +43,10 @@ from hetkd import protocol as P
 from hetkd.clients.device import DistillClient, peak_rss_mb
 from hetkd.clients.state import make_store
 from hetkd.config import HetkdConfig, from_yaml, resolve_config
-from hetkd.distill.codec import decode_logits, encode_logits
+from hetkd.distill.codec import decode_answers, decode_logits, encode_answers, encode_logits
+from hetkd.distill.generative import Generator, make_generator
+from hetkd.distill.mekd import freeze, mapping_emulation_loss, teacher_logits
+from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.similarity import mix_targets, neighbour_plan
 from hetkd.training import derive_seed
 
@@ -287,3 +294,92 @@ def train_reference_distill(message: Message, context: Context) -> Message:
         metrics["distilled"] = float(target is not None)
         predictions = ArrayRecord({P.REFERENCE_LOGITS: Array(encode_logits(client.reference_logits(), precision))})
     return reply(message, metrics, arrays={P.PREDICTIONS: predictions}, started=started)
+
+
+GENERATOR_STATE_KEY = "hetkd.generator"
+GENERATOR_VERSION_STATE_KEY = "hetkd.generator-version"
+
+
+def _held_generator(message: Message, config: ConfigRecord, context: Context, client: DistillClient) -> Generator | None:
+    """The generator this round uses (MEKD): the weights the message carries, kept
+    in the node's state for later rounds, or the kept copy of the version the
+    server names. ``None`` when the server names no generator."""
+    version = config.get("generator-version")
+    if version is None:
+        return None
+    record = message.content.array_records.get(P.GENERATOR)
+    if record is not None:
+        context.state[GENERATOR_STATE_KEY] = record
+        context.state[GENERATOR_VERSION_STATE_KEY] = ConfigRecord({"version": int(version)})  # type: ignore[arg-type]
+    else:
+        held = context.state.get(GENERATOR_VERSION_STATE_KEY)
+        held_version = int(held["version"]) if held is not None else None  # type: ignore[index, arg-type]
+        if held_version != int(version):  # type: ignore[arg-type]
+            raise ValueError(
+                f"the server refers to generator version {version} without sending it, and this device holds "
+                f"{'none' if held_version is None else f'version {held_version}'}; it will be sent again"
+            )
+        record = context.state[GENERATOR_STATE_KEY]  # type: ignore[assignment]
+    generator = make_generator(
+        client.global_test.input_shape,
+        client.global_test.num_classes,
+        (float(config["generator-low"]), float(config["generator-high"])),  # type: ignore[arg-type]
+        int(config["generator-width"]),  # type: ignore[arg-type]
+    )
+    generator.load_state_dict(record.to_torch_state_dict())  # type: ignore[union-attr]
+    return freeze(generator)
+
+
+@app.train("ensemble_distill")
+def train_ensemble_distill(message: Message, context: Context) -> Message:
+    """Ensemble distillation (FedDF, MEKD): distil towards the ensemble's answers on the
+    previous query, then answer this round's query, and send back those answers only."""
+    started = time.perf_counter()
+    config = message_config(message)
+    server_round = int(config.get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
+    with device_session(context) as client:
+        generator = _held_generator(message, config, context, client)
+        held = {"reference_inputs": client.reference_inputs() if client.reference is not None else None,
+                "generator": generator}
+        query = QuerySpec.from_config(config, "query")
+        target_query = QuerySpec.from_config(config, "target-query")
+        targets = message.content.array_records.get(P.TARGETS)
+        if targets is not None and target_query is not None:
+            kind = str(config["target-kind"])
+            answers = decode_answers(targets[P.TARGET_RESPONSES].numpy(), kind, client.global_test.num_classes)
+            w_f = float(config.get("w-f", 0.0))  # type: ignore[arg-type]
+            settings = {
+                "temperature": float(config["temperature"]),  # type: ignore[arg-type]
+                "generator_temperature": float(config.get("generator-temperature", 1.0)),  # type: ignore[arg-type]
+                "w_f": w_f,
+                "w_kl": float(config.get("w-kl", 1.0)),  # type: ignore[arg-type]
+                "distance": str(config.get("distance", "l1")),
+            }
+            loss_generator = generator if w_f > 0 else None
+
+            def distill_loss(student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+                return mapping_emulation_loss(student_logits, target_logits, loss_generator, **settings)
+
+            metrics = client.fit_towards(
+                server_round,
+                teacher_logits(answers, kind),
+                rho=float(config.get("rho", 0.5)),  # type: ignore[arg-type]
+                temperature=settings["temperature"],  # type: ignore[arg-type]
+                reference_batch_size=int(config.get("query-batch-size", 0)),  # type: ignore[arg-type]
+                min_steps=int(config.get("min-steps", 0)),  # type: ignore[arg-type]
+                inputs=resolve_queries(target_query, **held),
+                distill_loss=distill_loss,
+            )
+            metrics["distilled"] = 1.0
+        else:
+            metrics = client.fit(server_round, min_steps=int(config.get("min-steps", 0)))  # type: ignore[arg-type]
+            metrics["distilled"] = 0.0
+        arrays: dict[str, ArrayRecord] = {}
+        if query is not None:
+            answers_now = encode_answers(
+                client.predict(resolve_queries(query, **held)),
+                str(config.get("response", "soft")),
+                str(config.get("precision", "float32")),
+            )
+            arrays[P.PREDICTIONS] = ArrayRecord({P.RESPONSES: Array(answers_now)})
+    return reply(message, metrics, arrays=arrays, started=started)

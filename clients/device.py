@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -194,34 +195,38 @@ class DistillClient:
         epochs: int | None = None,
         kd_scale: float = 1.0,
         min_steps: int = 0,
+        inputs: torch.Tensor | None = None,
+        distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """Train on private data while distilling towards ``target_logits`` on the reference set.
+        """Train on private data while distilling towards ``target_logits`` on public inputs.
 
-        ``target_logits`` has one row per reference sample. Each private batch
-        is paired with ``reference_batch_size`` reference samples (0: the
-        private batch size); see :class:`hetkd.distill.ReferenceKD`. Each
-        epoch takes at least ``min_steps`` steps (see :meth:`fit`).
+        ``inputs`` are the public inputs the targets refer to (default: the
+        reference set); ``target_logits`` has one row per input. Each private
+        batch is paired with ``reference_batch_size`` of them (0: the private
+        batch size); the distillation term is temperature-``T`` KL, or
+        ``distill_loss(student_logits, target_logits)`` when given; see
+        :class:`hetkd.distill.ReferenceKD`. Each epoch takes at least
+        ``min_steps`` steps (see :meth:`fit`).
         """
-        inputs = self._reference_inputs()
+        inputs = self.reference_inputs() if inputs is None else inputs
         if target_logits.shape[0] != len(inputs):
-            raise ValueError(
-                f"targets have {target_logits.shape[0]} rows but the reference set has {len(inputs)} samples"
-            )
+            raise ValueError(f"targets have {target_logits.shape[0]} rows but there are {len(inputs)} public inputs")
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "reference", self.device_id, server_round))
         loss = ReferenceKD(
             inputs, target_logits, rho, temperature, reference_batch_size or self.training.batch_size, generator,
-            kd_scale,
+            kd_scale, distill_loss,
         )
         return self.fit(server_round, epochs, loss, min_steps)
 
-    def _reference_inputs(self) -> torch.Tensor:
+    def reference_inputs(self) -> torch.Tensor:
+        """The public reference set's inputs (raises if this device holds none)."""
         if self.reference is None or len(self.reference) == 0:
             raise ValueError(f"device {self.device_id} holds no reference set (reference.size=0?)")
         return self.reference.base.inputs(self.reference.indices)
 
     def reference_logits(self) -> torch.Tensor:
         """The model's logits on the reference set: its "messenger", ``(R, C)``."""
-        return self.predict(self._reference_inputs())
+        return self.predict(self.reference_inputs())
 
     def evaluate(self, include_global: bool = True) -> dict[str, float]:
         """Personalised (own test split) and global (global test set) accuracy."""

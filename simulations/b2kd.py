@@ -49,6 +49,7 @@ from hetkd.distill.blackbox import METHODS, active_mixup, kd_on_generated, kd_on
 from hetkd.distill.generative import Generator
 from hetkd.distill.mekd import BlackBoxTeacher, DistillSettings, GanSettings, deprivatize, distill, proxy_inputs
 from hetkd.models import ModelError, build_model, count_parameters
+from hetkd.plots import plot_generator_samples
 from hetkd.simulations.cli import add_items_arguments, config_from_args
 from hetkd.training import evaluate_accuracy, make_optimizer, seeded, train_epoch
 
@@ -215,50 +216,6 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append("| (deprivatization) | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time {report['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)
-
-
-def plot_generator_samples(
-    generators: dict[str, Generator], teacher: nn.Module, num_classes: int, path: Path, per_class: int = 8
-) -> Path:
-    """A grid: one row per class (the teacher's label), ``per_class`` samples of each generator."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = per_class * len(generators)
-    fig, axes = plt.subplots(num_classes, columns, figsize=(0.7 * columns, 0.7 * num_classes), squeeze=False)
-    for block, (name, g) in enumerate(generators.items()):
-        with seeded("b2kd-samples", name):
-            z = torch.randn(max(400, 40 * num_classes), g.latent_dim)
-        with torch.no_grad():
-            x = g.eval()(z)
-            labels = teacher.eval()(x).argmax(1)
-        low, high = float(x.min()), float(x.max())
-        for c in range(num_classes):
-            picked = x[labels == c][:per_class]
-            for k in range(per_class):
-                ax = axes[c, block * per_class + k]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if k >= len(picked):  # the teacher gave this label to fewer samples
-                    for spine in ax.spines.values():
-                        spine.set_visible(False)
-                    continue
-                sample = picked[k]
-                if sample.dim() == 3:
-                    img = sample[0] if sample.shape[0] == 1 else sample.permute(1, 2, 0)[..., :3]
-                    ax.imshow(((img - low) / (high - low + 1e-12)).clamp(0, 1).numpy(), cmap="gray",
-                              vmin=0, vmax=1)
-                else:
-                    ax.plot(sample.reshape(-1).numpy() if sample.dim() == 1 else sample[0].numpy(), lw=0.8)
-                    ax.set_ylim(low, high)
-            axes[c, block * per_class].set_ylabel(str(c), rotation=0, labelpad=8)
-        axes[0, block * per_class].set_title(f"G ({name} responses)", loc="left", fontsize=9)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _output_dir(cfg: HetkdConfig) -> Path:

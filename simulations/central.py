@@ -18,7 +18,7 @@ import torch
 
 from hetkd.config import HetkdConfig, to_yaml
 from hetkd.data import build_federation
-from hetkd.models import assign_architectures, build_model
+from hetkd.models import ModelError, assign_architectures, build_model
 from hetkd.results import RunRecorder, accuracy_summary
 from hetkd.simulations.experiment import resolve_output, run_facts
 from hetkd.training import evaluate_accuracy, make_optimizer, resolve_device, seeded, train_epoch
@@ -27,7 +27,12 @@ __all__ = ["run_central"]
 
 
 def run_central(cfg: HetkdConfig) -> dict[str, Any]:
-    """Train each architecture centrally; record one row per ``local_epochs`` epochs."""
+    """Train each architecture centrally; record one row per ``local_epochs`` epochs.
+
+    The architecture of ``strategy.ensemble.student`` is trained too: its
+    global accuracy is the row's ``student_accuracy``, the centrally trained
+    counterpart of FedDF's and MEKD's global student.
+    """
     cfg = resolve_output(cfg)
     torch.set_num_threads(max(1, cfg.training.num_threads))
     federation = build_federation(cfg)
@@ -36,9 +41,17 @@ def run_central(cfg: HetkdConfig) -> dict[str, Any]:
     pool = federation.dataset.view(np.concatenate([d.train.indices for d in federation.devices]))
     device = resolve_device(cfg.training.device)
     models, optimizers = {}, {}
-    for arch in sorted(set(archs)):
+    # the zoo's architectures, plus the global student's (the reference for FedDF/MEKD's student)
+    student: str | None = cfg.strategy.ensemble.student
+    for arch in sorted(set(archs) | {student}):
         with seeded(cfg.seed, "central-init", arch):
-            models[arch] = build_model(arch, federation.input_shape, federation.num_classes).to(device)
+            try:
+                models[arch] = build_model(arch, federation.input_shape, federation.num_classes).to(device)
+            except ModelError:
+                if arch in archs:
+                    raise
+                student = None  # the configured student does not take this data: no student row
+                continue
         optimizers[arch] = make_optimizer(models[arch], cfg.training)
 
     fed_summary = federation.summary()
@@ -77,6 +90,7 @@ def run_central(cfg: HetkdConfig) -> dict[str, Any]:
                 "bytes_up_per_device": 0.0,
                 "bytes_down_per_device": 0.0,
                 "architecture_global_accuracy": global_acc,
+                "student_accuracy": global_acc[student] if student else None,
                 "failures": [],
                 "devices": {str(k): v for k, v in rows.items()},
             }

@@ -38,6 +38,7 @@ FIGURES = (
     ("final_personalised_accuracy_weighted", "pers. weighted", True),
     ("best_personalised_accuracy_mean", "pers. best round", True),
     ("final_global_accuracy_mean", "global", True),
+    ("final_student_accuracy", "global student", True),
     ("final_personalised_accuracy_sparse", "sparse devices", True),
     ("bytes_per_device_per_round", "bytes/device/round", False),
     ("wall_seconds", "wall s", False),

@@ -19,7 +19,7 @@ from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.data import DatasetUnavailableError, Federation, PartitionError, build_federation
 from hetkd.models import ModelError, assign_architectures, build_model, largest_architecture
 from hetkd.results import RunRecorder, subset_accuracy
-from hetkd.simulations.registry import CENTRAL, build_strategy, check_strategy, initial_arrays
+from hetkd.simulations.registry import CENTRAL, ENSEMBLE_STRATEGIES, build_strategy, check_strategy, initial_arrays
 
 __all__ = ["PreparedRun", "USER_ERRORS", "prepare", "resolve_output", "run_on_grid", "default_run_name"]
 
@@ -74,6 +74,11 @@ def prepare(cfg: HetkdConfig) -> PreparedRun:
     )
     for arch in sorted(set(archs)):
         build_model(arch, federation.input_shape, federation.num_classes)  # raises if it does not fit
+    if cfg.strategy.name in ENSEMBLE_STRATEGIES:
+        try:
+            build_model(cfg.strategy.ensemble.student, federation.input_shape, federation.num_classes)
+        except ModelError as err:
+            raise ConfigError("strategy.ensemble.student", str(err)) from None
     return PreparedRun(cfg, federation, archs, to_yaml(cfg))
 
 

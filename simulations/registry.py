@@ -15,14 +15,17 @@ from flwr.app import ArrayRecord
 
 from hetkd.config import ConfigError, HetkdConfig
 from hetkd.data import Federation
+from hetkd.distill.mekd import DistillSettings, GanSettings
 from hetkd.models import assign_architectures, build_model
-from hetkd.strategies import DeviceStrategy, FedAvg, FedMD, LocalOnly, SDDist
+from hetkd.strategies import MEKD, DeviceStrategy, FedAvg, FedDF, FedMD, LocalOnly, SDDist
 from hetkd.training import seeded
 
-__all__ = ["CENTRAL", "STRATEGIES", "StrategySpec", "build_strategy", "check_strategy", "initial_arrays"]
+__all__ = ["CENTRAL", "ENSEMBLE_STRATEGIES", "STRATEGIES", "StrategySpec", "build_strategy", "check_strategy", "initial_arrays"]
 
 #: the pooled-data upper bound: not a federated strategy, run in-process only
 CENTRAL = "central"
+#: strategies with a server-side global student (``strategy.ensemble.*``)
+ENSEMBLE_STRATEGIES = ("feddf", "mekd")
 
 
 def _common(cfg: HetkdConfig, device_config: str) -> dict[str, object]:
@@ -69,6 +72,56 @@ def _sd_dist(cfg: HetkdConfig, federation: Federation, device_config: str) -> SD
         neighbour_selection=sd.neighbour_selection,
         **_exchange(cfg, federation, device_config),  # type: ignore[arg-type]
     )
+
+
+def _ensemble(cfg: HetkdConfig, federation: Federation, device_config: str) -> dict[str, object]:
+    """The arguments FedDF and MEKD share: the student, public and test sets, the schedule."""
+    e = cfg.strategy.ensemble
+    with seeded(cfg.seed, "student-init"):
+        student = build_model(e.student, federation.input_shape, federation.num_classes)
+    test = federation.global_test
+    return {
+        **_common(cfg, device_config),
+        "num_classes": federation.num_classes,
+        "public_inputs": federation.reference.base.inputs(federation.reference.indices),
+        "student": student,
+        "global_test": (test.base.inputs(test.indices), test.base.targets(test.indices)),
+        "num_queries": e.num_queries,
+        "warmup_rounds": e.warmup_rounds,
+        "weighting": e.weighting,
+        "num_neighbours": e.num_neighbours,
+        "similarity": e.similarity,
+        "rho": e.rho,
+        "query_batch_size": e.query_batch_size,
+        "min_steps": e.min_steps,
+        "precision": e.precision,
+        "server_steps": e.server_steps,
+        "distill": DistillSettings.from_config(cfg.mekd),
+    }
+
+
+def _mekd(cfg: HetkdConfig, federation: Federation, device_config: str) -> MEKD:
+    return MEKD(
+        input_shape=federation.input_shape,
+        deprivatize_rounds=cfg.strategy.ensemble.deprivatize_rounds,
+        gan=GanSettings.from_config(cfg.mekd),
+        response=cfg.mekd.response,
+        **_ensemble(cfg, federation, device_config),  # type: ignore[arg-type]
+    )
+
+
+def _check_ensemble(cfg: HetkdConfig) -> None:
+    if cfg.reference.size < 2:
+        raise ConfigError("reference.size", f"strategy '{cfg.strategy.name}' needs a public set of at least "
+                          f"2 samples, got {cfg.reference.size}")
+    e = cfg.strategy.ensemble
+    before = e.warmup_rounds + (e.deprivatize_rounds if cfg.strategy.name == "mekd" else 0)
+    if cfg.simulation.num_rounds <= before:
+        raise ConfigError("simulation.num_rounds", f"strategy '{cfg.strategy.name}' distils only after "
+                          f"{before} round(s) of warm-up{' and deprivatization' if before > e.warmup_rounds else ''} "
+                          f"(strategy.ensemble.*); got {cfg.simulation.num_rounds} rounds")
+    if cfg.strategy.name == "mekd" and cfg.mekd.response == "logits":
+        raise ConfigError("mekd.response", "devices answer 'soft' (probabilities) or 'hard' (labels), not 'logits'")
 
 
 def _check_reference(cfg: HetkdConfig) -> None:
@@ -121,6 +174,16 @@ STRATEGIES: dict[str, StrategySpec] = {
         _sd_dist,
         "SD-Dist: each device distils from its most similar, best-scoring neighbours",
         _check_reference,
+    ),
+    "feddf": StrategySpec(
+        lambda cfg, fed, text: FedDF(**_ensemble(cfg, fed, text)),  # type: ignore[arg-type]
+        "FedDF-style: the server's student and the devices distil the devices' ensemble on reference rows",
+        _check_ensemble,
+    ),
+    "mekd": StrategySpec(
+        _mekd,
+        "MEKD: a generator emulates the devices' inverse mapping; student and devices distil through it",
+        _check_ensemble,
     ),
 }
 

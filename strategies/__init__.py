@@ -7,20 +7,26 @@ a ClientApp that answers the same actions).
 """
 
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy, MeteredGrid, RoundReport, payload_bytes
+from hetkd.strategies.ensemble_distill import EnsembleDistill
 from hetkd.strategies.fedavg import FedAvg, HeterogeneousModelsError
+from hetkd.strategies.feddf import FedDF
 from hetkd.strategies.fedmd import FedMD
 from hetkd.strategies.local_only import LocalOnly
 from hetkd.strategies.logit_exchange import LogitExchange
+from hetkd.strategies.mekd import MEKD
 from hetkd.strategies.sd_dist import SDDist
 
 __all__ = [
     "DeviceInfo",
     "DeviceStrategy",
+    "EnsembleDistill",
     "FedAvg",
+    "FedDF",
     "FedMD",
     "HeterogeneousModelsError",
     "LocalOnly",
     "LogitExchange",
+    "MEKD",
     "MeteredGrid",
     "RoundReport",
     "SDDist",

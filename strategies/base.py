@@ -252,6 +252,11 @@ class DeviceStrategy(Strategy):
         device = self.devices[node_id].device_id if node_id in self.devices else None
         self._failures.append({"device": device, "node": node_id, "phase": phase, "reason": reason})
         log(WARNING, "device %s (node %d) left out of %s: %s", device, node_id, phase, reason)
+        if device is not None:
+            self.on_device_failed(device, reason, phase)
+
+    def on_device_failed(self, device_id: int, reason: str, phase: str) -> None:
+        """Hook: a registered device was left out of ``phase`` (forget what it may have lost)."""
 
     def setup_devices(self, grid: Grid, block: bool = False) -> list[DeviceInfo]:
         """Set up nodes not yet registered; with ``block``, wait for the expected number.

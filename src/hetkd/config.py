@@ -44,6 +44,7 @@ __all__ = [
     "TrainingConfig",
     "SimulationConfig",
     "OutputConfig",
+    "EnsembleConfig",
     "MEKDConfig",
     "B2KDConfig",
     "HetkdConfig",
@@ -204,13 +205,49 @@ class SDDistConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """Ensemble distillation on query inputs (``feddf``, ``mekd``).
+
+    The server keeps a global ``student`` (a zoo architecture). After
+    ``warmup_rounds`` of local training (and, for MEKD, ``deprivatize_rounds``
+    that train the generator on the devices' answers, spreading
+    ``mekd.gan_steps`` over them), every round the devices answer on
+    ``num_queries`` query inputs (reference rows for FedDF, generator samples
+    for MEKD; MEKD answers are ``mekd.response``, soft or hard), the server
+    distils the ensemble into its student for ``server_steps`` SGD steps
+    (``mekd.distill_*`` settings, MEKD's loss; FedDF's is the KL term alone)
+    and each device distils towards its targets with weight ``rho`` beside
+    its cross-entropy, ``query_batch_size`` query inputs beside each private
+    batch (0: the batch size), at least ``min_steps`` steps per epoch.
+    Targets are the plain mean of the answers (``weighting=mean``) or, per
+    device, a similarity-weighted mix over its ``num_neighbours`` nearest
+    devices by ``similarity`` of their answers. Soft answers and targets
+    travel at ``precision``.
+    """
+
+    student: str = "resnet8"
+    warmup_rounds: int = 2
+    deprivatize_rounds: int = 5
+    num_queries: int = 1024
+    server_steps: int = 100
+    weighting: str = "mean"
+    num_neighbours: int = 5
+    similarity: str = "kl"
+    rho: float = 0.8
+    query_batch_size: int = 0
+    min_steps: int = 10
+    precision: str = "float16"
+
+
+@dataclass
 class StrategyConfig:
     """Which server-side algorithm runs, and how devices are sampled.
 
     ``fraction_train`` / ``fraction_evaluate`` of the devices take part in each
     round's training / evaluation (at least ``min_devices``). Evaluation runs
     every ``evaluate_every`` rounds and always after the last one. ``kd`` and
-    ``sd_dist`` configure the logit-exchange strategies.
+    ``sd_dist`` configure the logit-exchange strategies, ``ensemble`` the
+    ensemble-distillation ones (FedDF, MEKD).
     """
 
     name: str = "sd-dist"
@@ -220,6 +257,7 @@ class StrategyConfig:
     evaluate_every: int = 1
     kd: ReferenceKDConfig = field(default_factory=ReferenceKDConfig)
     sd_dist: SDDistConfig = field(default_factory=SDDistConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 @dataclass
@@ -631,6 +669,7 @@ def validate_config(cfg: HetkdConfig) -> None:
     _check(s.min_devices >= 1, "strategy.min_devices", f"must be >= 1, got {s.min_devices}")
     _check(s.evaluate_every >= 1, "strategy.evaluate_every", f"must be >= 1, got {s.evaluate_every}")
     _validate_exchange(s)
+    _validate_ensemble(s.ensemble)
 
     t = cfg.training
     _check(t.local_epochs >= 0, "training.local_epochs", f"must be >= 0, got {t.local_epochs}")
@@ -680,6 +719,24 @@ def _validate_exchange(s: StrategyConfig) -> None:
     _check_choice(sd.similarity, "strategy.sd_dist.similarity", SIMILARITIES)
     _check_choice(sd.weighting, "strategy.sd_dist.weighting", WEIGHTINGS)
     _check_choice(sd.neighbour_selection, "strategy.sd_dist.neighbour_selection", NEIGHBOUR_SELECTIONS)
+
+
+def _validate_ensemble(e: EnsembleConfig) -> None:
+    """The ensemble-distillation settings (``strategy.ensemble``)."""
+    from hetkd.distill.codec import PRECISIONS
+    from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS
+    from hetkd.models import check_architecture
+
+    check_architecture(e.student, "strategy.ensemble.student")
+    for key in ("warmup_rounds", "server_steps", "query_batch_size", "min_steps"):
+        _check(getattr(e, key) >= 0, f"strategy.ensemble.{key}", f"must be >= 0, got {getattr(e, key)}")
+    _check(e.deprivatize_rounds >= 1, "strategy.ensemble.deprivatize_rounds", f"must be >= 1, got {e.deprivatize_rounds}")
+    _check(e.num_queries >= 2, "strategy.ensemble.num_queries", f"must be >= 2, got {e.num_queries}")
+    _check_choice(e.weighting, "strategy.ensemble.weighting", WEIGHTINGS)
+    _check(e.num_neighbours >= 1, "strategy.ensemble.num_neighbours", f"must be >= 1, got {e.num_neighbours}")
+    _check_choice(e.similarity, "strategy.ensemble.similarity", SIMILARITIES)
+    _check(0.0 <= e.rho <= 1.0, "strategy.ensemble.rho", f"must be in [0, 1], got {e.rho}")
+    _check_choice(e.precision, "strategy.ensemble.precision", PRECISIONS)
 
 
 def _validate_mekd(cfg: HetkdConfig) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_accuracy", "plot_curves", "plot_matrix"]
+__all__ = ["plot_accuracy", "plot_curves", "plot_matrix", "plot_generator_samples"]
 
 
 def _pyplot():
@@ -47,12 +47,15 @@ def plot_curves(
 
 
 def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Personalised (mean, worst 10%) and global accuracy per round of one run."""
+    """Personalised (mean, worst 10%) and global accuracy per round of one run
+    (and the server's global student, where there is one)."""
     keys = {
         "personalised (mean)": "personalised_accuracy_mean",
         "personalised (worst 10%)": "personalised_accuracy_worst10",
         "global (mean)": "global_accuracy_mean",
     }
+    if any(r.get("student_accuracy") is not None for r in rows):
+        keys["global student (server)"] = "student_accuracy"
     curves = {name: [(r["round"], r.get(key)) for r in rows] for name, key in keys.items()}
     return plot_curves(curves, path, title="accuracy per round")
 
@@ -74,5 +77,61 @@ def plot_matrix(matrix, labels: Sequence[str], path: str | Path, title: str = ""
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_generator_samples(
+    generators: Mapping[str, Any],
+    labeller: Callable[[Any], Any],
+    num_classes: int,
+    path: str | Path,
+    per_class: int = 8,
+    title: str = "G ({name} responses)",
+) -> Path:
+    """A grid: one row per class (as ``labeller`` labels them), ``per_class`` samples of each generator.
+
+    ``generators`` maps a name to a generator (latent size = ``num_classes``);
+    ``labeller`` is a model (a teacher, a global student) returning logits.
+    """
+    import torch
+
+    from hetkd.training import seeded
+
+    plt = _pyplot()
+
+    columns = per_class * len(generators)
+    fig, axes = plt.subplots(num_classes, columns, figsize=(0.7 * columns, 0.7 * num_classes), squeeze=False)
+    for block, (name, g) in enumerate(generators.items()):
+        with seeded("b2kd-samples", name):
+            z = torch.randn(max(400, 40 * num_classes), g.latent_dim)
+        with torch.no_grad():
+            x = g.eval()(z)
+            if hasattr(labeller, "eval"):
+                labeller.eval()
+            labels = labeller(x).argmax(1)
+        low, high = float(x.min()), float(x.max())
+        for c in range(num_classes):
+            picked = x[labels == c][:per_class]
+            for k in range(per_class):
+                ax = axes[c, block * per_class + k]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if k >= len(picked):  # the teacher gave this label to fewer samples
+                    for spine in ax.spines.values():
+                        spine.set_visible(False)
+                    continue
+                sample = picked[k]
+                if sample.dim() == 3:
+                    img = sample[0] if sample.shape[0] == 1 else sample.permute(1, 2, 0)[..., :3]
+                    ax.imshow(((img - low) / (high - low + 1e-12)).clamp(0, 1).numpy(), cmap="gray",
+                              vmin=0, vmax=1)
+                else:
+                    ax.plot(sample.reshape(-1).numpy() if sample.dim() == 1 else sample[0].numpy(), lw=0.8)
+                    ax.set_ylim(low, high)
+            axes[c, block * per_class].set_ylabel(str(c), rotation=0, labelpad=8)
+        axes[0, block * per_class].set_title(title.format(name=name), loc="left", fontsize=9)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

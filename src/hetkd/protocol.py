@@ -11,6 +11,7 @@ SETUP = "query.setup"
 TRAIN_LOCAL = "train.local"
 TRAIN_FEDAVG = "train"
 TRAIN_REFERENCE_DISTILL = "train.reference_distill"
+TRAIN_ENSEMBLE_DISTILL = "train.ensemble_distill"
 EVALUATE = "evaluate"
 
 # record keys
@@ -21,11 +22,22 @@ ARRAYS = "arrays"  # ArrayRecord of weights: FedAvg only
 TARGETS = "targets"  # ArrayRecord, server -> device: this device's target logits
 POPULATION = "population"  # ArrayRecord, server -> device: everyone's predictions (device-side selection)
 PREDICTIONS = "predictions"  # ArrayRecord, device -> server: predictions on public inputs
+GENERATOR = "generator"  # ArrayRecord, server -> device: G's weights (MEKD), sent when they changed
 
 # array keys
 REFERENCE_LOGITS = "reference-logits"
 DEVICE_IDS = "device-ids"
 QUALITY = "quality"
+RESPONSES = "responses"  # soft answers on query inputs, encoded log-probabilities (N x C)
+LABELS = "labels"  # hard answers on query inputs: class indices only (N,)
+TARGET_RESPONSES = "target-responses"  # ensemble answers on last round's queries (N x C or N,)
+
+# config keys of a query (which public inputs to answer on)
+QUERY_SOURCE = "query-source"  # "reference" (indices into the reference set) or "generator" (G(z))
+QUERY_SEED = "query-seed"
+QUERY_COUNT = "query-count"
+TARGET_QUERY_SEED = "target-query-seed"  # the query the targets refer to
+TARGET_QUERY_COUNT = "target-query-count"
 
 # config keys
 RUN_CONFIG_YAML = "hetkd-config"
@@ -34,6 +46,7 @@ SERVER_ROUND = "server-round"
 #: records a device may send to the server, by strategy family
 DEVICE_TO_SERVER = {
     "logit-exchange": {METRICS, PREDICTIONS},
+    "ensemble-distill": {METRICS, PREDICTIONS},
     "local": {METRICS},
     "setup": {METRICS, DEVICE},
     "fedavg": {METRICS, ARRAYS},

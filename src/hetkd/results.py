@@ -123,6 +123,10 @@ def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[f"final_{key}"] = values[-1] if values else None
         if not key.endswith("_std"):
             out[f"best_{key}"] = max(values) if values else None
+    student = [r["student_accuracy"] for r in rows if r.get("student_accuracy") is not None]
+    if student:  # the server's global student (ensemble-distillation strategies)
+        out["final_student_accuracy"] = student[-1]
+        out["best_student_accuracy"] = max(student)
     for key in ("bytes_up_per_device", "bytes_down_per_device"):
         values = [r[key] for r in rows if r.get(key) is not None]
         out[f"mean_{key}_per_round"] = float(np.mean(values)) if values else None
@@ -236,8 +240,10 @@ class RunRecorder:
         glob = summary.get("final_global_accuracy_mean")
         if self.quiet:
             return summary
+        student = summary.get("final_student_accuracy")
         self.console.print(
             f"final: personalised {_pct(fin)}  global {_pct(glob)}  "
-            f"wall {summary['wall_seconds']:.1f}s  results in {self.out_dir}"
+            + (f"global student {_pct(student)}  " if student is not None else "")
+            + f"wall {summary['wall_seconds']:.1f}s  results in {self.out_dir}"
         )
         return summary

@@ -172,25 +172,17 @@ def _num_halvings(side: int, most: int = 4) -> int:
     return max(1, min(most, math.ceil(math.log2(side)) if side > 1 else 1))
 
 
-class ImageDiscriminator(Discriminator):
-    """DCGAN discriminator: stride-2 conv blocks (LeakyReLU, channel dropout), linear head.
+class _StridedConvDiscriminator(Discriminator):
+    """Stride-2 conv blocks (LeakyReLU, channel dropout) down to about one pixel, and a linear head."""
 
-    Unlike the reference, no BatchNorm: D sees all-real and all-fake batches
-    separately, and BatchNorm over such a batch normalises away exactly the
-    batch-level statistics that tell them apart. On 8x8 inputs the last map is
-    1x1, so D's mean logit was the same for real and fake batches; D stayed at
-    ``log 4`` loss and G collapsed to one class. Per-sample layers avoid that.
-    """
-
-    def __init__(self, input_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64, 128)) -> None:
+    def __init__(self, input_shape: Sequence[int], widths: Sequence[int], conv: type[nn.Module],
+                 dropout: type[nn.Module], side: int) -> None:
         super().__init__()
         self.input_shape = tuple(int(d) for d in input_shape)
-        blocks = _num_halvings(min(self.input_shape[1:]), len(widths))
         layers: list[nn.Module] = []
         c_in = self.input_shape[0]
-        for c_out in widths[:blocks]:
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True),
-                       nn.Dropout2d(0.25)]
+        for c_out in widths[: _num_halvings(side, len(widths))]:
+            layers += [conv(c_in, c_out, 3, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True), dropout(0.25)]
             c_in = c_out
         layers.append(nn.Flatten())
         self.features = nn.Sequential(*layers)
@@ -201,6 +193,20 @@ class ImageDiscriminator(Discriminator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)).squeeze(1)
+
+
+class ImageDiscriminator(_StridedConvDiscriminator):
+    """DCGAN discriminator: stride-2 conv blocks (LeakyReLU, channel dropout), linear head.
+
+    Unlike the reference, no BatchNorm: D sees all-real and all-fake batches
+    separately, and BatchNorm over such a batch normalises away exactly the
+    batch-level statistics that tell them apart. On 8x8 inputs the last map is
+    1x1, so D's mean logit was the same for real and fake batches; D stayed at
+    ``log 4`` loss and G collapsed to one class. Per-sample layers avoid that.
+    """
+
+    def __init__(self, input_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64, 128)) -> None:
+        super().__init__(input_shape, widths, nn.Conv2d, nn.Dropout2d, min(int(d) for d in input_shape[1:]))
 
 
 class SignalGenerator(Generator):
@@ -242,29 +248,12 @@ class SignalGenerator(Generator):
         return self.blocks(out)
 
 
-class SignalDiscriminator(Discriminator):
+class SignalDiscriminator(_StridedConvDiscriminator):
     """Stride-2 1-D conv blocks (LeakyReLU, channel dropout) and a linear head (no BatchNorm:
     see :class:`ImageDiscriminator`)."""
 
     def __init__(self, input_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64, 128)) -> None:
-        super().__init__()
-        self.input_shape = tuple(int(d) for d in input_shape)
-        blocks = _num_halvings(self.input_shape[1], len(widths))
-        layers: list[nn.Module] = []
-        c_in = self.input_shape[0]
-        for c_out in widths[:blocks]:
-            layers += [nn.Conv1d(c_in, c_out, 3, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True),
-                       nn.Dropout1d(0.25)]
-            c_in = c_out
-        layers.append(nn.Flatten())
-        self.features = nn.Sequential(*layers)
-        with torch.no_grad():
-            flat = self.features.eval()(torch.zeros(2, *self.input_shape)).shape[1]
-        self.features.train()
-        self.head = nn.Linear(flat, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).squeeze(1)
+        super().__init__(input_shape, widths, nn.Conv1d, nn.Dropout1d, int(input_shape[1]))
 
 
 class VectorGenerator(Generator):

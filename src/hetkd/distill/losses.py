@@ -7,6 +7,8 @@ black-box teachers that only return probabilities or one-hot labels).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional as F
 
@@ -63,6 +65,10 @@ class ReferenceKD:
     target logits, and ``s = kd_scale`` (1 as in SD-Dist's local step; Hinton's
     T² is the other common choice). Both batches go through the model in one
     forward pass. Use it as the ``loss_fn`` of :func:`hetkd.training.train_epoch`.
+
+    ``distill_loss(student_logits, target_logits)`` replaces the KL term when
+    given (MEKD's mapping-emulation loss on generated inputs, for instance);
+    ``temperature`` and ``kd_scale`` are then unused.
     """
 
     def __init__(
@@ -74,6 +80,7 @@ class ReferenceKD:
         batch_size: int,
         generator: torch.Generator | None = None,
         kd_scale: float = 1.0,
+        distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if len(reference_inputs) != len(target_logits):
             raise ValueError(
@@ -94,11 +101,16 @@ class ReferenceKD:
         self.batch_size = batch_size
         self.generator = generator
         self.kd_scale = kd_scale
+        self.distill_loss = distill_loss
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         idx = torch.randint(len(self.inputs), (self.batch_size,), generator=self.generator)
         ref_x = self.inputs[idx].to(x.device)
         logits = model(torch.cat([x, ref_x]))
         ce = F.cross_entropy(logits[: len(x)], y)
-        kd = kd_kl(logits[len(x) :], self.targets[idx].to(x.device), self.temperature, scale=self.kd_scale)
+        student, target = logits[len(x) :], self.targets[idx].to(x.device)
+        if self.distill_loss is not None:
+            kd = self.distill_loss(student, target)
+        else:
+            kd = kd_kl(student, target, self.temperature, scale=self.kd_scale)
         return (1.0 - self.rho) * ce + self.rho * kd

@@ -43,6 +43,7 @@ and call ``step`` when they arrive.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -68,6 +69,8 @@ __all__ = [
     "teacher_logits",
     "teacher_confidence",
     "combine_responses",
+    "ensemble_responses",
+    "generate_queries",
     "generated_distance",
     "mapping_emulation_terms",
     "mapping_emulation_loss",
@@ -276,15 +279,40 @@ def teacher_confidence(responses: torch.Tensor, kind: str) -> torch.Tensor:
     return probs.max(1).values.clamp(0.0, 1.0)
 
 
+def ensemble_responses(responses: torch.Tensor, kind: str, weights: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Ensemble answers ``(m, N, C)`` from ``n`` teachers' answers ``(n, N, C)`` and an ``m x n`` weight matrix.
+
+    Row ``i`` of ``weights`` says how much each teacher counts for ensemble
+    ``i`` (one row: one ensemble for everyone; ``n`` rows: one per device, as
+    with SD-Dist's neighbour weights). Logits and soft answers average as
+    probabilities and come back as ``"soft"``; hard answers are a weighted
+    majority vote and come back as ``"hard"`` (ties go to the lowest class).
+    Rows with zero total weight come back as all-zero answers.
+    """
+    _check_kind(kind)
+    if responses.dim() != 3 or len(responses) == 0:
+        raise ValueError(f"responses must be (teachers, N, C) with at least one teacher, got {tuple(responses.shape)}")
+    n = responses.shape[0]
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.dim() != 2 or w.shape[1] != n or (w < 0).any() or not torch.isfinite(w).all():
+        raise ValueError(f"weights must be a non-negative (m, {n}) matrix, got shape {tuple(w.shape)}")
+    totals = w.sum(1, keepdim=True)
+    w = torch.where(totals > 0, w / totals.clamp_min(1e-12), w)
+    r = responses.float()
+    if kind == "logits":
+        r = F.softmax(r, dim=2)
+    mixed = torch.einsum("mn,nkc->mkc", w, r)
+    if kind == "hard":
+        voted = F.one_hot(mixed.argmax(2), mixed.shape[2]).float()
+        return voted * (totals > 0).float().unsqueeze(2), "hard"
+    return mixed, "soft"
+
+
 def combine_responses(
     responses: Sequence[torch.Tensor], kind: str, weights: Sequence[float] | None = None
 ) -> tuple[torch.Tensor, str]:
-    """One ensemble answer from several teachers' answers on the same inputs.
-
-    Logits and soft answers average as probabilities (weighted by ``weights``)
-    and come back as ``"soft"``; hard answers are a weighted majority vote and
-    come back as ``"hard"`` (ties go to the lowest class index).
-    """
+    """One ensemble answer from several teachers' answers on the same inputs
+    (:func:`ensemble_responses` with a single weight row; equal weights by default)."""
     _check_kind(kind)
     if len(responses) == 0:
         raise ValueError("combine_responses needs at least one response tensor")
@@ -294,14 +322,37 @@ def combine_responses(
     w = torch.ones(len(responses)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
     if w.shape != (len(responses),) or (w < 0).any() or w.sum() <= 0 or not torch.isfinite(w).all():
         raise ValueError(f"weights must be {len(responses)} non-negative numbers with a positive sum, got {weights}")
-    w = w / w.sum()
-    stacked = torch.stack([r.float() for r in responses])  # K x N x C
-    if kind == "logits":
-        stacked = F.softmax(stacked, dim=2)
-    mixed = (stacked * w.view(-1, 1, 1)).sum(0)
-    if kind == "hard":
-        return F.one_hot(mixed.argmax(1), mixed.shape[1]).float(), "hard"
-    return mixed, "soft"
+    mixed, out_kind = ensemble_responses(torch.stack([r.float() for r in responses]), kind, w[None])
+    return mixed[0], out_kind
+
+
+def generate_queries(
+    generator: Generator, seed: int, count: int, batch_size: int, train_mode: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, G(z))`` for ``count`` latent codes ``z ~ N(0, I)`` drawn from ``seed``: the same on every machine.
+
+    A server and a device that hold the same G weights call this with the same
+    arguments and get the same inputs, so the server can send a seed instead
+    of the inputs. ``train_mode`` runs G's BatchNorm on batch statistics (as
+    G sees its samples during deprivatization), in chunks of ``batch_size``;
+    otherwise on its running statistics (a frozen G). G itself is left as it
+    was (a copy runs in train mode, so running statistics do not move).
+    """
+    if count < 1 or batch_size < 2:
+        raise ValueError(f"need count >= 1 and batch_size >= 2, got count={count}, batch_size={batch_size}")
+    if train_mode and count % batch_size:
+        raise ValueError(f"in train mode count ({count}) must be a multiple of batch_size ({batch_size})")
+    rng = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(count, generator.latent_dim, generator=rng)
+    model = copy.deepcopy(generator).train() if train_mode else generator
+    was_training = generator.training
+    if not train_mode:
+        generator.eval()
+    try:
+        with torch.no_grad():
+            return z, torch.cat([model(part) for part in z.split(batch_size)])
+    finally:
+        generator.train(was_training)
 
 
 # --------------------------------------------------------------------------- losses (pure)

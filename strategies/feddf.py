@@ -1,0 +1,46 @@
+"""FedDF-style ensemble distillation on the public set, for heterogeneous devices.
+
+Lin et al., "Ensemble Distillation for Robust Model Fusion in Federated
+Learning" (NeurIPS 2020): the server distils the ensemble of the devices'
+models into its model on unlabelled public inputs with KL. With devices that
+each keep their own architecture, no weights are averaged: every distillation
+round the devices answer on ``num_queries`` reference rows (the server sends a
+seed, not the inputs: every device holds the reference set), the server
+distils the plain-mean ensemble of their soft answers into its global student,
+and the devices distil towards the ensemble on the same rows beside their
+private cross-entropy (one round later, see
+:class:`~hetkd.strategies.EnsembleDistill`). It is MEKD's baseline: the same
+exchange on real public inputs instead of generated ones, with ``w_f = 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from hetkd.distill.mekd import DistillSettings
+from hetkd.distill.queries import QuerySpec
+from hetkd.strategies.ensemble_distill import EnsembleDistill
+from hetkd.training import derive_seed
+
+__all__ = ["FedDF"]
+
+
+class FedDF(EnsembleDistill):
+    """Devices answer on reference rows; the server and the devices distil their ensemble with KL.
+
+    Takes the arguments of :class:`~hetkd.strategies.EnsembleDistill`;
+    ``public_inputs`` must be the reference set the devices hold (the same
+    rows in the same order). The mapping-emulation weight of ``distill`` is
+    set to 0: FedDF's loss is ``w_kl · T · KL`` alone.
+    """
+
+    def __init__(self, *, distill: DistillSettings | None = None, **kwargs: Any) -> None:
+        settings = distill or DistillSettings()
+        super().__init__(distill=replace(settings, w_f=0.0, w_kl=settings.w_kl or 1.0), **kwargs)
+
+    def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
+        if phase != "distill":
+            return None
+        count = min(self.num_queries, len(self.public_inputs))
+        return QuerySpec("reference", derive_seed(self.seed, "feddf-query", server_round), count)

@@ -1,0 +1,214 @@
+"""MEKD in place of weight averaging: source-blind generative distillation across devices.
+
+Ma et al., "Aligning Logits Generatively for Principled Black-Box Knowledge
+Distillation" (CVPR 2024), run federated: the devices' models are black-box
+teachers, seen only through their answers; the server keeps a generator G
+(latent size = number of classes), a discriminator D trained on its
+unlabelled public proxy set, and a global student of any architecture.
+
+1. **warm-up** (``warmup_rounds``): devices train on their private data.
+2. **deprivatization** (``deprivatize_rounds``): each round the server sends G's
+   weights and a seed; every device answers on ``G(z)`` for the round's
+   ``steps x batch`` latent codes (soft probabilities or hard labels); the
+   server runs that many D-then-G updates (:class:`~hetkd.distill.mekd.Deprivatizer`),
+   each weighting G's information term by the ensemble's confidence on the
+   corresponding batch. The answers describe G as it was when the round
+   began, so within a round they lag G by at most ``steps`` updates (the
+   price of one exchange per round instead of one per step). Then G is frozen.
+3. **distillation** (the remaining rounds): devices answer on a fresh batch of
+   ``num_queries`` samples of the frozen G (a seed travels, G's weights only
+   once per device); the server forms the ensemble (mean, or per device by
+   similarity of the answers), distils its student with the mapping-emulation
+   loss ``w_f · L1(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)``, and sends each
+   device its targets, which it distils into its own architecture the same
+   way beside its private cross-entropy.
+
+Only G's weights, seeds, answers on generated inputs and scalar metrics cross
+the wire: devices never see the proxy set, the server never sees device data
+or weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from torch import nn
+
+from hetkd import protocol as P
+from hetkd.distill.generative import Generator, default_output_range, default_width
+from hetkd.distill.mekd import Deprivatizer, GanSettings, ensemble_responses, freeze, generate_queries
+from hetkd.distill.queries import QuerySpec, resolve_queries
+from hetkd.strategies.ensemble_distill import EnsembleDistill
+from hetkd.training import derive_seed
+
+__all__ = ["MEKD", "generator_config"]
+
+
+def generator_config(input_shape: tuple[int, ...], settings: GanSettings,
+                     output_range: tuple[float, float] | None) -> dict[str, float | int]:
+    """What a device needs to rebuild G before loading its weights."""
+    low, high = output_range or default_output_range(input_shape)
+    return {
+        "generator-width": settings.generator_width or default_width(input_shape),
+        "generator-low": float(low),
+        "generator-high": float(high),
+    }
+
+
+class MEKD(EnsembleDistill):
+    """MEKD as a Flower strategy (see the module docstring).
+
+    Parameters
+    ----------
+    input_shape : tuple[int, ...]
+        Shape of one input (without the batch axis), for G and D.
+    deprivatize_rounds : int
+        Rounds of deprivatization after the warm-up; ``gan.steps`` GAN
+        updates are spread evenly over them.
+    gan : GanSettings | None
+        G and D's training (steps, batch size, Adam rates, ``w_info``, G's width).
+    output_range : tuple[float, float] | None
+        The range of G's outputs (default: by input kind, see
+        :func:`hetkd.distill.generative.default_output_range`).
+    **kwargs
+        The arguments of :class:`~hetkd.strategies.EnsembleDistill`
+        (``public_inputs`` is the proxy set D trains on).
+    """
+
+    def __init__(
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        deprivatize_rounds: int = 5,
+        gan: GanSettings | None = None,
+        output_range: tuple[float, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if deprivatize_rounds < 1:
+            raise ValueError(f"deprivatize_rounds must be >= 1, got {deprivatize_rounds}")
+        self.input_shape = tuple(int(d) for d in input_shape)
+        if tuple(self.public_inputs.shape[1:]) != self.input_shape:
+            raise ValueError(f"public_inputs have shape {tuple(self.public_inputs.shape[1:])}, "
+                             f"input_shape is {self.input_shape}")
+        self.deprivatize_rounds = deprivatize_rounds
+        self.gan = gan or GanSettings()
+        self.output_range = output_range
+        self.deprivatizer = Deprivatizer(self.input_shape, self.num_classes, self.gan, seed=self.seed,
+                                         output_range=output_range)
+        self.generator: Generator = self.deprivatizer.generator
+        #: bumped whenever G's weights change; devices are sent the weights once per version
+        self.generator_version = 0
+        self._device_version: dict[int, int] = {}  # device id -> G version it acknowledged
+        self._sent_version: dict[int, int] = {}  # device id -> G version sent this round
+        self._proxy_rng = torch.Generator().manual_seed(derive_seed(self.seed, "mekd-proxy"))
+        self._proxy_order, self._proxy_cursor = torch.randperm(len(self.public_inputs), generator=self._proxy_rng), 0
+
+    # ------------------------------------------------------------------ schedule
+
+    def phase(self, server_round: int) -> str:
+        if server_round <= self.warmup_rounds:
+            return "warmup"
+        if server_round <= self.warmup_rounds + self.deprivatize_rounds:
+            return "deprivatize"
+        return "distill"
+
+    def gan_steps_per_round(self) -> int:
+        return math.ceil(self.gan.steps / self.deprivatize_rounds) if self.gan.steps else 0
+
+    def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
+        seed = derive_seed(self.seed, "mekd-query", server_round)
+        if phase == "deprivatize" and self.gan_steps_per_round():
+            batch = self.gan.batch_size
+            return QuerySpec("generator", seed, self.gan_steps_per_round() * batch, batch, train_mode=True)
+        if phase == "distill":
+            return QuerySpec("generator", seed, self.num_queries, self.gan.batch_size, train_mode=False)
+        return None
+
+    def query_inputs(self, query: QuerySpec) -> torch.Tensor:
+        return resolve_queries(query, generator=self.generator)
+
+    def loss_generator(self) -> nn.Module | None:
+        return self.generator if not self.generator.training else None
+
+    # ------------------------------------------------------------------ G on the wire
+
+    def query_records(
+        self, node_id: int, query: QuerySpec | None, targets: bool, config: ConfigRecord
+    ) -> dict[str, ArrayRecord]:
+        """G's version and shape in ``config``, and its weights unless the device
+        acknowledged this version already."""
+        device = self.device_id(node_id)
+        if query is None and not targets:
+            return {}
+        for key, value in generator_config(self.input_shape, self.gan, self.output_range).items():
+            config[key] = value
+        config["generator-version"] = self.generator_version
+        if self._device_version.get(device) == self.generator_version:
+            return {}
+        self._sent_version[device] = self.generator_version
+        return {P.GENERATOR: ArrayRecord(self.generator.state_dict())}
+
+    def on_device_failed(self, device_id: int, reason: str, phase: str) -> None:
+        """A device that failed may have lost its copy of G: send the weights again next time."""
+        self._device_version.pop(device_id, None)
+
+    def before_train(self, server_round: int, node_ids: list[int]) -> None:
+        self._sent_version = {}
+        super().before_train(server_round, node_ids)
+
+    def process_train_replies(self, server_round: int, replies: list) -> ArrayRecord | None:
+        for reply in replies:  # valid replies: the device now holds the version it was sent
+            device = self.device_id(reply.metadata.src_node_id)
+            if device in self._sent_version:
+                self._device_version[device] = self._sent_version[device]
+        return super().process_train_replies(server_round, replies)
+
+    # ------------------------------------------------------------------ learning
+
+    def _proxy_batch(self, size: int) -> torch.Tensor:
+        if self._proxy_cursor + size > len(self._proxy_order):
+            self._proxy_order = torch.randperm(len(self.public_inputs), generator=self._proxy_rng)
+            self._proxy_cursor = 0
+        idx = self._proxy_order[self._proxy_cursor : self._proxy_cursor + size]
+        self._proxy_cursor += size
+        return self.public_inputs[idx]
+
+    def learn(self, server_round: int, phase: str, query: QuerySpec, inputs: torch.Tensor,
+              device_ids: list[int], answers: torch.Tensor) -> None:
+        if phase != "deprivatize":
+            super().learn(server_round, phase, query, inputs, device_ids, answers)
+            return
+        ensemble, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]))
+        z, _ = generate_queries(self.generator, query.seed, query.count, query.batch_size, train_mode=True)
+        batch = min(query.batch_size, len(self.public_inputs))
+        d_losses, g_losses = [], []
+        for z_k, answers_k in zip(z.split(query.batch_size), ensemble[0].split(query.batch_size)):
+            d_losses.append(self.deprivatizer.discriminator_step(self._proxy_batch(batch)))
+            g_losses.append(self.deprivatizer.generator_step(z_k, answers_k, kind)["g_loss"])
+        self.generator_version += 1
+        if self.phase(server_round + 1) != "deprivatize":
+            freeze(self.generator)  # G is final: distillation uses its running statistics
+            self.generator_version += 1
+        self._extras.update({"d_loss": sum(d_losses) / len(d_losses), "g_loss": sum(g_losses) / len(g_losses),
+                             "gan_steps": len(g_losses)})
+
+    # ------------------------------------------------------------------ outputs
+
+    def write_artifacts(self, out_dir: Path) -> list[Path]:
+        """``student.pt``, ``generator.pt`` and ``samples.png`` (G's samples by the student's label)."""
+        paths = super().write_artifacts(out_dir)
+        path = out_dir / "generator.pt"
+        torch.save({"state_dict": self.generator.state_dict(), "input_shape": self.input_shape,
+                    **generator_config(self.input_shape, self.gan, self.output_range)}, path)
+        paths.append(path)
+        if self.student is not None:
+            from hetkd.plots import plot_generator_samples
+
+            paths.append(plot_generator_samples({"ensemble": self.generator}, self.student, self.num_classes,
+                                                out_dir / "samples.png", title="G, labelled by the global student"))
+        return paths

@@ -1,0 +1,230 @@
+"""FedDF and MEKD as Flower strategies: schedule, wire protocol, faults, hard answers, end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hetkd import protocol as P
+from hetkd.config import ConfigError, to_yaml
+from hetkd.data import build_federation
+from hetkd.distill.codec import decode_answers, encode_answers
+from hetkd.distill.generative import make_generator
+from hetkd.distill.mekd import GanSettings, ensemble_responses, freeze, generate_queries
+from hetkd.distill.queries import QuerySpec, resolve_queries
+from hetkd.simulations.registry import build_strategy, check_strategy
+from hetkd.strategies import MEKD, FedDF
+from hetkd.strategies.mekd import generator_config
+from tests.conftest import InProcessGrid, small_config
+
+SMALL = ("strategy.ensemble.warmup_rounds=1", "strategy.ensemble.deprivatize_rounds=2", "mekd.gan_steps=40",
+         "mekd.gan_batch_size=16", "strategy.ensemble.server_steps=20", "strategy.ensemble.num_queries=64",
+         "training.local_epochs=1", "strategy.ensemble.min_steps=0", "reference.size=100", "num-server-rounds=5")
+
+
+def _start(cfg, grid, rounds):
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports = []
+    strategy.start(grid=grid, num_rounds=rounds, on_round_end=reports.append)
+    return strategy, reports
+
+
+def _public(n=40):
+    return torch.rand(n, 1, 8, 8) * 2 - 1
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_phase_schedule_and_queries():
+    mekd = MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 8, 8), warmup_rounds=2,
+                deprivatize_rounds=3, gan=GanSettings(steps=10, batch_size=8), num_queries=32)
+    assert [mekd.phase(r) for r in range(1, 9)] == ["warmup"] * 2 + ["deprivatize"] * 3 + ["distill"] * 3
+    assert mekd.gan_steps_per_round() == 4  # ceil(10 / 3): every step is run
+    assert mekd.make_query(1, "warmup") is None
+    q = mekd.make_query(3, "deprivatize")
+    assert (q.source, q.count, q.batch_size, q.train_mode) == ("generator", 32, 8, True)
+    q = mekd.make_query(6, "distill")
+    assert (q.source, q.count, q.train_mode) == ("generator", 32, False)
+    assert mekd.make_query(7, "distill").seed != q.seed  # a fresh batch every round
+
+    feddf = FedDF(num_classes=10, public_inputs=_public(20), warmup_rounds=1, num_queries=64)
+    assert [feddf.phase(r) for r in range(1, 4)] == ["warmup", "distill", "distill"]
+    q = feddf.make_query(2, "distill")
+    assert (q.source, q.count) == ("reference", 20)  # never more rows than the public set holds
+    assert feddf.settings.w_f == 0.0
+
+
+def test_strategies_reject_bad_arguments_by_name():
+    with pytest.raises(ValueError, match="weighting"):
+        FedDF(num_classes=10, public_inputs=_public(), weighting="closest")
+    with pytest.raises(ValueError, match="response"):
+        FedDF(num_classes=10, public_inputs=_public(), response="logits")
+    with pytest.raises(ValueError, match="deprivatize_rounds"):
+        MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 8, 8), deprivatize_rounds=0)
+    with pytest.raises(ValueError, match="input_shape"):
+        MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 28, 28))
+
+
+def test_too_few_rounds_and_logit_answers_are_rejected_by_key(tmp_path):
+    with pytest.raises(ConfigError, match="simulation.num_rounds"):
+        check_strategy(small_config(tmp_path, "strategy=mekd", "num-server-rounds=7"))  # 2 warm-up + 5 deprivatize
+    with pytest.raises(ConfigError, match="mekd.response"):
+        check_strategy(small_config(tmp_path, "strategy=mekd", "num-server-rounds=10", "mekd.response=logits"))
+    with pytest.raises(ValueError, match="strategy.ensemble.student"):
+        small_config(tmp_path, "strategy.ensemble.student=resnet9")
+
+
+def test_ensemble_responses_mean_weighted_and_vote():
+    p = torch.tensor([[[0.8, 0.2]], [[0.4, 0.6]], [[0.0, 1.0]]])  # 3 teachers, 1 query, 2 classes
+    mean, kind = ensemble_responses(p, "soft", torch.ones(1, 3))
+    assert kind == "soft" and torch.allclose(mean[0, 0], torch.tensor([0.4, 0.6]))
+    w = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    mixed, _ = ensemble_responses(p, "soft", w)
+    assert torch.allclose(mixed[0, 0], torch.tensor([0.6, 0.4])) and mixed[1].abs().sum() == 0
+    hard = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 1.0]]])
+    vote, kind = ensemble_responses(hard, "hard", torch.ones(1, 3))
+    assert kind == "hard" and vote[0, 0].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="weights"):
+        ensemble_responses(p, "soft", torch.ones(1, 2))
+
+
+def test_answers_on_the_wire_round_trip_and_reject_bad_input():
+    logits = torch.randn(5, 10)
+    soft = decode_answers(encode_answers(logits, "soft", "uint8"), "soft", 10)
+    assert torch.allclose(soft.sum(1), torch.ones(5)) and (soft.argmax(1) == logits.argmax(1)).all()
+    hard = encode_answers(logits, "hard")
+    assert hard.dtype == np.uint8 and hard.shape == (5,)
+    assert torch.equal(decode_answers(hard, "hard", 10).argmax(1), logits.argmax(1))
+    with pytest.raises(ValueError, match="outside"):
+        decode_answers(np.array([3, 12], dtype=np.uint8), "hard", 10)
+    with pytest.raises(ValueError, match="shape"):
+        decode_answers(encode_answers(logits, "soft"), "soft", 9)
+
+
+def test_a_device_rebuilds_exactly_the_servers_queries_from_weights_and_a_seed():
+    gan = GanSettings(steps=0, batch_size=8)
+    g = make_generator((1, 8, 8), 10)
+    with torch.no_grad():  # move the running statistics away from their initial values
+        g.train()(torch.randn(64, 10) * 3)
+    stats = {k: v.clone() for k, v in g.state_dict().items()}
+    config = generator_config((1, 8, 8), gan, None)
+    device_g = make_generator((1, 8, 8), 10, (config["generator-low"], config["generator-high"]),
+                              int(config["generator-width"]))
+    device_g.load_state_dict(g.state_dict())
+    for train_mode in (True, False):
+        spec = QuerySpec("generator", seed=7, count=32, batch_size=8, train_mode=train_mode)
+        assert torch.equal(resolve_queries(spec, generator=g), resolve_queries(spec, generator=freeze(device_g)))
+    assert all(torch.equal(v, stats[k]) for k, v in g.state_dict().items()), "querying must not move G"
+    z, x = generate_queries(g, 7, 16, 8, train_mode=True)
+    assert z.shape == (16, 10) and x.shape == (16, 1, 8, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        generate_queries(g, 7, 10, 8, train_mode=True)
+
+
+# --------------------------------------------------------------------------- protocol (in-process grid)
+
+
+def _replies(grid):
+    return [t for t in grid.traffic if t.message.metadata.message_type == P.TRAIN_ENSEMBLE_DISTILL]
+
+
+def test_only_answers_generator_weights_and_scalars_cross_the_wire(tmp_path):
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, devices=3)
+    grid = InProcessGrid(3)
+    strategy, reports = _start(cfg, grid, rounds=5)
+    assert [r.metrics["phase"] for r in reports] == ["warmup", "deprivatize", "deprivatize", "distill", "distill"]
+    g_keys = set(strategy.generator.state_dict())
+    generator_sends = {}
+    for t in _replies(grid):
+        down, up = t.message.content, t.reply.content
+        assert set(down.keys()) <= {P.CONFIG, P.TARGETS, P.GENERATOR}
+        if P.GENERATOR in down:
+            assert set(down[P.GENERATOR].keys()) == g_keys
+            generator_sends.setdefault(t.message.metadata.dst_node_id, []).append(down[P.CONFIG]["server-round"])
+        if P.TARGETS in down:
+            assert set(down[P.TARGETS].keys()) == {P.TARGET_RESPONSES}
+        assert set(up.keys()) <= {P.METRICS, P.PREDICTIONS}, "only answers and metrics leave a device"
+        if P.PREDICTIONS in up:
+            answers = up[P.PREDICTIONS]
+            assert set(answers.keys()) == {P.RESPONSES}
+            count = int(down[P.CONFIG]["query-count"])
+            assert answers[P.RESPONSES].numpy().shape == (count, 10)
+    # G travels in each deprivatization round (it changes) and once more, frozen, for distillation
+    assert all(rounds == [2, 3, 4] for rounds in generator_sends.values()) and len(generator_sends) == 3
+    assert reports[-1].metrics["student_accuracy"] is not None
+    assert not any(r.failures for r in reports)
+
+
+def test_a_device_that_drops_out_during_deprivatization_does_not_stall_the_round(tmp_path):
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, devices=3)
+    grid = InProcessGrid(3)
+    gone = grid.node_ids[1]
+
+    def schedule(report):
+        if report.round == 1:
+            grid.faults[gone] = "drop"
+        if report.round == 2:
+            grid.faults.pop(gone)
+
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports = []
+    strategy.start(grid=grid, num_rounds=5, on_round_end=lambda r: (reports.append(r), schedule(r)))
+    round2 = reports[1]
+    assert round2.metrics["phase"] == "deprivatize" and round2.metrics["gan_steps"] == 20
+    assert round2.metrics["answering_devices"] == 2
+    assert [f["device"] for f in round2.failures] == [1]
+    # back in round 3, it is sent G again (it never acknowledged round 2's) and takes part
+    back = [t for t in _replies(grid) if t.message.metadata.dst_node_id == gone
+            and t.message.content[P.CONFIG]["server-round"] == 3][0]
+    assert P.GENERATOR in back.message.content and back.reply is not None and not back.reply.has_error()
+    assert reports[2].metrics["answering_devices"] == 3
+
+
+def test_hard_responses_carry_no_soft_information(tmp_path):
+    cfg = small_config(tmp_path, "strategy=mekd", "mekd.response=hard", *SMALL, devices=3)
+    grid = InProcessGrid(3)
+    _, reports = _start(cfg, grid, rounds=5)
+    answered = 0
+    for t in _replies(grid):
+        if P.PREDICTIONS in t.reply.content:
+            labels = t.reply.content[P.PREDICTIONS][P.RESPONSES].numpy()
+            assert labels.ndim == 1 and labels.dtype == np.uint8 and labels.max() < 10
+            answered += 1
+        if P.TARGETS in t.message.content:
+            targets = t.message.content[P.TARGETS][P.TARGET_RESPONSES].numpy()
+            assert targets.ndim == 1 and targets.dtype == np.uint8
+    assert answered == 12  # 3 devices x 4 rounds after the warm-up
+    assert reports[-1].metrics["student_accuracy"] is not None
+
+
+def test_similarity_weighting_gives_each_device_its_own_targets(tmp_path):
+    cfg = small_config(tmp_path, "strategy=feddf", "strategy.ensemble.weighting=similarity",
+                       "strategy.ensemble.num_neighbours=1", *SMALL, devices=3)
+    grid = InProcessGrid(3)
+    strategy, reports = _start(cfg, grid, rounds=3)
+    assert set(strategy._targets) == {0, 1, 2}
+    assert not torch.equal(strategy._targets[0], strategy._targets[1])
+    assert reports[-1].metrics["neighbour_distance_mean"] > 0
+    last = [t.message.content[P.TARGETS][P.TARGET_RESPONSES].numpy() for t in _replies(grid)[-3:]]
+    assert not np.array_equal(last[0], last[1])
+
+
+# --------------------------------------------------------------------------- end to end (Flower runtime)
+
+
+@pytest.mark.slow
+def test_mekd_global_student_beats_chance_by_a_wide_margin(tmp_path):
+    from hetkd.simulations import run
+
+    cfg = small_config(tmp_path, "strategy=mekd", "num-server-rounds=6", "strategy.ensemble.warmup_rounds=2",
+                       "strategy.ensemble.deprivatize_rounds=2", "mekd.gan_steps=300",
+                       "strategy.ensemble.server_steps=150", "strategy.ensemble.num_queries=256",
+                       "training.local_epochs=3", "reference.size=300", "partition.method=iid", devices=4)
+    summary = run(cfg)
+    assert summary["failures"] == 0
+    assert summary["final_student_accuracy"] > 0.5, "10 classes: chance is 0.1"
+    out = tmp_path / "run"
+    for name in ("student.pt", "generator.pt", "samples.png", "metrics.jsonl"):
+        assert (out / name).is_file(), name
