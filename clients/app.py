@@ -376,8 +376,10 @@ def train_ensemble_distill(message: Message, context: Context) -> Message:
             metrics["distilled"] = 0.0
         arrays: dict[str, ArrayRecord] = {}
         if query is not None:
+            shipped = message.content.array_records.get(P.QUERY_INPUTS)
+            inputs = torch.from_numpy(shipped[P.INPUTS].numpy().copy()) if shipped is not None else None
             answers_now = encode_answers(
-                client.predict(resolve_queries(query, **held)),
+                client.predict(resolve_queries(query, inputs=inputs, **held)),
                 str(config.get("response", "soft")),
                 str(config.get("precision", "float32")),
             )

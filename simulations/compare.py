@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +81,7 @@ def compare(cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path
     console = Console(highlight=False, soft_wrap=True)
     started_ray = not ray.is_initialized()
     if started_ray:  # one Ray session for all runs
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         ray.init(**backend_config(cfg)["init_args"], include_dashboard=False)
     results: dict[str, dict[str, Any]] = {name: {"runs": []} for name in strategies}
     try:

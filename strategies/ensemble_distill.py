@@ -48,7 +48,7 @@ from hetkd.distill.mekd import (
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS, neighbour_plan
 from hetkd.strategies.base import DeviceStrategy
-from hetkd.training import derive_seed
+from hetkd.training import seeded
 
 __all__ = ["EnsembleDistill", "ENSEMBLE_WEIGHTINGS"]
 
@@ -168,6 +168,7 @@ class EnsembleDistill(DeviceStrategy):
         self._common_target: torch.Tensor | None = None  # the plain ensemble, for devices without their own
         self._target_kind = "soft" if response == "soft" else "hard"
         self._target_query: QuerySpec | None = None
+        self._cached_inputs: tuple[QuerySpec, torch.Tensor] | None = None
         self._extras: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ what subclasses choose
@@ -194,6 +195,12 @@ class EnsembleDistill(DeviceStrategy):
     def query_inputs(self, query: QuerySpec) -> torch.Tensor:
         """The server's view of the query's inputs."""
         return resolve_queries(query, reference_inputs=self.public_inputs)
+
+    def round_inputs(self, query: QuerySpec) -> torch.Tensor:
+        """This round's query inputs, computed once per round."""
+        if self._cached_inputs is None or self._cached_inputs[0] != query:
+            self._cached_inputs = (query, self.query_inputs(query))
+        return self._cached_inputs[1]
 
     def loss_generator(self) -> nn.Module | None:
         """The generator of the mapping-emulation term (``None``: plain KL)."""
@@ -261,14 +268,14 @@ class EnsembleDistill(DeviceStrategy):
             total = max(1, self.server_steps * self.distill_rounds())
             self._student_optimizer = StudentOptimizer(self.student, replace(self.settings, steps=total))
         targets = teacher_logits(self._common_target, self._target_kind)
-        rng = torch.Generator().manual_seed(derive_seed(self.seed, "student", server_round))
         batch = min(self.settings.batch_size, len(inputs))
         losses = []
-        for _ in range(self.server_steps):
-            idx = torch.randint(len(inputs), (batch,), generator=rng)
-            losses.append(self._student_optimizer.step(
-                lambda idx=idx: self.student_loss(self.student(inputs[idx]), targets[idx])  # type: ignore[misc]
-            ))
+        with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
+            for _ in range(self.server_steps):
+                idx = torch.randint(len(inputs), (batch,), generator=rng)
+                losses.append(self._student_optimizer.step(
+                    lambda idx=idx: self.student_loss(self.student(inputs[idx]), targets[idx])  # type: ignore[misc]
+                ))
         self._extras["student_loss"] = sum(losses) / len(losses)
 
     @torch.no_grad()
@@ -353,7 +360,7 @@ class EnsembleDistill(DeviceStrategy):
                 decode_answers(r.content[P.PREDICTIONS][P.RESPONSES].numpy(), self.response, self.num_classes)
                 for r in replies
             ])
-            self.learn(server_round, phase, query, self.query_inputs(query), ids, answers)
+            self.learn(server_round, phase, query, self.round_inputs(query), ids, answers)
             self._extras["answering_devices"] = len(ids)
         accuracy = self.student_accuracy()
         if accuracy is not None:

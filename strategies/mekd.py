@@ -8,7 +8,8 @@ unlabelled public proxy set, and a global student of any architecture.
 
 1. **warm-up** (``warmup_rounds``): devices train on their private data.
 2. **deprivatization** (``deprivatize_rounds``): each round the server sends G's
-   weights and a seed; every device answers on ``G(z)`` for the round's
+   weights and a seed (or the samples themselves, when they are the smaller
+   payload); every device answers on ``G(z)`` for the round's
    ``steps x batch`` latent codes (soft probabilities or hard labels); the
    server runs that many D-then-G updates (:class:`~hetkd.distill.mekd.Deprivatizer`),
    each weighting G's information term by the ensemble's confidence on the
@@ -23,8 +24,8 @@ unlabelled public proxy set, and a global student of any architecture.
    device its targets, which it distils into its own architecture the same
    way beside its private cross-entropy.
 
-Only G's weights, seeds, answers on generated inputs and scalar metrics cross
-the wire: devices never see the proxy set, the server never sees device data
+Only G's weights (or samples), seeds, answers on generated inputs and scalar
+metrics cross the wire: devices never see the proxy set, the server never sees device data
 or weights.
 """
 
@@ -35,15 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import nn
 
 from hetkd import protocol as P
 from hetkd.distill.generative import Generator, default_output_range, default_width
 from hetkd.distill.mekd import Deprivatizer, GanSettings, ensemble_responses, freeze, generate_queries
 from hetkd.distill.queries import QuerySpec, resolve_queries
+from hetkd.models import state_bytes
 from hetkd.strategies.ensemble_distill import EnsembleDistill
-from hetkd.training import derive_seed
+from hetkd.training import derive_seed, seeded
 
 __all__ = ["MEKD", "generator_config"]
 
@@ -145,10 +147,17 @@ class MEKD(EnsembleDistill):
         device = self.device_id(node_id)
         if query is None and not targets:
             return {}
+        holds_g = self._device_version.get(device) == self.generator_version
+        if query is not None and query.train_mode and not targets and not holds_g:
+            # deprivatization: G changes every round; ship whichever is smaller, G or its samples
+            inputs = self.round_inputs(query)
+            if inputs.numel() * inputs.element_size() < state_bytes(self.generator):
+                config["query-source"] = "inputs"
+                return {P.QUERY_INPUTS: ArrayRecord({P.INPUTS: Array(inputs.numpy())})}
         for key, value in generator_config(self.input_shape, self.gan, self.output_range).items():
             config[key] = value
         config["generator-version"] = self.generator_version
-        if self._device_version.get(device) == self.generator_version:
+        if holds_g:
             return {}
         self._sent_version[device] = self.generator_version
         return {P.GENERATOR: ArrayRecord(self.generator.state_dict())}
@@ -187,9 +196,10 @@ class MEKD(EnsembleDistill):
         z, _ = generate_queries(self.generator, query.seed, query.count, query.batch_size, train_mode=True)
         batch = min(query.batch_size, len(self.public_inputs))
         d_losses, g_losses = [], []
-        for z_k, answers_k in zip(z.split(query.batch_size), ensemble[0].split(query.batch_size)):
-            d_losses.append(self.deprivatizer.discriminator_step(self._proxy_batch(batch)))
-            g_losses.append(self.deprivatizer.generator_step(z_k, answers_k, kind)["g_loss"])
+        with seeded(self.seed, "mekd-deprivatize", server_round):  # D's dropout: same seed, same G
+            for z_k, answers_k in zip(z.split(query.batch_size), ensemble[0].split(query.batch_size)):
+                d_losses.append(self.deprivatizer.discriminator_step(self._proxy_batch(batch)))
+                g_losses.append(self.deprivatizer.generator_step(z_k, answers_k, kind)["g_loss"])
         self.generator_version += 1
         if self.phase(server_round + 1) != "deprivatize":
             freeze(self.generator)  # G is final: distillation uses its running statistics

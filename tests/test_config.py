@@ -152,3 +152,16 @@ def test_every_shipped_yaml_resolves():
     for file in experiments:
         cfg = resolve_config(file)
         check_strategy(cfg)
+
+
+def test_flower_alias_and_its_key_reconcile_in_a_full_run_config():
+    """`flwr run --run-config "strategy.name='mekd' strategy.kd.rho=0.5"` must work: TOML cannot
+    hold `strategy='x'` beside `strategy.kd.rho`, so the app's run config carries both names."""
+    from hetkd.config import ConfigError, flower_run_config, resolve_config
+
+    table = flower_run_config()
+    assert table["strategy"] == table["strategy.name"] and table["num-server-rounds"] == table["simulation.num_rounds"]
+    assert resolve_config(overrides=table | {"strategy": "fedmd"}).strategy.name == "fedmd"
+    assert resolve_config(overrides=table | {"strategy.name": "local", "strategy.kd.rho": 0.5}).strategy.name == "local"
+    with pytest.raises(ConfigError, match="strategy.name.*given twice"):
+        resolve_config(overrides=table | {"strategy": "fedmd", "strategy.name": "local"})

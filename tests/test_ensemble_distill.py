@@ -228,3 +228,32 @@ def test_mekd_global_student_beats_chance_by_a_wide_margin(tmp_path):
     out = tmp_path / "run"
     for name in ("student.pt", "generator.pt", "samples.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
+
+
+def test_deprivatization_ships_inputs_instead_of_weights_when_they_are_smaller(tmp_path):
+    # 2 GAN steps of 8 per round: 16 inputs of 8x8 (4 KiB) against G's ~66 KiB of weights
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.gan_steps=4", "mekd.gan_batch_size=8", devices=3)
+    grid = InProcessGrid(3)
+    strategy, reports = _start(cfg, grid, rounds=5)
+    for t in _replies(grid):
+        down, phase_round = t.message.content, int(t.message.content[P.CONFIG]["server-round"])
+        if phase_round in (2, 3):  # deprivatization
+            assert P.GENERATOR not in down and down[P.CONFIG]["query-source"] == "inputs"
+            assert down[P.QUERY_INPUTS][P.INPUTS].numpy().shape == (16, 1, 8, 8)
+            assert t.reply.content[P.PREDICTIONS][P.RESPONSES].numpy().shape == (16, 10)
+        if phase_round == 4:  # distillation needs G itself (the mapping-emulation loss)
+            assert P.GENERATOR in down and P.QUERY_INPUTS not in down
+    assert reports[1].metrics["gan_steps"] == 2 and not any(r.failures for r in reports)
+
+
+def test_same_seed_same_generator_and_student_whatever_the_global_rng(tmp_path):
+    """Dropout in D and the student draw from the run's seed, not from torch's global state
+    (which earlier runs in the same process, e.g. under `hetkd compare`, have moved)."""
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        cfg = small_config(tmp_path / str(global_seed), "strategy=mekd", *SMALL, devices=3)
+        strategy, reports = _start(cfg, InProcessGrid(3), rounds=5)
+        results.append((strategy.generator.state_dict(), reports[-1].metrics["student_accuracy"]))
+    (g1, acc1), (g2, acc2) = results
+    assert all(torch.equal(g1[k], g2[k]) for k in g1) and acc1 == acc2

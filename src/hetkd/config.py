@@ -538,10 +538,34 @@ def _decode_value(key: str, value: Any) -> Any:
     return value
 
 
+def _reconcile_aliases(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep one of a Flower alias and the key it stands for when a run config holds both.
+
+    The app's run config carries both ``strategy`` and ``strategy.name`` (on
+    ``flwr run``'s command line ``strategy='x'`` cannot sit beside
+    ``strategy.kd.rho=...``: TOML would need ``strategy`` to be a string and a
+    table). A full run config holds both at their defaults plus what the user
+    changed: the one that differs from the schema default wins; two different
+    non-default values are an error naming both keys.
+    """
+    out = dict(run_config)
+    for alias, key in FLOWER_ALIASES.items():
+        if alias not in out or key not in out:
+            continue
+        default = _encode_value(SCHEMA_KEYS[key])
+        a, b = out[alias], out.pop(key)
+        if a == b or b == default:
+            continue
+        if a != default:
+            raise ConfigError(key, f"given twice with different values: '{alias}'={a!r} and '{key}'={b!r}; set one")
+        out[alias] = b
+    return out
+
+
 def apply_overrides(cfg: DictConfig, overrides: Mapping[str, Any] | Sequence[str]) -> DictConfig:
     """Apply dotted overrides: a mapping (Flower run_config) or ``key=value`` strings."""
     if isinstance(overrides, Mapping):
-        items = list(overrides.items())
+        items = list(_reconcile_aliases(overrides).items())
         parsed = [(_canonical_key(k), _decode_value(_canonical_key(k), v)) for k, v in items]
     else:
         parsed = []
@@ -816,7 +840,9 @@ def flower_run_config(cfg: HetkdConfig | None = None) -> dict[str, Any]:
     reverse = {v: k for k, v in FLOWER_ALIASES.items()}
     out: dict[str, Any] = {CONFIG_FILE_KEY: ""}
     for key, value in flat.items():
-        out[reverse.get(key, key)] = _encode_value(value)
+        out[key] = _encode_value(value)
+        if key in reverse:  # the Flower-style name as well (see _reconcile_aliases)
+            out[reverse[key]] = out[key]
     return out
 
 

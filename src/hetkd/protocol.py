@@ -23,11 +23,13 @@ TARGETS = "targets"  # ArrayRecord, server -> device: this device's target logit
 POPULATION = "population"  # ArrayRecord, server -> device: everyone's predictions (device-side selection)
 PREDICTIONS = "predictions"  # ArrayRecord, device -> server: predictions on public inputs
 GENERATOR = "generator"  # ArrayRecord, server -> device: G's weights (MEKD), sent when they changed
+QUERY_INPUTS = "query-inputs"  # ArrayRecord, server -> device: the query inputs, when smaller than G's weights
 
 # array keys
 REFERENCE_LOGITS = "reference-logits"
 DEVICE_IDS = "device-ids"
 QUALITY = "quality"
+INPUTS = "inputs"
 RESPONSES = "responses"  # soft answers on query inputs, encoded log-probabilities (N x C)
 LABELS = "labels"  # hard answers on query inputs: class indices only (N,)
 TARGET_RESPONSES = "target-responses"  # ensemble answers on last round's queries (N x C or N,)
