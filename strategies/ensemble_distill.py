@@ -28,12 +28,15 @@ the mapping-emulation loss on its samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 from torch import nn
 
 from hetkd import protocol as P
@@ -47,7 +50,7 @@ from hetkd.distill.mekd import (
 )
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS, neighbour_plan
-from hetkd.strategies.base import DeviceStrategy
+from hetkd.strategies.base import DeviceStrategy, RoundReport
 from hetkd.training import seeded
 
 __all__ = ["EnsembleDistill", "ENSEMBLE_WEIGHTINGS"]
@@ -290,10 +293,21 @@ class EnsembleDistill(DeviceStrategy):
 
     # ------------------------------------------------------------------ round plumbing
 
-    def start(self, grid, initial_arrays=None, num_rounds: int = 3, *args: Any, **kwargs: Any):  # type: ignore[override]
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        on_round_end: Callable[[RoundReport], None] | None = None,
+    ) -> Result:
         """:meth:`DeviceStrategy.start`, remembering ``num_rounds`` for the phase schedule."""
         self.num_rounds = num_rounds
-        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                             evaluate_fn, on_round_end)
 
     def before_train(self, server_round: int, node_ids: list[int]) -> None:
         self._extras = {"phase": self.phase(server_round)}
