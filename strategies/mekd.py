@@ -41,7 +41,7 @@ from torch import nn
 
 from hetkd import protocol as P
 from hetkd.distill.generative import Generator, default_output_range, default_width
-from hetkd.distill.mekd import Deprivatizer, GanSettings, ensemble_responses, freeze, generate_queries
+from hetkd.distill.mekd import Deprivatizer, GanSettings, ensemble_responses, freeze, query_latents
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.models import state_bytes
 from hetkd.strategies.ensemble_distill import EnsembleDistill
@@ -193,7 +193,7 @@ class MEKD(EnsembleDistill):
             super().learn(server_round, phase, query, inputs, device_ids, answers)
             return
         ensemble, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]))
-        z, _ = generate_queries(self.generator, query.seed, query.count, query.batch_size, train_mode=True)
+        z = query_latents(query.seed, query.count, self.num_classes)  # the codes behind this round's answers
         batch = min(query.batch_size, len(self.public_inputs))
         d_losses, g_losses = [], []
         with seeded(self.seed, "mekd-deprivatize", server_round):  # D's dropout: same seed, same G

@@ -71,6 +71,7 @@ __all__ = [
     "combine_responses",
     "ensemble_responses",
     "generate_queries",
+    "query_latents",
     "generated_distance",
     "mapping_emulation_terms",
     "mapping_emulation_loss",
@@ -326,6 +327,11 @@ def combine_responses(
     return mixed[0], out_kind
 
 
+def query_latents(seed: int, count: int, latent_dim: int) -> torch.Tensor:
+    """The ``count`` latent codes ``z ~ N(0, I)`` a query with ``seed`` stands for."""
+    return torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+
+
 def generate_queries(
     generator: Generator, seed: int, count: int, batch_size: int, train_mode: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,8 +348,7 @@ def generate_queries(
         raise ValueError(f"need count >= 1 and batch_size >= 2, got count={count}, batch_size={batch_size}")
     if train_mode and count % batch_size:
         raise ValueError(f"in train mode count ({count}) must be a multiple of batch_size ({batch_size})")
-    rng = torch.Generator().manual_seed(int(seed))
-    z = torch.randn(count, generator.latent_dim, generator=rng)
+    z = query_latents(seed, count, generator.latent_dim)
     model = copy.deepcopy(generator).train() if train_mode else generator
     was_training = generator.training
     if not train_mode:
