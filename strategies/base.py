@@ -232,6 +232,7 @@ class DeviceStrategy(Strategy):
         self.devices: dict[int, DeviceInfo] = {}  # node id -> info
         self.rejected: dict[int, str] = {}  # node id -> why its set-up failed
         self.timeout: float = 3600.0
+        self.num_rounds = 0  # the running start()'s, for strategies with phases
         self._failures: list[dict[str, Any]] = []
         self._device_rows: dict[int, dict[str, Any]] = defaultdict(dict)
         self._round_metrics: dict[str, Any] = {}
@@ -488,6 +489,7 @@ class DeviceStrategy(Strategy):
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         self.timeout = timeout
+        self.num_rounds = num_rounds
         meter = MeteredGrid(grid)
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config

@@ -28,15 +28,12 @@ the mapping-emulation loss on its samples.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from torch import nn
 
 from hetkd import protocol as P
@@ -50,7 +47,7 @@ from hetkd.distill.mekd import (
 )
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS, neighbour_plan
-from hetkd.strategies.base import DeviceStrategy, RoundReport
+from hetkd.strategies.base import DeviceStrategy
 from hetkd.training import seeded
 
 __all__ = ["EnsembleDistill", "ENSEMBLE_WEIGHTINGS"]
@@ -164,7 +161,6 @@ class EnsembleDistill(DeviceStrategy):
         self.precision = precision
         self.server_steps = server_steps
         self.settings = distill or DistillSettings()
-        self.num_rounds = 0
         self._student_optimizer: StudentOptimizer | None = None
         self._query: QuerySpec | None = None  # this round's query
         self._targets: dict[int, torch.Tensor] = {}  # device id -> its ensemble answers on _target_query
@@ -181,7 +177,7 @@ class EnsembleDistill(DeviceStrategy):
         return "warmup" if server_round <= self.warmup_rounds else "distill"
 
     def distill_rounds(self) -> int:
-        """Rounds in the ``distill`` phase of a run of ``num_rounds``."""
+        """Rounds in the ``distill`` phase of the run (``num_rounds`` is set by ``start``)."""
         return sum(1 for r in range(1, self.num_rounds + 1) if self.phase(r) == "distill")
 
     def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
@@ -292,22 +288,6 @@ class EnsembleDistill(DeviceStrategy):
         return correct / max(1, len(y))
 
     # ------------------------------------------------------------------ round plumbing
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord | None = None,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-        on_round_end: Callable[[RoundReport], None] | None = None,
-    ) -> Result:
-        """:meth:`DeviceStrategy.start`, remembering ``num_rounds`` for the phase schedule."""
-        self.num_rounds = num_rounds
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
-                             evaluate_fn, on_round_end)
 
     def before_train(self, server_round: int, node_ids: list[int]) -> None:
         self._extras = {"phase": self.phase(server_round)}
