@@ -258,3 +258,39 @@ def test_same_seed_same_generator_and_student_whatever_the_global_rng(tmp_path):
         results.append((strategy.generator.state_dict(), reports[-1].metrics["student_accuracy"]))
     (g1, acc1), (g2, acc2) = results
     assert all(torch.equal(g1[k], g2[k]) for k in g1) and acc1 == acc2
+
+
+def test_a_device_that_lost_the_generator_says_so_and_is_sent_it_again(tmp_path):
+    from hetkd.clients.app import GENERATOR_STATE_KEY, GENERATOR_VERSION_STATE_KEY
+
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "num-server-rounds=6", devices=3)
+    grid = InProcessGrid(3)
+    node = grid.node_ids[0]
+
+    def forget(report):
+        if report.round == 4:  # it acknowledged the frozen G in round 4; now it loses it (a restart)
+            for key in (GENERATOR_STATE_KEY, GENERATOR_VERSION_STATE_KEY):
+                del grid.contexts[node].state[key]
+
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports = []
+    strategy.start(grid=grid, num_rounds=6, on_round_end=lambda r: (reports.append(r), forget(r)))
+    assert [f["device"] for f in reports[4].failures] == [0]
+    assert "generator version" in reports[4].failures[0]["reason"]
+    resent = [t for t in _replies(grid) if t.message.metadata.dst_node_id == node
+              and t.message.content[P.CONFIG]["server-round"] == 6][0]
+    assert P.GENERATOR in resent.message.content and not resent.reply.has_error()
+    assert not reports[5].failures
+
+
+def test_query_specs_reject_bad_values_by_name():
+    with pytest.raises(ValueError, match="query source 'disk'"):
+        QuerySpec("disk", 0, 10)
+    with pytest.raises(ValueError, match="count >= 1"):
+        QuerySpec("reference", 0, 0)
+    spec = QuerySpec("reference", 3, 50)
+    assert QuerySpec.from_config(spec.to_config("q"), "q") == spec
+    with pytest.raises(ValueError, match="reference set has 20"):
+        resolve_queries(spec, reference_inputs=_public(20))
+    with pytest.raises(ValueError, match="generator's weights"):
+        resolve_queries(QuerySpec("generator", 0, 8), generator=None)
