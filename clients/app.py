@@ -341,8 +341,8 @@ def train_ensemble_distill(message: Message, context: Context) -> Message:
         generator = _held_generator(message, config, context, client)
         held = {"reference_inputs": client.reference_inputs() if client.reference is not None else None,
                 "generator": generator}
-        query = QuerySpec.from_config(config, "query")
-        target_query = QuerySpec.from_config(config, "target-query")
+        query = QuerySpec.from_config(config, P.QUERY)
+        target_query = QuerySpec.from_config(config, P.TARGET_QUERY)
         targets = message.content.array_records.get(P.TARGETS)
         if targets is not None and target_query is not None:
             kind = str(config["target-kind"])

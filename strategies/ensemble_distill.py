@@ -314,12 +314,12 @@ class EnsembleDistill(DeviceStrategy):
         for key, value in self.ensemble_config().items():
             config[key] = value
         if self._query is not None:
-            for key, value in self._query.to_config("query").items():
+            for key, value in self._query.to_config(P.QUERY).items():
                 config[key] = value
         content = RecordDict({P.CONFIG: config})
         target = self.target_for(self.device_id(node_id)) if self._target_query is not None else None
         if target is not None:
-            for key, value in self._target_query.to_config("target-query").items():  # type: ignore[union-attr]
+            for key, value in self._target_query.to_config(P.TARGET_QUERY).items():  # type: ignore[union-attr]
                 config[key] = value
             encoded = encode_answers(target.clamp_min(1e-12).log(), self._target_kind, self.precision)
             content[P.TARGETS] = ArrayRecord({P.TARGET_RESPONSES: Array(encoded)})

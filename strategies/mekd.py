@@ -152,7 +152,7 @@ class MEKD(EnsembleDistill):
             # deprivatization: G changes every round; ship whichever is smaller, G or its samples
             inputs = self.round_inputs(query)
             if inputs.numel() * inputs.element_size() < state_bytes(self.generator):
-                config["query-source"] = "inputs"
+                config[f"{P.QUERY}-source"] = "inputs"
                 return {P.QUERY_INPUTS: ArrayRecord({P.INPUTS: Array(inputs.numpy())})}
         for key, value in generator_config(self.input_shape, self.gan, self.output_range).items():
             config[key] = value

@@ -30,16 +30,12 @@ REFERENCE_LOGITS = "reference-logits"
 DEVICE_IDS = "device-ids"
 QUALITY = "quality"
 INPUTS = "inputs"
-RESPONSES = "responses"  # soft answers on query inputs, encoded log-probabilities (N x C)
-LABELS = "labels"  # hard answers on query inputs: class indices only (N,)
+RESPONSES = "responses"  # answers on query inputs: log-probabilities (N x C), or class indices (N,) when hard
 TARGET_RESPONSES = "target-responses"  # ensemble answers on last round's queries (N x C or N,)
 
-# config keys of a query (which public inputs to answer on)
-QUERY_SOURCE = "query-source"  # "reference" (indices into the reference set) or "generator" (G(z))
-QUERY_SEED = "query-seed"
-QUERY_COUNT = "query-count"
-TARGET_QUERY_SEED = "target-query-seed"  # the query the targets refer to
-TARGET_QUERY_COUNT = "target-query-count"
+# config-key prefixes of the two queries a message may name (see hetkd.distill.queries.QuerySpec)
+QUERY = "query"  # this round's: answer on these inputs
+TARGET_QUERY = "target-query"  # last round's: the inputs the targets refer to
 
 # config keys
 RUN_CONFIG_YAML = "hetkd-config"
