@@ -8,6 +8,7 @@ only the FedAvg baseline calls.
 
 from __future__ import annotations
 
+import itertools
 import math
 import resource
 import time
@@ -155,15 +156,22 @@ class DistillClient:
         ``min_steps`` optimisation steps, passing over the private data again
         if needed (so a device with very little data still takes enough
         distillation steps). Shuffling and dropout are seeded by (run seed,
-        device, round), so results do not depend on scheduling.
+        device, round), so results do not depend on scheduling. With
+        ``training.max_steps`` > 0 the round stops after that many steps.
         """
         epochs = self.training.local_epochs if epochs is None else epochs
+        budget = self.training.max_steps or None
         start = time.perf_counter()
         losses, seen = [], 0
         with seeded(self.seed, "train", self.device_id, server_round) as generator:
             for _ in range(epochs):
-                batches = self._epoch_batches(generator, min_steps)
+                if budget is not None and budget <= 0:
+                    break
+                taken = [0]
+                batches = itertools.islice(self._epoch_batches(generator, min_steps, taken), budget)
                 loss, n = train_epoch(self.model, self.optimizer, batches, loss_fn, self.torch_device)
+                if budget is not None:
+                    budget -= taken[0]
                 if n:
                     losses.append(loss)
                 seen += n
@@ -175,12 +183,15 @@ class DistillClient:
             "train-seconds": time.perf_counter() - start,
         }
 
-    def _epoch_batches(self, generator: torch.Generator, min_steps: int):
-        """Shuffled private batches: one pass, repeated until ``min_steps`` batches."""
+    def _epoch_batches(self, generator: torch.Generator, min_steps: int, taken: list[int] | None = None):
+        """Shuffled private batches: one pass, repeated until ``min_steps`` batches
+        (``taken[0]`` counts the batches handed out)."""
         steps = 0
         while True:
             for batch in self.data.train.batches(self.training.batch_size, shuffle=True, generator=generator):
                 steps += 1
+                if taken is not None:
+                    taken[0] += 1
                 yield batch
             if steps == 0 or steps >= min_steps:
                 return

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,8 @@ __all__ = ["compare", "add_parser", "FIGURES"]
 FIGURES = (
     ("final_personalised_accuracy_mean", "personalised", True),
     ("final_personalised_accuracy_worst10", "worst 10%", True),
-    ("final_personalised_accuracy_weighted", "pers. weighted", True),
+    ("final_personalised_accuracy_weighted", "pers. sample-weighted", True),
+    ("best_personalised_accuracy_weighted", "pers. sample-weighted, best round", True),
     ("best_personalised_accuracy_mean", "pers. best round", True),
     ("final_global_accuracy_mean", "global", True),
     ("final_student_accuracy", "global student", True),
@@ -63,8 +65,15 @@ def _run_one(cfg: HetkdConfig) -> dict[str, Any]:
     return summary
 
 
-def compare(cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path) -> dict[str, Any]:
-    """Run every strategy for every seed; write and return the comparison."""
+def compare(
+    cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path, command: str = ""
+) -> dict[str, Any]:
+    """Run every strategy for every seed; write and return the comparison.
+
+    A run that fails is reported (``failed_runs`` in ``compare.json``, a line in
+    ``compare.md``) and left out of the statistics; the others go on. ``command``
+    (the command line that asked for the comparison) is written beside the table.
+    """
     if not strategies:
         raise ConfigError("--strategies", "name at least one strategy")
     for name in strategies:
@@ -83,7 +92,7 @@ def compare(cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path
     if started_ray:  # one Ray session for all runs
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         ray.init(**backend_config(cfg)["init_args"], include_dashboard=False)
-    results: dict[str, dict[str, Any]] = {name: {"runs": []} for name in strategies}
+    results: dict[str, dict[str, Any]] = {name: {"runs": [], "failed": []} for name in strategies}
     try:
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("compare", total=len(strategies) * len(seeds))
@@ -97,7 +106,13 @@ def compare(cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path
                                        quiet=True, progress=False),
                     )
                     t0 = time.perf_counter()
-                    summary = _run_one(run_cfg)
+                    try:
+                        summary = _run_one(run_cfg)
+                    except Exception as err:  # one broken run must not lose the others
+                        results[name]["failed"].append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
+                        console.print(f"{name:>10} seed {seed}: FAILED ({type(err).__name__}: {err})")
+                        progress.advance(task)
+                        continue
                     results[name]["runs"].append(summary)
                     console.print(
                         f"{name:>10} seed {seed}: personalised {summary.get('final_personalised_accuracy_mean') or 0:.3f}"
@@ -113,17 +128,19 @@ def compare(cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path
         runs = entry["runs"]
         table[name] = {key: _stats([r.get(key) for r in runs]) for key, _, _ in FIGURES}
         table[name]["run_dirs"] = [r["out_dir"] for r in runs]
+        table[name]["failed_runs"] = entry["failed"]
         table[name]["largest_model_bytes"] = max((r.get("largest_model_bytes") or 0 for r in runs), default=0)
         zoo = next((r["zoo_largest_model"] for r in runs if r.get("zoo_largest_model")), None)
         table[name]["zoo_largest_model"] = zoo
         sent = table[name]["bytes_per_device_per_round"]["mean"]
         # what this strategy sends per device per round, against FedAvg with the zoo's largest model
         table[name]["bytes_fraction_of_fedavg_zoo_largest"] = sent / (2 * zoo["bytes"]) if sent and zoo else None
-    payload = {"seeds": seeds, "strategies": table, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    payload = {"seeds": seeds, "strategies": table, "command": command,
+               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (out / "compare.md").write_text(_markdown(table, seeds))
+    (out / "compare.md").write_text(_markdown(table, seeds, command))
     _plot(table, out / "compare.png")
-    console.print(_markdown(table, seeds))
+    console.print(_markdown(table, seeds, command))
     console.print(f"comparison written to {out}")
     return payload
 
@@ -136,12 +153,16 @@ def _cell(stat: dict[str, Any], fraction: bool) -> str:
     return f"{stat['mean']:,.0f} ± {stat['std']:,.0f}"
 
 
-def _markdown(table: dict[str, Any], seeds: list[int]) -> str:
+def _markdown(table: dict[str, Any], seeds: list[int], command: str = "") -> str:
     head = "| strategy | " + " | ".join(title for _, title, _ in FIGURES) + " |"
     rule = "|" + "---|" * (len(FIGURES) + 1)
-    lines = [f"Accuracy in %, mean ± std over seeds {seeds} (final round unless noted).", "", head, rule]
+    lines = [f"Made with `{command}`.", ""] if command else []
+    lines += [f"Accuracy in %, mean ± std over seeds {seeds} (final round unless noted).", "", head, rule]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(_cell(row[key], frac) for key, _, frac in FIGURES) + " |")
+    for name, row in table.items():
+        for failure in row.get("failed_runs", []):
+            lines.append(f"\n{name}, seed {failure['seed']} failed and is left out: {failure['error']}")
     largest = max((row.get("largest_model_bytes") or 0 for row in table.values()), default=0)
     zoo = next((row["zoo_largest_model"] for row in table.values() if row.get("zoo_largest_model")), None)
     if largest or zoo:
@@ -191,7 +212,9 @@ def _cmd(args: argparse.Namespace) -> int:
     seeds = [cfg.seed + k for k in range(args.seeds)]
     name = Path(args.items[0]).stem if args.items and "=" not in args.items[0] else "default"
     out = Path(args.out) if args.out else Path(cfg.output.root) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    compare(cfg, strategies, seeds, out)
+    command = " ".join(["hetkd compare", *map(shlex.quote, args.items), "--strategies", args.strategies,
+                        "--seeds", str(args.seeds)])
+    compare(cfg, strategies, seeds, out, command)
     return 0
 
 

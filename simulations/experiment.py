@@ -21,7 +21,7 @@ from hetkd.models import ModelError, assign_architectures, build_model, largest_
 from hetkd.results import RunRecorder, subset_accuracy
 from hetkd.simulations.registry import CENTRAL, ENSEMBLE_STRATEGIES, build_strategy, check_strategy, initial_arrays
 
-__all__ = ["PreparedRun", "USER_ERRORS", "prepare", "resolve_output", "run_on_grid", "default_run_name"]
+__all__ = ["PreparedRun", "USER_ERRORS", "prepare", "resolve_data_path", "resolve_output", "run_on_grid", "default_run_name"]
 
 #: errors caused by what the user asked for: reported in one line, before any device starts
 USER_ERRORS = (ConfigError, ModelError, PartitionError, DatasetUnavailableError)
@@ -46,6 +46,15 @@ def resolve_output(cfg: HetkdConfig) -> HetkdConfig:
     return replace(cfg, output=replace(cfg.output, dir=str(candidate), run_name=candidate.name))
 
 
+def resolve_data_path(cfg: HetkdConfig) -> HetkdConfig:
+    """A copy of ``cfg`` whose ``dataset.path`` is absolute (from the working directory),
+    so devices find the file whatever folder their process starts in."""
+    if not cfg.dataset.path:
+        return cfg
+    path = str(Path(cfg.dataset.path).expanduser().resolve())
+    return replace(cfg, dataset=replace(cfg.dataset, path=path))
+
+
 @dataclass(frozen=True)
 class PreparedRun:
     """A checked config with its data picture, ready to start."""
@@ -67,7 +76,7 @@ def prepare(cfg: HetkdConfig) -> PreparedRun:
     if cfg.strategy.name == CENTRAL:
         raise ConfigError("strategy.name", "'central' pools all device data and runs in this process; "
                           "use `hetkd run strategy=central` or `hetkd compare`, not flwr run")
-    cfg = resolve_output(cfg)
+    cfg = resolve_data_path(resolve_output(cfg))
     federation = build_federation(cfg)
     archs = assign_architectures(
         cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers

@@ -77,8 +77,11 @@ class DatasetConfig:
 
     ``name`` is a key of :data:`hetkd.data.DATASETS`. ``root`` is where
     downloadable datasets live (``download`` fetches them there when missing).
-    ``path`` is the ``.npz`` file for ``name=npz``. ``test_fraction`` of the
-    pool is held out as the global test set, which no device trains on.
+    ``path`` is the ``.npz`` file for ``name=npz`` (relative paths are taken
+    from the working directory where the run starts). ``test_fraction`` of the
+    pool is held out as the global test set, which no device trains on; with
+    ``partition.method=given`` it is that fraction of the clients' pooled test
+    parts (see :func:`hetkd.data.given_partition`).
     ``num_samples`` bounds how many samples are generated or used (0 = all).
     """
 
@@ -110,9 +113,12 @@ class PartitionConfig:
     """How the training pool is split over devices.
 
     ``method``: ``iid``, ``dirichlet`` (label skew, concentration ``alpha``),
-    ``pathological`` (``classes_per_device`` labels each) or ``quantity_skew``
+    ``pathological`` (``classes_per_device`` labels each), ``quantity_skew``
     (``sparse_fraction`` of the devices hold ``sparse_max_samples`` samples,
-    the others share the rest). With a label-skew method, ``sparse_fraction``
+    the others share the rest) or ``given`` (the partition that ships with the
+    data, e.g. an ``.npz`` with ``client`` and ``split`` arrays: client ``i``
+    becomes device ``i``, its train/test parts are kept as they are, and the
+    reference set is drawn from the clients' train parts). With a label-skew method, ``sparse_fraction``
     > 0 additionally cuts that fraction of devices down to at most
     ``sparse_max_samples`` samples ("sparse users"). Each device keeps
     ``device_test_fraction`` of its partition as its own test split.
@@ -262,9 +268,16 @@ class StrategyConfig:
 
 @dataclass
 class TrainingConfig:
-    """Each device's local optimisation."""
+    """Each device's local optimisation.
+
+    ``max_steps`` > 0 caps the optimisation steps of one round (private
+    batches over all ``local_epochs``): with large partitions a round then
+    trains on a seeded random part of the data, so devices with 100x more
+    samples do not set the round's pace (0 = no cap, whole epochs).
+    """
 
     local_epochs: int = 5
+    max_steps: int = 0
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -419,7 +432,7 @@ FLOWER_ALIASES: dict[str, str] = {
 #: The run-config key that names a YAML file to load under the overrides.
 CONFIG_FILE_KEY = "config"
 
-PARTITION_METHODS = ("iid", "dirichlet", "pathological", "quantity_skew")
+PARTITION_METHODS = ("iid", "dirichlet", "pathological", "quantity_skew", "given")
 ASSIGNMENTS = ("homogeneous", "round_robin", "per_device", "tiers")
 OPTIMIZERS = ("sgd", "adam")
 STATE_STORES = ("context", "disk")
@@ -700,6 +713,7 @@ def validate_config(cfg: HetkdConfig) -> None:
 
     t = cfg.training
     _check(t.local_epochs >= 0, "training.local_epochs", f"must be >= 0, got {t.local_epochs}")
+    _check(t.max_steps >= 0, "training.max_steps", f"must be >= 0 (0 = no cap), got {t.max_steps}")
     _check(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
     _check_choice(t.optimizer, "training.optimizer", OPTIMIZERS)
     _check(t.lr > 0, "training.lr", f"must be > 0, got {t.lr}")

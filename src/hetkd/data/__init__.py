@@ -2,8 +2,10 @@
 
 from hetkd.data.federation import DeviceData, Federation, build_federation
 from hetkd.data.partition import (
+    GivenPartition,
     PartitionError,
     dirichlet_partition,
+    given_partition,
     iid_partition,
     make_sparse,
     partition_pool,
@@ -19,10 +21,12 @@ __all__ = [
     "DataView",
     "DatasetUnavailableError",
     "DeviceData",
+    "GivenPartition",
     "Federation",
     "PartitionError",
     "build_federation",
     "dirichlet_partition",
+    "given_partition",
     "iid_partition",
     "load_dataset",
     "make_sparse",

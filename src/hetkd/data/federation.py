@@ -10,6 +10,10 @@ dataset into
 * one partition per device (see :mod:`hetkd.data.partition`), each split into
   the device's own train and test part.
 
+When the data carries its own partition (``partition.method=given``, e.g. an
+``.npz`` with ``client``/``split`` arrays), the clients' parts are used as they
+are and the public parts are carved around them (:func:`given_partition`).
+
 The server and every device call it with the same config and get the same
 picture, so no index lists need to travel. Everything is an index view of one
 in-memory dataset per process.
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from hetkd.config import HetkdConfig
-from hetkd.data.partition import partition_pool, split_train_test
+from hetkd.data.partition import PartitionError, given_partition, make_sparse, partition_pool, split_train_test
 from hetkd.data.sources import ArrayDataset, DataView, load_dataset
 
 __all__ = ["DeviceData", "Federation", "build_federation"]
@@ -121,6 +125,8 @@ def _build(key: str) -> Federation:
         path=ds_cfg["path"],
         num_samples=ds_cfg["num_samples"],
     )
+    if part_cfg["method"] == "given":
+        return _given(dataset, spec)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(dataset))
     num_test = int(round(ds_cfg["test_fraction"] * len(dataset)))
@@ -164,3 +170,37 @@ def _build(key: str) -> Federation:
             DeviceData(device_id, dataset.view(train), dataset.view(test), device_id in sparse_ids)
         )
     return Federation(dataset, dataset.view(global_test), reference, labelled, tuple(devices))
+
+
+def _given(dataset: ArrayDataset, spec: dict) -> Federation:
+    """The federation of a dataset that ships its own partition."""
+    seed, ds_cfg, ref_cfg, part_cfg = spec["seed"], spec["dataset"], spec["reference"], spec["partition"]
+    if dataset.clients is None:
+        raise PartitionError(
+            f"partition.method='given' needs data that carries its own partition (a 'client' array), "
+            f"but dataset '{ds_cfg['name']}' has none; use dataset.name=npz with a file holding "
+            "x, y, client (and optionally split), or another partition.method"
+        )
+    if ref_cfg["source"] not in ("pool", dataset.name):
+        raise PartitionError(
+            f"reference.source={ref_cfg['source']!r} with partition.method='given' is not supported; "
+            "the reference set is carved from the clients' train parts (reference.source=pool)"
+        )
+    given = given_partition(
+        dataset.clients,
+        dataset.splits,
+        spec["num_devices"],
+        seed,
+        global_test_fraction=ds_cfg["test_fraction"],
+        reference_size=ref_cfg["size"],
+        device_test_fraction=part_cfg["device_test_fraction"],
+    )
+    train_parts, sparse_ids = make_sparse(
+        given.device_train, part_cfg["sparse_fraction"], part_cfg["sparse_max_samples"], seed + 1
+    )
+    devices = tuple(
+        DeviceData(device_id, dataset.view(train), dataset.view(test), device_id in sparse_ids)
+        for device_id, (train, test) in enumerate(zip(train_parts, given.device_test))
+    )
+    reference = dataset.view(given.reference)
+    return Federation(dataset, dataset.view(given.global_test), reference, bool(ref_cfg["labelled"]), devices)

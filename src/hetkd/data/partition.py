@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +25,8 @@ __all__ = [
     "make_sparse",
     "split_train_test",
     "partition_pool",
+    "GivenPartition",
+    "given_partition",
 ]
 
 
@@ -225,8 +228,101 @@ def partition_pool(
         parts = quantity_skew_partition(labels, num_devices, sparse_fraction, sparse_max_samples, seed)
         sizes = [len(p) for p in parts]
         return parts, [i for i, n in enumerate(sizes) if n <= sparse_max_samples]
+    elif method == "given":
+        raise PartitionError(
+            "partition.method='given' uses the partition that ships with the data: see given_partition"
+        )
     else:
         raise PartitionError(
-            f"unknown partition.method {method!r}; valid choices: iid, dirichlet, pathological, quantity_skew"
+            f"unknown partition.method {method!r}; valid choices: iid, dirichlet, pathological, "
+            "quantity_skew, given"
         )
     return make_sparse(parts, sparse_fraction, sparse_max_samples, seed + 1)
+
+
+@dataclass(frozen=True)
+class GivenPartition:
+    """A federated partition that came with the data, with the public parts carved out.
+
+    Every array holds indices into the dataset. ``device_train[i]`` and
+    ``device_test[i]`` belong to client ``client_ids[i]``.
+    """
+
+    client_ids: list[int]
+    device_train: list[np.ndarray]
+    device_test: list[np.ndarray]
+    global_test: np.ndarray
+    reference: np.ndarray
+
+
+def given_partition(
+    clients: np.ndarray,
+    splits: np.ndarray | None,
+    num_devices: int,
+    seed: int,
+    *,
+    global_test_fraction: float,
+    reference_size: int,
+    device_test_fraction: float = 0.25,
+) -> GivenPartition:
+    """Use a partition that ships with the data ("pre-partitioned arrays") as it is.
+
+    ``clients[j]`` is the client holding sample ``j``; ``splits[j]`` is 0 when
+    the sample is in that client's train part and 1 in its test part (without
+    ``splits`` each client's data is split with ``device_test_fraction``).
+    The first ``num_devices`` clients (in id order) become the devices.
+
+    The public parts are carved so that no client's *test* part changes, so
+    personalised accuracy is measured on exactly the published test parts:
+
+    * the **global test set** is a seeded sample of ``global_test_fraction``
+      of all clients' test parts pooled (held out from every device's
+      training, as the test parts are; it overlaps the devices' own test
+      parts, which no device trains on either);
+    * the **reference set** is ``reference_size`` samples drawn at random from
+      all clients' train parts pooled, and removed from them (each client
+      gives up about the same fraction of its train part), so it is disjoint
+      from every device's training data.
+    """
+    clients = np.asarray(clients)
+    ids = np.unique(clients).tolist()
+    if num_devices < 1:
+        raise PartitionError(f"num_devices must be >= 1, got {num_devices}")
+    if num_devices > len(ids):
+        raise PartitionError(
+            f"simulation.num_devices={num_devices} but the data's partition has only {len(ids)} clients"
+        )
+    if not 0.0 < global_test_fraction <= 1.0:
+        raise PartitionError(f"dataset.test_fraction must be in (0, 1], got {global_test_fraction}")
+    rng = np.random.default_rng(seed)
+    train_parts, test_parts = [], []
+    for k, client in enumerate(ids):
+        own = np.flatnonzero(clients == client)
+        if splits is not None:
+            train_parts.append(own[splits[own] == 0])
+            test_parts.append(own[splits[own] == 1])
+        else:
+            train, test = split_train_test(own, device_test_fraction, seed * 100_003 + k)
+            train_parts.append(np.sort(train))
+            test_parts.append(np.sort(test))
+    pooled_test = np.concatenate(test_parts)
+    if len(pooled_test) == 0:
+        raise PartitionError("the data's partition has no test parts to take the global test set from")
+    num_global = max(1, round(global_test_fraction * len(pooled_test)))
+    global_test = np.sort(rng.choice(pooled_test, size=num_global, replace=False))
+    pooled_train = np.concatenate(train_parts)
+    if reference_size >= len(pooled_train):
+        raise PartitionError(
+            f"reference.size={reference_size} would take all {len(pooled_train)} training samples"
+        )
+    reference = np.sort(rng.choice(pooled_train, size=reference_size, replace=False))
+    is_reference = np.zeros(len(clients), dtype=bool)
+    is_reference[reference] = True
+    device_train = [part[~is_reference[part]] for part in train_parts[:num_devices]]
+    for client, part in zip(ids, device_train):
+        if len(part) == 0:
+            raise PartitionError(
+                f"client {client} has no training samples left after reference.size={reference_size} "
+                "were drawn; lower reference.size"
+            )
+    return GivenPartition(ids[:num_devices], device_train, test_parts[:num_devices], global_test, reference)

@@ -10,7 +10,10 @@ with the package) and ``mnist1d`` (generated locally by the ``mnist1d``
 package). Online sources (``mnist``, ``fashion_mnist``, ``cifar10``,
 ``cifar100``, ``svhn``) download through torchvision into ``root``; when that is
 impossible, :class:`DatasetUnavailableError` says where to put the files.
-``npz`` reads a user's arrays ``x`` and ``y``.
+``npz`` reads a user's arrays ``x`` and ``y``, and, when the file carries a
+federated partition of its own, ``client`` (which client holds each sample)
+and ``split`` (0 = that client's train part, 1 = its test part); the partition
+method ``given`` then uses that partition as it is.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class ArrayDataset:
     num_classes: int
     scale: float = 1.0
     shift: float = 0.0
+    clients: np.ndarray | None = None
+    splits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.raw) != len(self.labels):
@@ -59,6 +64,24 @@ class ArrayDataset:
             )
         if self.labels.ndim != 1:
             raise ValueError(f"dataset '{self.name}': labels must be 1-D, got shape {self.labels.shape}")
+        for field, values in (("client", self.clients), ("split", self.splits)):
+            if values is not None and values.shape != self.labels.shape:
+                raise ValueError(
+                    f"dataset '{self.name}': array '{field}' has shape {values.shape}, "
+                    f"but there are {len(self.labels)} samples"
+                )
+        if self.splits is not None and self.clients is None:
+            raise ValueError(f"dataset '{self.name}': a 'split' array needs a 'client' array beside it")
+        if self.clients is not None and len(self.clients) and self.clients.min() < 0:
+            raise ValueError(f"dataset '{self.name}': array 'client' holds negative ids ({self.clients.min()})")
+        if self.splits is not None and not np.isin(self.splits, (0, 1)).all():
+            bad = sorted(set(np.unique(self.splits).tolist()) - {0, 1})
+            raise ValueError(f"dataset '{self.name}': array 'split' must hold 0 (train) or 1 (test), found {bad}")
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the data carries its own federated partition (a ``client`` array)."""
+        return self.clients is not None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -205,10 +228,21 @@ def _torchvision(name: str, root: str = "~/.cache/hetkd/data", download: bool = 
     return ArrayDataset(name, np.concatenate(xs), np.concatenate(ys), num_classes, 2.0 / 255.0, -1.0)
 
 
+_MNIST_HINT = (
+    "MNIST with HtFLlib's partition ships beside the hetkd repository as "
+    "../shared/data/mnist_htfllib.npz; otherwise use dataset.name=mnist (torchvision "
+    "downloads it into dataset.root, which needs network access) or write your own arrays "
+    "with numpy.savez(path, x=..., y=..., client=..., split=...)"
+)
+
+
 def _npz(path: str = "", **_: object) -> ArrayDataset:
+    """A user's arrays: ``x``, ``y`` and, optionally, ``client`` and ``split``."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise DatasetUnavailableError(f"dataset 'npz': file '{file}' (dataset.path) does not exist")
+        raise DatasetUnavailableError(
+            f"dataset 'npz': file '{file}' (dataset.path) does not exist; {_MNIST_HINT}"
+        )
     with np.load(file, allow_pickle=False) as arrays:
         missing = [k for k in ("x", "y") if k not in arrays]
         if missing:
@@ -216,13 +250,18 @@ def _npz(path: str = "", **_: object) -> ArrayDataset:
                 f"dataset 'npz': '{file}' lacks array(s) {missing}; it holds {sorted(arrays.files)}"
             )
         x, y = arrays["x"], arrays["y"].astype(np.int64)
+        clients = arrays["client"].astype(np.int64) if "client" in arrays else None
+        splits = arrays["split"].astype(np.int8) if "split" in arrays else None
     if x.ndim == 2:  # flat vectors -> one channel
         x = x[:, None, :]
     elif x.ndim == 3:  # N x H x W images -> one channel
         x = x[:, None]
     scale, shift = (2.0 / 255.0, -1.0) if x.dtype == np.uint8 else (1.0, 0.0)
     num_classes = int(y.max()) + 1 if len(y) else 0
-    return ArrayDataset("npz", x, y, num_classes, scale, shift)
+    try:
+        return ArrayDataset("npz", x, y, num_classes, scale, shift, clients, splits)
+    except ValueError as err:
+        raise DatasetUnavailableError(f"dataset 'npz': '{file}': {err}") from None
 
 
 #: name -> loader(**dataset options) -> ArrayDataset
@@ -239,7 +278,11 @@ def _load_cached(name: str, root: str, download: bool, path: str, num_samples: i
     ds = DATASETS[name](root=root, download=download, path=path, num_samples=num_samples)
     if 0 < num_samples < len(ds):
         keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:num_samples])
-        ds = ArrayDataset(ds.name, ds.raw[keep], ds.labels[keep], ds.num_classes, ds.scale, ds.shift)
+        ds = ArrayDataset(
+            ds.name, ds.raw[keep], ds.labels[keep], ds.num_classes, ds.scale, ds.shift,
+            None if ds.clients is None else ds.clients[keep],
+            None if ds.splits is None else ds.splits[keep],
+        )
     return ds
 
 
