@@ -113,3 +113,11 @@ def test_an_error_the_superlink_returns_for_a_departed_node_is_booked_to_that_no
     replies = MeteredGrid(LinkGrid()).send_and_receive(messages, timeout=1)
     assert [r.metadata.src_node_id for r in replies] == [11, 22]
     assert all(r.has_error() and "Unavailable" in r.error.reason for r in replies)
+
+
+def test_hetkd_deploy_rejects_a_bad_config_before_starting_anything(tmp_path, capsys):
+    from hetkd.simulations.cli import main
+
+    assert main(["deploy", "--devices", "2", "--home", str(tmp_path / "home"), "partition.alpah=0.1"]) == 2
+    assert "partition.alpah" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # no FLWR_HOME, no process
