@@ -24,34 +24,49 @@ FedAvg baseline).
 
 The device learns the run's configuration from the server's ``query.setup``
 message; without one (a ServerApp of the user's own), it reads the run config
-Flower gives it.
+Flower gives it. Which device a node is (and, optionally, which model it holds
+and where it keeps its state) comes from its node config, checked by
+:func:`hetkd.clients.node_config.parse_node_config`.
+
+Where a device's model and data come from is a :class:`DeviceSource`:
+:data:`app` builds them from hetkd's data and model zoo (:class:`ZooDevices`);
+:func:`hetkd.clients.make_client_app` from a model and data of the user's own.
+:func:`build_client_app` wires any source to the handlers below.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.client_app import DEFAULT_ACTION
 
 from hetkd import protocol as P
 from hetkd.clients.device import DistillClient, peak_rss_mb
-from hetkd.clients.state import make_store
+from hetkd.clients.node_config import MODEL, PARTITION_ID, NodeConfigError, parse_node_config
+from hetkd.clients.state import DiskStateStore, StateStore, make_store
 from hetkd.config import HetkdConfig, from_yaml, resolve_config
 from hetkd.distill.codec import decode_answers, decode_logits, encode_answers, encode_logits
 from hetkd.distill.generative import Generator, make_generator
 from hetkd.distill.mekd import freeze, mapping_emulation_loss, teacher_logits
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.similarity import mix_targets, neighbour_plan
+from hetkd.models import ModelError
 from hetkd.training import derive_seed
 
 __all__ = [
     "app",
+    "build_client_app",
+    "DeviceSource",
+    "ZooDevices",
+    "HANDLERS",
     "device_config",
     "device_id_of",
     "device_session",
@@ -61,9 +76,7 @@ __all__ = [
 ]
 
 CONFIG_STATE_KEY = "hetkd.config"
-PARTITION_ID_KEY = "partition-id"
-
-app = ClientApp()
+PARTITION_ID_KEY = PARTITION_ID
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -88,37 +101,52 @@ def _cached_config(text: str) -> HetkdConfig:
 
 
 def device_id_of(context: Context, cfg: HetkdConfig) -> int:
-    """The device's index, from the node config's ``partition-id``."""
-    value = context.node_config.get(PARTITION_ID_KEY)
-    if value is None:
-        raise ValueError(
-            f"node config lacks '{PARTITION_ID_KEY}'; start the SuperNode with "
-            f"--node-config \"{PARTITION_ID_KEY}=<0..{cfg.simulation.num_devices - 1}>\""
-        )
-    try:
-        device_id = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"node config '{PARTITION_ID_KEY}' must be an integer, got {value!r}") from None
-    if not 0 <= device_id < cfg.simulation.num_devices:
-        raise ValueError(
-            f"node config '{PARTITION_ID_KEY}'={device_id} is outside 0..{cfg.simulation.num_devices - 1} "
-            "(simulation.num_devices)"
-        )
-    return device_id
+    """The device's index, from the node config's ``partition-id`` (checked with the rest of it)."""
+    return parse_node_config(context.node_config, cfg.simulation.num_devices).partition_id
 
 
 def _state_root(cfg: HetkdConfig) -> Path:
     return Path(cfg.output.dir or cfg.output.root).expanduser() / "device-state"
 
 
+class DeviceSource(Protocol):
+    """Where a node's device comes from: its model, its data and its state store."""
+
+    def open(self, context: Context) -> tuple[DistillClient, StateStore]:
+        """This node's device, freshly initialised, and the store that holds its learnt state."""
+        ...
+
+
+class ZooDevices:
+    """Devices from hetkd's data and model zoo, as the run config describes them.
+
+    The node config's ``partition-id`` picks the device (its data partition and,
+    through ``models.assignment``, its model); ``model`` replaces the
+    architecture and ``state-dir`` keeps the state on disk there.
+    """
+
+    def open(self, context: Context) -> tuple[DistillClient, StateStore]:
+        cfg = device_config(context)
+        torch.set_num_threads(cfg.training.num_threads)
+        node = parse_node_config(context.node_config, cfg.simulation.num_devices)
+        try:
+            client = DistillClient.from_config(cfg, node.partition_id, architecture=node.model)
+        except ModelError as err:
+            if node.model is None:
+                raise
+            raise NodeConfigError(MODEL, f": {err}") from None
+        if node.state_dir is not None:
+            return client, DiskStateStore(node.state_dir, node.partition_id)
+        return client, make_store(cfg.simulation.state_store, context, node.partition_id, _state_root(cfg))
+
+
+ZOO_DEVICES = ZooDevices()
+
+
 @contextmanager
-def device_session(context: Context, save: bool = True) -> Iterator[DistillClient]:
+def device_session(context: Context, devices: DeviceSource = ZOO_DEVICES, save: bool = True) -> Iterator[DistillClient]:
     """Open this node's device with its stored state; save it back afterwards."""
-    cfg = device_config(context)
-    torch.set_num_threads(cfg.training.num_threads)
-    device_id = device_id_of(context, cfg)
-    client = DistillClient.from_config(cfg, device_id)
-    store = make_store(cfg.simulation.state_store, context, device_id, _state_root(cfg))
+    client, store = devices.open(context)
     state = store.load()
     if state is not None:
         client.load_state_dict(state)
@@ -157,15 +185,14 @@ def reply(
 # --------------------------------------------------------------------------- actions
 
 
-@app.query("setup")
-def setup(message: Message, context: Context) -> Message:
+def setup(message: Message, context: Context, devices: DeviceSource = ZOO_DEVICES) -> Message:
     """Store the run config sent by the server and initialise the device."""
     started = time.perf_counter()
     text = message_config(message).get(P.RUN_CONFIG_YAML)
     if text:
         from_yaml(str(text))  # validate before storing
         context.state[CONFIG_STATE_KEY] = ConfigRecord({"yaml": str(text)})
-    with device_session(context) as client:
+    with device_session(context, devices) as client:
         info = client.describe()
     architecture = info.pop("architecture")
     return reply(
@@ -176,38 +203,35 @@ def setup(message: Message, context: Context) -> Message:
     )
 
 
-@app.train("local")
-def train_local(message: Message, context: Context) -> Message:
+def train_local(message: Message, context: Context, devices: DeviceSource = ZOO_DEVICES) -> Message:
     """Local-only training: cross-entropy on the private data."""
     started = time.perf_counter()
     config = message_config(message)
-    with device_session(context) as client:
+    with device_session(context, devices) as client:
         epochs = int(config.get("local-epochs", client.training.local_epochs))  # type: ignore[arg-type]
         metrics = client.fit(int(config.get(P.SERVER_ROUND, 0)), epochs)  # type: ignore[arg-type]
     return reply(message, metrics, started=started)
 
 
-@app.train()
-def train_fedavg(message: Message, context: Context) -> Message:
+def train_fedavg(message: Message, context: Context, devices: DeviceSource = ZOO_DEVICES) -> Message:
     """FedAvg baseline: start from the global weights, train, send the weights back."""
     started = time.perf_counter()
     config = message_config(message)
     arrays = message.content.array_records.get(P.ARRAYS)
     if arrays is None:
         raise ValueError(f"a '{P.TRAIN_FEDAVG}' message must carry the global weights under '{P.ARRAYS}'")
-    with device_session(context) as client:
+    with device_session(context, devices) as client:
         client.set_weights(arrays.to_torch_state_dict())
         metrics = client.fit(int(config.get(P.SERVER_ROUND, 0)))  # type: ignore[arg-type]
         weights = ArrayRecord(client.get_weights())
     return reply(message, metrics, arrays={P.ARRAYS: weights}, started=started)
 
 
-@app.evaluate()
-def evaluate(message: Message, context: Context) -> Message:
+def evaluate(message: Message, context: Context, devices: DeviceSource = ZOO_DEVICES) -> Message:
     """Evaluate the device's own model, or the weights the message carries (FedAvg)."""
     started = time.perf_counter()
     arrays = message.content.array_records.get(P.ARRAYS)
-    with device_session(context, save=False) as client:
+    with device_session(context, devices, save=False) as client:
         if arrays is not None and len(arrays) > 0:
             client.set_weights(arrays.to_torch_state_dict())
         metrics = client.evaluate()
@@ -263,15 +287,14 @@ def _pick_own_target(
     return target, stats
 
 
-@app.train("reference_distill")
-def train_reference_distill(message: Message, context: Context) -> Message:
+def train_reference_distill(message: Message, context: Context, devices: DeviceSource = ZOO_DEVICES) -> Message:
     """Logit exchange (FedMD, SD-Dist): distil towards targets on the reference set,
     then send back predictions on the reference set and nothing else."""
     started = time.perf_counter()
     config = message_config(message)
     server_round = int(config.get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
     precision = str(config.get("precision", "float32"))
-    with device_session(context) as client:
+    with device_session(context, devices) as client:
         extra: dict[str, float] = {}
         targets = message.content.array_records.get(P.TARGETS)
         population = message.content.array_records.get(P.POPULATION)
@@ -330,14 +353,13 @@ def _held_generator(message: Message, config: ConfigRecord, context: Context, cl
     return freeze(generator)
 
 
-@app.train("ensemble_distill")
-def train_ensemble_distill(message: Message, context: Context) -> Message:
+def train_ensemble_distill(message: Message, context: Context, devices: DeviceSource = ZOO_DEVICES) -> Message:
     """Ensemble distillation (FedDF, MEKD): distil towards the ensemble's answers on the
     previous query, then answer this round's query, and send back those answers only."""
     started = time.perf_counter()
     config = message_config(message)
     server_round = int(config.get(P.SERVER_ROUND, 0))  # type: ignore[arg-type]
-    with device_session(context) as client:
+    with device_session(context, devices) as client:
         generator = _held_generator(message, config, context, client)
         held = {"reference_inputs": client.reference_inputs() if client.reference is not None else None,
                 "generator": generator}
@@ -385,3 +407,31 @@ def train_ensemble_distill(message: Message, context: Context) -> Message:
             )
             arrays[P.PREDICTIONS] = ArrayRecord({P.RESPONSES: Array(answers_now)})
     return reply(message, metrics, arrays=arrays, started=started)
+
+
+# --------------------------------------------------------------------------- the app
+
+#: message type -> handler(message, context, devices): every action a hetkd device answers
+HANDLERS: dict[str, Callable[..., Message]] = {
+    P.SETUP: setup,
+    P.TRAIN_LOCAL: train_local,
+    P.TRAIN_FEDAVG: train_fedavg,
+    P.EVALUATE: evaluate,
+    P.TRAIN_REFERENCE_DISTILL: train_reference_distill,
+    P.TRAIN_ENSEMBLE_DISTILL: train_ensemble_distill,
+}
+
+
+def build_client_app(devices: DeviceSource) -> ClientApp:
+    """A ``ClientApp`` answering every hetkd action with the devices ``devices`` opens."""
+    client_app = ClientApp()
+    for message_type, handler in HANDLERS.items():
+        category, _, action = message_type.partition(".")
+        if category not in (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY):
+            raise ValueError(f"message type {message_type!r} is not train, evaluate or query")
+        getattr(client_app, category)(action or DEFAULT_ACTION)(functools.partial(handler, devices=devices))
+    return client_app
+
+
+#: the hetkd ClientApp: devices from the data and model zoo the run config names
+app = build_client_app(ZOO_DEVICES)

@@ -91,13 +91,18 @@ class DistillClient:
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_config(cls, cfg: HetkdConfig, device_id: int) -> DistillClient:
-        """The device ``device_id`` of the run described by ``cfg``, freshly initialised."""
+    def from_config(cls, cfg: HetkdConfig, device_id: int, architecture: str | None = None) -> DistillClient:
+        """The device ``device_id`` of the run described by ``cfg``, freshly initialised.
+
+        ``architecture`` replaces the one ``models.assignment`` gives the
+        device (a SuperNode's ``model`` node config).
+        """
         federation = build_federation(cfg)
         data = federation.device(device_id)
-        architecture = assign_architectures(
-            cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers
-        )[device_id]
+        if architecture is None:
+            architecture = assign_architectures(
+                cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers
+            )[device_id]
         with seeded(cfg.seed, "init", device_id):
             model = build_model(architecture, federation.input_shape, federation.num_classes)
         return cls(
@@ -240,11 +245,11 @@ class DistillClient:
         return self.predict(self.reference_inputs())
 
     def evaluate(self, include_global: bool = True) -> dict[str, float]:
-        """Personalised (own test split) and global (global test set) accuracy."""
+        """Personalised (own test split) and global (global test set, when the device holds one) accuracy."""
         bs = max(256, self.training.batch_size)
         acc, loss, n = evaluate_accuracy(self.model, self.data.test.batches(bs), self.torch_device)
         out = {"personalised-accuracy": acc, "personalised-loss": loss, "num-test": n}
-        if include_global:
+        if include_global and len(self.global_test) > 0:
             g_acc, g_loss, g_n = evaluate_accuracy(self.model, self.global_test.batches(bs), self.torch_device)
             out.update({"global-accuracy": g_acc, "global-loss": g_loss, "num-global-test": g_n})
         return out

@@ -3,6 +3,7 @@
     hetkd run [CONFIG] [key=value ...] [--out DIR]     one simulation, in-process
     hetkd config [CONFIG] [key=value ...] [--flower]   print the resolved config (--out: also save it)
     hetkd compare CONFIG --strategies a,b --seeds N    strategies side by side
+    hetkd deploy [CONFIG] [key=value ...] [--devices N]  one run on a local SuperLink + SuperNodes (gRPC)
 
 ``CONFIG`` is a YAML file (none: the defaults); ``key=value`` are dotted
 overrides (``partition.alpha=0.1``, ``models.architectures=[cnn_s,mlp_m]``,
@@ -72,7 +73,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 #: modules that add a subcommand: each defines ``add_parser(subparsers)``
-COMMAND_MODULES: tuple[str, ...] = ("hetkd.simulations.compare", "hetkd.simulations.b2kd")
+COMMAND_MODULES: tuple[str, ...] = ("hetkd.simulations.compare", "hetkd.simulations.b2kd", "hetkd.simulations.deploy")
 
 
 def add_items_arguments(parser: argparse.ArgumentParser) -> None:

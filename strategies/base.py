@@ -87,6 +87,8 @@ class MeteredGrid:
         if not messages:
             return []
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sent = {m.metadata.message_id: m for m in messages if m.metadata.message_id}  # ids are set on sending
+        replies = [_addressed(r, sent) for r in replies]
         answered = set()
         for r in replies:
             answered.add(r.metadata.src_node_id)
@@ -104,6 +106,20 @@ class MeteredGrid:
             return None, None
         n = len(nodes)
         return sum(self.up[phase].values()) / n, sum(self.down[phase].values()) / n
+
+
+def _addressed(reply: Message, sent: dict[str, Message]) -> Message:
+    """``reply`` as coming from the node it answers for.
+
+    An error the SuperLink returns itself (e.g. "node unavailable" for a
+    SuperNode that left mid-round) comes from the SuperLink's own node id;
+    it is re-addressed from the node the message was sent to, so that node
+    is the one reported and left out.
+    """
+    original = sent.get(reply.metadata.reply_to_message_id)
+    if original is None or not reply.has_error() or reply.metadata.src_node_id == original.metadata.dst_node_id:
+        return reply
+    return Message(reply.error, reply_to=original)
 
 
 @dataclass(frozen=True)
