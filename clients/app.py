@@ -163,7 +163,7 @@ def setup(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     text = message_config(message).get(P.RUN_CONFIG_YAML)
     if text:
-        from_yaml(str(text))  # validate before storing
+        _cached_config(str(text))  # validate before storing (parsed once per process, not once per device)
         context.state[CONFIG_STATE_KEY] = ConfigRecord({"yaml": str(text)})
     with device_session(context) as client:
         info = client.describe()

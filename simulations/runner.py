@@ -26,6 +26,11 @@ def backend_config(cfg: HetkdConfig) -> dict[str, Any]:
     init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
     if sim.ray_address:
         init_args["address"] = sim.ray_address
+    else:
+        if sim.ray_num_cpus:
+            init_args["num_cpus"] = sim.ray_num_cpus
+        if sim.ray_object_store_mb:
+            init_args["object_store_memory"] = sim.ray_object_store_mb * 1024 * 1024
     return {
         "client_resources": {"num_cpus": sim.cpus_per_device, "num_gpus": sim.gpus_per_device},
         "init_args": init_args,

@@ -398,6 +398,9 @@ class DeviceStrategy(Strategy):
             row = self._device_rows[device]
             row["train_loss"] = m.get("train-loss")
             row["trained"] = True
+            # where a device's time went: its handler in all, and training within it
+            row["handler_seconds"] = m.get("handler-seconds")
+            row["train_seconds"] = m.get("train-seconds")
             if _finite(m.get("train-loss")):
                 losses.append(float(m["train-loss"]))  # type: ignore[arg-type]
                 weights.append(float(m["num-examples"]))  # type: ignore[arg-type]
