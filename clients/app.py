@@ -255,7 +255,7 @@ def _pick_own_target(
     previous = context.state.get(NEIGHBOURS_STATE_KEY)
     changed = previous is None or list(previous["ids"]) != chosen  # type: ignore[index]
     context.state[NEIGHBOURS_STATE_KEY] = ConfigRecord({"ids": chosen or [-1]})
-    target = mix_targets(weights[:1], logits, str(config.get("mix", "logits")), float(config["temperature"]))[0]
+    target = mix_targets(weights, logits, str(config.get("mix", "logits")), float(config["temperature"]))[0]
     stats = {
         "neighbour-distance": float(distance[0, neighbours[0]].mean()) if neighbours[0] else float("nan"),
         "neighbours-changed": float(changed),

@@ -427,8 +427,9 @@ class BenchConfig:
     3. bytes per device and round of ``byte_strategies`` with every zoo model
        that takes the data;
     4. neighbour search time for ``similarity_sizes`` devices with
-       ``similarity_reference`` reference samples each (exact up to
-       ``similarity_exact_max`` devices, as configured above that).
+       ``similarity_reference`` reference samples each, ``similarity_learners``
+       of them learning (1.0: all; 0.1: a round sampling 10 %), exact up to
+       ``similarity_exact_max`` devices and as configured.
     ``parts`` selects which of ``scale``, ``overhead``, ``bytes``,
     ``similarity`` run.
     """
@@ -438,12 +439,13 @@ class BenchConfig:
     sampled: list[int] = field(default_factory=lambda: [10, 50, 100])
     bench_rounds: int = 3
     overhead_devices: int = 10
-    overhead_rounds: int = 2
-    overhead_epochs: int = 20
+    overhead_rounds: int = 3
+    overhead_epochs: int = 4
     overhead_architecture: str = "cnn1d_m"
     byte_strategies: list[str] = field(default_factory=lambda: ["sd-dist", "mekd", "fedavg"])
     similarity_sizes: list[int] = field(default_factory=lambda: [100, 1000, 3000, 10000])
     similarity_reference: int = 300
+    similarity_learners: list[float] = field(default_factory=lambda: [1.0, 0.1])
     similarity_exact_max: int = 3000
     memory_poll_seconds: float = 0.5
 
@@ -818,6 +820,8 @@ def _validate_bench(b: BenchConfig) -> None:
         _check(all(v >= 1 for v in values), f"bench.{key}", f"must list sizes >= 1, got {list(values)}")
     for key in ("bench_rounds", "overhead_devices", "overhead_rounds", "overhead_epochs", "similarity_reference"):
         _check(getattr(b, key) >= 1, f"bench.{key}", f"must be >= 1, got {getattr(b, key)}")
+    _check(len(b.similarity_learners) > 0 and all(0 < f <= 1 for f in b.similarity_learners),
+           "bench.similarity_learners", f"must list fractions in (0, 1], got {list(b.similarity_learners)}")
     _check(b.similarity_exact_max >= 0, "bench.similarity_exact_max", f"must be >= 0, got {b.similarity_exact_max}")
     _check(b.memory_poll_seconds > 0, "bench.memory_poll_seconds", f"must be > 0, got {b.memory_poll_seconds}")
     check_architecture(b.overhead_architecture, "bench.overhead_architecture")

@@ -46,6 +46,7 @@ __all__ = [
     "neighbour_plan",
     "candidate_pool",
     "nearest_in_block",
+    "row_sums",
 ]
 
 SIMILARITIES = ("kl", "js", "cosine")
@@ -88,6 +89,18 @@ def pairwise_distance(
     same device are zero.
     """
     _check_logits(reference_logits)
+    return _pairwise(reference_logits, temperature, kind, chunk, rows, cols)
+
+
+def _pairwise(
+    reference_logits: torch.Tensor,
+    temperature: float,
+    kind: str,
+    chunk: int = 256,
+    rows: Sequence[int] | None = None,
+    cols: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """:func:`pairwise_distance` on logits already checked."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if kind not in SIMILARITIES:
@@ -95,16 +108,20 @@ def pairwise_distance(
     n, r, _ = reference_logits.shape
     row_idx = _indices(rows, n, "rows")
     col_idx = _indices(cols, n, "cols")
-    log_p = F.log_softmax(reference_logits.double() / temperature, dim=-1).reshape(n, -1)
-    lp_rows, lp_cols = log_p[row_idx], log_p[col_idx]
-    p_rows, p_cols = lp_rows.exp(), lp_cols.exp()
+    log_p = F.log_softmax(reference_logits.reshape(n, -1, reference_logits.shape[-1]).double() / temperature,
+                          dim=-1).reshape(n, -1)
+    every = torch.arange(n)
+    lp_rows = log_p if torch.equal(row_idx, every) else log_p[row_idx]
+    lp_cols = log_p if torch.equal(col_idx, every) else log_p[col_idx]
+    p_cols = lp_cols.exp()
     if kind == "kl":
         cross = lp_rows @ p_cols.T  # cross[a, b] = sum p_b log p_a
         neg_entropy = (p_cols * lp_cols).sum(1)  # sum p_b log p_b
         dist = (neg_entropy[None, :] - cross) / r
     elif kind == "cosine":
-        dist = 1.0 - F.normalize(p_rows, dim=1) @ F.normalize(p_cols, dim=1).T
+        dist = 1.0 - F.normalize(lp_rows.exp(), dim=1) @ F.normalize(p_cols, dim=1).T
     else:
+        p_rows = lp_rows.exp()
         dist = torch.empty(len(row_idx), len(col_idx), dtype=torch.float64)
         for start in range(0, len(row_idx), chunk):
             pi = p_rows[start : start + chunk, None, :]  # (c, 1, RC)
@@ -250,6 +267,7 @@ def neighbour_weights(
     distance: torch.Tensor | None = None,
     weighting: str = "mean",
     rows: Sequence[int] | None = None,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """The ``n × n`` mixing matrix: row ``i`` spreads weight 1 over ``i``'s neighbours.
 
@@ -257,7 +275,9 @@ def neighbour_weights(
     ``softmax(-D[i, j] / τ)`` over the neighbours with ``τ`` the mean of those
     distances, so the scale of the divergence does not matter. A device
     without neighbours gets an all-zero row. ``distance`` is ``n × n``, or
-    ``len(rows) × n`` with row ``a`` belonging to device ``rows[a]``.
+    ``len(rows) × n`` with row ``a`` belonging to device ``rows[a]``. With
+    ``sparse`` the matrix is a sparse COO tensor (``n·K`` entries instead of
+    ``n²``), which :func:`mix_targets` takes as it is.
     """
     n = len(neighbours)
     if weighting not in WEIGHTINGS:
@@ -265,19 +285,36 @@ def neighbour_weights(
     position = {i: i for i in range(n)} if rows is None else {d: a for a, d in enumerate(rows)}
     if weighting == "similarity" and (distance is None or distance.shape != (len(position), n)):
         raise ValueError(f"similarity weighting needs the distance rows ({len(position)} x {n})")
-    w = torch.zeros(n, n)
+    index_rows: list[int] = []
+    index_cols: list[int] = []
+    values: list[torch.Tensor] = []
     for i, row in enumerate(neighbours):
         if not row:
             continue
         if any(not 0 <= j < n for j in row):
             raise ValueError(f"device {i} has a neighbour outside 0..{n - 1}: {row}")
+        index_rows += [i] * len(row)
+        index_cols += list(row)
         if weighting == "mean":
-            w[i, row] = 1.0 / len(row)
+            values.append(torch.full((len(row),), 1.0 / len(row)))
         else:
             d = distance[position[i], row].double()  # type: ignore[index]
             tau = float(d.mean()) if float(d.mean()) > 0 else 1.0
-            w[i, row] = torch.softmax(-d / tau, 0).float()
+            values.append(torch.softmax(-d / tau, 0).float())
+    indices = torch.tensor([index_rows, index_cols], dtype=torch.long).reshape(2, -1)
+    flat = torch.cat(values) if values else torch.zeros(0)
+    if sparse:
+        return torch.sparse_coo_tensor(indices, flat, (n, n), check_invariants=False).coalesce()
+    w = torch.zeros(n, n)
+    w[indices[0], indices[1]] = flat
     return w
+
+
+def row_sums(weights: torch.Tensor) -> torch.Tensor:
+    """Each row's total weight, for a dense or a sparse mixing matrix."""
+    if weights.is_sparse:
+        return torch.sparse.sum(weights, dim=1).to_dense() if weights._nnz() else torch.zeros(weights.shape[0])
+    return weights.sum(1)
 
 
 def uniform_weights(n: int, include_self: bool = True) -> torch.Tensor:
@@ -311,26 +348,26 @@ def mix_targets(
     if weights.ndim != 2 or weights.shape[1] != n:
         raise ValueError(f"weights must have {n} columns (one per device), got shape {tuple(weights.shape)}")
     out_shape = (weights.shape[0], *reference_logits.shape[1:])
-    rows = weights.sum(1)
-    if ((rows > 0) & ((rows - 1.0).abs() > 1e-4)).any():
-        raise ValueError(f"each non-empty row of the weights must sum to 1, got row sums {rows.tolist()}")
+    sums = row_sums(weights)
+    if ((sums > 0) & ((sums - 1.0).abs() > 1e-4)).any():
+        raise ValueError(f"each non-empty row of the weights must sum to 1, got row sums {sums.tolist()}")
     if space not in MIX_SPACES:
         raise ValueError(f"unknown mixing space {space!r}; valid choices: {', '.join(MIX_SPACES)}")
     if space == "probs" and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    # only the rows that learn and the columns that teach: a sparse product
-    live_rows = torch.nonzero(rows > 0).flatten()
-    live_cols = torch.nonzero((weights[live_rows] != 0).any(0)).flatten()
-    w = weights[live_rows][:, live_cols].double().to_sparse()
-    teachers = reference_logits[live_cols].double()
-    if space == "logits":
-        values = teachers.reshape(len(live_cols), -1)
-    else:
-        values = F.softmax(teachers / temperature, dim=-1).reshape(len(live_cols), -1)
-    mixed = torch.zeros(weights.shape[0], values.shape[1], dtype=torch.float64)
-    if len(live_rows) and len(live_cols):
-        mixed[live_rows] = torch.sparse.mm(w, values)
-    mixed = mixed.reshape(out_shape)
+    # only the columns that teach, as one sparse product
+    w = weights.coalesce() if weights.is_sparse else weights.to_sparse()
+    teachers = torch.unique(w.indices()[1])
+    position = torch.full((n,), -1, dtype=torch.long)
+    position[teachers] = torch.arange(len(teachers))
+    w = torch.sparse_coo_tensor(
+        torch.stack([w.indices()[0], position[w.indices()[1]]]), w.values().double(), (weights.shape[0], len(teachers)),
+        check_invariants=False,
+    )
+    chosen = reference_logits[teachers].double().reshape(len(teachers), -1, reference_logits.shape[-1])
+    if space == "probs":
+        chosen = F.softmax(chosen / temperature, dim=-1)
+    mixed = torch.sparse.mm(w, chosen.reshape(len(teachers), -1)).reshape(out_shape)
     if space == "logits":
         return mixed.float()
     return (temperature * mixed.clamp_min(1e-12).log()).float()
@@ -353,8 +390,8 @@ def neighbour_plan(
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """SD-Dist's whole selection step for the devices in ``rows``.
 
-    Returns the mixing matrix ``W`` (``n × n``; rows outside ``rows`` are
-    zero), the distances ``D`` of the devices in ``rows`` (``len(rows) × n``,
+    Returns the mixing matrix ``W`` (``n × n``, sparse COO; rows outside
+    ``rows`` are empty; see :func:`row_sums`), the distances ``D`` of the devices in ``rows`` (``len(rows) × n``,
     row ``a`` is device ``rows[a]``; columns that were not searched are NaN)
     and each device's neighbour list. Only ``D[rows][:, candidates]`` is
     computed, in one matrix product.
@@ -380,7 +417,7 @@ def neighbour_plan(
         keep = torch.randperm(len(pool), generator=generator)[: min(search_sample, len(pool))]
         pool = sorted(pool[k] for k in keep.tolist())
     searched = pool if rule != "random" else list(range(n))
-    block = pairwise_distance(reference_logits, temperature, similarity, rows=rows, cols=searched)
+    block = _pairwise(reference_logits, temperature, similarity, rows=rows, cols=searched)
     distance = torch.full((len(rows), n), float("nan"))
     distance[:, searched] = block
     wanted = sorted(set(rows))
@@ -389,4 +426,4 @@ def neighbour_plan(
         n, wanted, pool, block[[position[i] for i in wanted]] if rule != "random" else None,
         num_neighbours, rule, generator,
     )
-    return neighbour_weights(neighbours, distance, weighting, rows), distance, neighbours
+    return neighbour_weights(neighbours, distance, weighting, rows, sparse=True), distance, neighbours
