@@ -14,8 +14,8 @@ and distil from those. This module is its math, as pure functions of tensors:
   (quality+distance, distance, quality, random); never itself.
 * :func:`neighbour_weights` — a row-stochastic ``n × n`` matrix ``W`` (zero
   diagonal for SD-Dist) so that everyone's targets are one product ``W @ Z``.
-* :func:`mix_targets` — that product, on logits (only the non-zero rows, as a
-  sparse product, so a large population costs ``K`` teachers per learner).
+* :func:`mix_targets` — that product, on logits, as a sparse product over the
+  teaching columns (``W`` may be sparse), so each learner costs its ``K`` teachers.
 
 Scale: :func:`neighbour_plan` computes only the distance rows of the devices
 that need targets, against the candidate columns, in one matrix product. Above
