@@ -262,9 +262,8 @@ def bench_overhead(cfg: HetkdConfig, out: Path) -> dict[str, Any]:
     flower = read_metrics(run_dir / "metrics.jsonl")
     per_round = []
     for p, f in zip(plain, flower):
-        devices = f.get("devices", {}).values()
-        handler = sum(float(d.get("handler_seconds") or 0.0) for d in devices)
-        train = sum(float(d.get("train_seconds") or 0.0) for d in devices)
+        handler = float(f.get("devices_handler_seconds") or 0.0)
+        train = float(f.get("devices_train_seconds") or 0.0)
         per_round.append({
             "round": p["round"],
             "plain_seconds": p["seconds"],
