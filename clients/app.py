@@ -190,7 +190,7 @@ def setup(message: Message, context: Context, devices: DeviceSource = ZOO_DEVICE
     started = time.perf_counter()
     text = message_config(message).get(P.RUN_CONFIG_YAML)
     if text:
-        from_yaml(str(text))  # validate before storing
+        _cached_config(str(text))  # validate before storing (parsed once per process, not once per device)
         context.state[CONFIG_STATE_KEY] = ConfigRecord({"yaml": str(text)})
     with device_session(context, devices) as client:
         info = client.describe()
@@ -279,7 +279,7 @@ def _pick_own_target(
     previous = context.state.get(NEIGHBOURS_STATE_KEY)
     changed = previous is None or list(previous["ids"]) != chosen  # type: ignore[index]
     context.state[NEIGHBOURS_STATE_KEY] = ConfigRecord({"ids": chosen or [-1]})
-    target = mix_targets(weights[:1], logits, str(config.get("mix", "logits")), float(config["temperature"]))[0]
+    target = mix_targets(weights, logits, str(config.get("mix", "logits")), float(config["temperature"]))[0]
     stats = {
         "neighbour-distance": float(distance[0, neighbours[0]].mean()) if neighbours[0] else float("nan"),
         "neighbours-changed": float(changed),

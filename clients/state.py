@@ -66,10 +66,23 @@ class ContextStateStore:
 
 
 class DiskStateStore:
-    """State in ``root/device-<id>.pt``, replaced atomically on every save."""
+    """State in ``root/device-<id>.pt``, replaced atomically on every save.
+
+    A writer killed mid-save leaves the previous file untouched and at most a
+    stray temporary file, which the device's next save removes (a device is
+    served by one worker at a time, so no other save of it can be in flight).
+    """
 
     def __init__(self, root: str | Path, device_id: int) -> None:
+        if device_id < 0:
+            raise ValueError(f"device_id must be >= 0, got {device_id}")
         self.path = Path(root).expanduser() / f"device-{device_id}.pt"
+
+    def stray_files(self) -> list[Path]:
+        """Temporary files that killed writers of this device left behind."""
+        if not self.path.parent.is_dir():
+            return []
+        return sorted(self.path.parent.glob(f"{self.path.name}*.tmp"))
 
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
@@ -78,6 +91,8 @@ class DiskStateStore:
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stray in self.stray_files():
+            stray.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:

@@ -73,7 +73,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 #: modules that add a subcommand: each defines ``add_parser(subparsers)``
-COMMAND_MODULES: tuple[str, ...] = ("hetkd.simulations.compare", "hetkd.simulations.b2kd", "hetkd.simulations.deploy")
+COMMAND_MODULES: tuple[str, ...] = (
+    "hetkd.simulations.compare",
+    "hetkd.simulations.b2kd",
+    "hetkd.simulations.bench",
+    "hetkd.simulations.deploy",
+)
 
 
 def add_items_arguments(parser: argparse.ArgumentParser) -> None:

@@ -70,6 +70,8 @@ def _sd_dist(cfg: HetkdConfig, federation: Federation, device_config: str) -> SD
         similarity=sd.similarity,
         weighting=sd.weighting,
         neighbour_selection=sd.neighbour_selection,
+        exact_search_max=sd.exact_search_max,
+        search_sample=sd.search_sample,
         **_exchange(cfg, federation, device_config),  # type: ignore[arg-type]
     )
 

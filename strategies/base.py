@@ -418,6 +418,10 @@ class DeviceStrategy(Strategy):
                 losses.append(float(m["train-loss"]))  # type: ignore[arg-type]
                 weights.append(float(m["num-examples"]))  # type: ignore[arg-type]
             self._note_peak(m)
+        # where the devices' time went (summed): their handlers, and training within them
+        for key in ("handler-seconds", "train-seconds"):
+            values = [float(r.content[P.METRICS][key]) for r in valid if _finite(r.content[P.METRICS].get(key))]
+            self._round_metrics[f"devices_{key.replace('-', '_')}"] = sum(values) if values else None
         metrics = MetricRecord({"num-devices": len(valid)})
         if losses and sum(weights) > 0:
             metrics["train-loss"] = float(np.average(losses, weights=weights))

@@ -225,7 +225,7 @@ class EnsembleDistill(DeviceStrategy):
             similarity=self.similarity, weighting="similarity", temperature=self.settings.temperature,
         )
         used = [float(distance[i, j]) for i, row in enumerate(neighbours) for j in row]
-        return weights, {"neighbour_distance_mean": float(sum(used) / len(used)) if used else math.nan}
+        return weights.to_dense(), {"neighbour_distance_mean": float(sum(used) / len(used)) if used else math.nan}
 
     def form_targets(self, query: QuerySpec, device_ids: list[int], answers: torch.Tensor) -> None:
         """The plain ensemble (for the student and any device) and, with similarity

@@ -26,7 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from hetkd import protocol as P
 from hetkd.distill.codec import PRECISIONS, decode_logits, encode_logits
-from hetkd.distill.similarity import MIX_SPACES, mix_targets
+from hetkd.distill.similarity import MIX_SPACES, mix_targets, row_sums
 from hetkd.strategies.base import DeviceStrategy
 
 __all__ = ["LogitExchange"]
@@ -128,7 +128,8 @@ class LogitExchange(DeviceStrategy):
 
     def mixing_weights(self, server_round: int, population: list[int], logits: torch.Tensor,
                        rows: list[int]) -> torch.Tensor:
-        """The ``n × n`` mixing matrix over ``population`` (device ids, in row order).
+        """The ``n × n`` mixing matrix over ``population`` (device ids, in row order),
+        dense or sparse (COO).
 
         Only the rows listed in ``rows`` (the sampled devices with predictions
         on record) are used. Each used row sums to 1.
@@ -159,8 +160,9 @@ class LogitExchange(DeviceStrategy):
             return
         weights = self.mixing_weights(server_round, ids, logits, rows)
         targets = mix_targets(weights, logits, self.mix, self.temperature)
+        sums = row_sums(weights)
         for k in rows:
-            if float(weights[k].sum()) > 0:
+            if float(sums[k]) > 0:
                 self._targets[ids[k]] = targets[k]
 
     def kd_config(self) -> dict[str, Any]:

@@ -71,6 +71,12 @@ class SDDist(LogitExchange):
         ``mean`` (the paper) or ``similarity``.
     neighbour_selection : str
         ``server`` or ``device`` (see the module docstring).
+    exact_search_max : int
+        Above this many candidate teachers the server searches a seeded random
+        sample of ``search_sample`` of them each round (sampled neighbour
+        search, linear in the population); 0 always searches exactly.
+    search_sample : int
+        Candidates searched per round above ``exact_search_max``.
     **kwargs
         The exchange options of :class:`~hetkd.strategies.LogitExchange`
         (``rho``, ``temperature``, ``precision``, ...) and sampling options.
@@ -85,9 +91,17 @@ class SDDist(LogitExchange):
         similarity: str = "kl",
         weighting: str = "mean",
         neighbour_selection: str = "server",
+        exact_search_max: int = 0,
+        search_sample: int = 1000,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if exact_search_max < 0:
+            raise ValueError(f"exact_search_max must be >= 0 (0: always exact), got {exact_search_max}")
+        if search_sample < 1:
+            raise ValueError(f"search_sample must be >= 1, got {search_sample}")
+        self.exact_search_max = exact_search_max
+        self.search_sample = search_sample
         if num_neighbours < 1:
             raise ValueError(f"num_neighbours must be >= 1, got {num_neighbours}")
         if num_candidates < 1:
@@ -108,8 +122,8 @@ class SDDist(LogitExchange):
         self.neighbour_selection = neighbour_selection
         #: device id -> its teachers' device ids, as last chosen (server selection)
         self.neighbours: dict[int, list[int]] = {}
-        #: the last similarity matrix and the device ids of its rows
-        self.last_distance: tuple[list[int], torch.Tensor] | None = None
+        #: the last similarity rows: device ids of its rows, of its columns, and the matrix
+        self.last_distance: tuple[list[int], list[int], torch.Tensor] | None = None
 
     def summary(self) -> None:
         super().summary()
@@ -138,14 +152,16 @@ class SDDist(LogitExchange):
             temperature=self.temperature,
             quality=self.quality(logits),
             generator=torch.Generator().manual_seed(derive_seed(self.seed, "neighbours", server_round)),
+            exact_search_max=self.exact_search_max,
+            search_sample=self.search_sample,
         )
-        self.last_distance = (population, distance)
+        self.last_distance = ([population[k] for k in rows], population, distance)
         distances, changed = [], []
-        for k in rows:
+        for a, k in enumerate(rows):
             chosen = sorted(population[j] for j in neighbours[k])
             device = population[k]
             if neighbours[k]:
-                distances.append(float(distance[k, neighbours[k]].mean()))
+                distances.append(float(distance[a, neighbours[k]].mean()))
             changed.append(self.neighbours.get(device) != chosen)
             self.neighbours[device] = chosen
             self.note_device(device, neighbours=chosen)
@@ -206,6 +222,7 @@ class SDDist(LogitExchange):
             return []
         from hetkd.plots import plot_matrix
 
-        ids, distance = self.last_distance
+        row_ids, column_ids, distance = self.last_distance
         title = f"SD-Dist {self.similarity.upper()} divergence of reference predictions (row i: D[i, j])"
-        return [plot_matrix(distance.numpy(), [str(i) for i in ids], Path(out_dir) / "similarity.png", title)]
+        return [plot_matrix(distance.numpy(), [str(i) for i in row_ids], Path(out_dir) / "similarity.png", title,
+                            column_labels=[str(j) for j in column_ids])]

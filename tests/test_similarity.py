@@ -185,3 +185,73 @@ def test_prediction_codec_keeps_the_distribution(precision, tol):
     assert torch.allclose(F.softmax(decoded / 3, -1), F.softmax(logits / 3, -1), atol=0.02)
     with pytest.raises(ValueError, match="precision"):
         encode_logits(logits, "int4")
+
+
+# --------------------------------------------------------------------------- at scale
+
+
+def _naive_neighbours(d: torch.Tensor, k: int, pool: list[int], rows: list[int]) -> dict[int, list[int]]:
+    """The selection rule written as the plain per-row sort it stands for."""
+    return {i: sorted((j for j in pool if j != i), key=lambda j: (float(d[i, j]), j))[:k] for i in rows}
+
+
+@pytest.mark.parametrize("kind", ["kl", "js", "cosine"])
+def test_a_block_of_rows_and_columns_equals_that_block_of_the_full_matrix(kind):
+    logits = _devices(n=9)
+    full = pairwise_distance(logits, 3.0, kind)
+    rows, cols = [7, 2, 5], [0, 2, 8, 5]
+    block = pairwise_distance(logits, 3.0, kind, rows=rows, cols=cols)
+    assert torch.allclose(block, full[rows][:, cols], atol=1e-6)
+    assert block[1, 1] == 0 and block[2, 3] == 0  # a device against itself
+
+
+def test_vectorised_selection_agrees_with_the_naive_sort():
+    logits = _devices(seed=3, n=40, r=15, c=5)
+    logits[11] = logits[4]  # exact ties are broken by the lower index, as the naive sort does
+    logits[17] = logits[4]
+    d = pairwise_distance(logits, 3.0)
+    rows = [0, 4, 11, 17, 39]
+    quality = reference_quality(logits, torch.randint(0, 5, (15,), generator=torch.Generator().manual_seed(0)))
+    candidates = torch.argsort(quality, stable=True)[:12].tolist()
+    got = select_neighbours(d, 6, "quality_distance", quality, num_candidates=12, rows=rows)
+    assert {i: got[i] for i in rows} == _naive_neighbours(d, 6, candidates, rows)
+    got = select_neighbours(d, 6, "distance", rows=rows)
+    assert {i: got[i] for i in rows} == _naive_neighbours(d, 6, list(range(40)), rows)
+
+
+def test_neighbour_plan_matches_the_full_matrix_route_and_samples_above_the_limit():
+    from hetkd.distill.similarity import neighbour_plan
+
+    logits = _devices(seed=5, n=30, r=10, c=4)
+    rows = [3, 9, 20]
+    settings = dict(num_neighbours=4, num_candidates=30, rule="distance", similarity="kl", weighting="similarity",
+                    temperature=3.0)
+    weights, distance, neighbours = neighbour_plan(logits, rows, **settings)
+    full = pairwise_distance(logits, 3.0)
+    assert torch.allclose(distance, full[rows], atol=1e-6)
+    expected = select_neighbours(full, 4, "distance", rows=rows)
+    assert neighbours == expected
+    assert weights.is_sparse, "n x n weights would not scale"
+    assert torch.allclose(weights.to_dense(), neighbour_weights(expected, full, "similarity"), atol=1e-6)
+    # above exact_search_max: only a seeded sample of search_sample candidates is searched
+    sampled = [neighbour_plan(logits, rows, **settings, exact_search_max=10, search_sample=8,
+                              generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    _, dist_a, picks_a = sampled[0]
+    searched = (~torch.isnan(dist_a[0])).nonzero().flatten().tolist()
+    assert len(searched) == 8 and all(j in searched for row in picks_a for j in row)
+    assert picks_a == sampled[1][2], "the same generator seed searches the same sample"
+    assert searched != (~torch.isnan(sampled[2][1][0])).nonzero().flatten().tolist()
+    assert all(i not in picks_a[i] for i in rows)
+
+
+def test_sparse_mixing_equals_the_dense_product():
+    logits = _devices(seed=2, n=7, r=5, c=3)
+    w = torch.zeros(7, 7)
+    w[1, [0, 3]] = torch.tensor([0.25, 0.75])
+    w[5, [2, 3, 6]] = 1 / 3
+    dense = (w.double() @ logits.reshape(7, -1).double()).reshape(7, 5, 3).float()
+    assert torch.allclose(mix_targets(w, logits, "logits"), dense, atol=1e-6)
+    probs = (w.double() @ F.softmax(logits.double() / 2.0, -1).reshape(7, -1)).reshape(7, 5, 3)
+    mixed = mix_targets(w, logits, "probs", 2.0)
+    assert torch.allclose(F.softmax(mixed[[1, 5]] / 2.0, -1).double(), probs[[1, 5]], atol=1e-6)
+    assert torch.all(mix_targets(w, logits, "logits")[[0, 2, 3, 4, 6]] == 0), "rows without teachers stay empty"

@@ -47,6 +47,7 @@ __all__ = [
     "EnsembleConfig",
     "MEKDConfig",
     "B2KDConfig",
+    "BenchConfig",
     "HetkdConfig",
     "FLOWER_ALIASES",
     "resolve_config",
@@ -200,6 +201,13 @@ class SDDistConfig:
     The paper used K = 10, Q = 20 for 28 devices (the defaults of
     :class:`hetkd.strategies.SDDist`); these defaults keep Q/n ≈ 0.7 and
     K/n = 0.5 for the default 10 devices.
+
+    The search is exact (one matrix product over the sampled devices' rows
+    and the candidates' columns) up to ``exact_search_max`` candidates; above
+    that, each round searches a seeded random sample of ``search_sample``
+    candidates (sampled neighbour search: linear in the population). With
+    the quality rules the candidates are at most Q, so only ``distance`` /
+    ``random`` rules or an unlabelled reference set reach the limit.
     """
 
     num_neighbours: int = 5
@@ -208,6 +216,8 @@ class SDDistConfig:
     similarity: str = "kl"
     weighting: str = "mean"
     neighbour_selection: str = "server"
+    exact_search_max: int = 2000
+    search_sample: int = 1000
 
 
 @dataclass
@@ -292,10 +302,18 @@ class SimulationConfig:
     """How many devices, how many rounds, and how Flower/Ray run them.
 
     ``cpus_per_device`` / ``gpus_per_device`` are Ray resources per simulated
-    device; ``ray_address`` connects to an existing Ray cluster (empty: start a
-    local one). ``state_store`` keeps each device's weights and optimizer
-    between rounds in Flower's ``Context.state`` (``context``) or on disk
-    (``disk``, under the run's output folder). A round waits at most
+    device: Ray runs ``min(CPUs / cpus_per_device, GPUs / gpus_per_device)``
+    devices side by side per node, so ``cpus_per_device=0.5`` runs two per
+    core and ``gpus_per_device=0.25`` four per GPU (set ``training.device``
+    to ``auto`` or ``cuda`` then). ``ray_address`` connects to an existing
+    Ray cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; empty:
+    start a local one with ``ray_num_cpus`` CPUs, 0 = all, and an object
+    store of ``ray_object_store_mb`` MiB, 0 = Ray's default).
+    ``state_store`` keeps each device's weights and optimizer
+    between rounds in Flower's ``Context.state`` (``context``: memory of the
+    simulation process, N devices × model size) or on disk (``disk``, one
+    atomically replaced file per device under the run's output folder; use
+    it for hundreds of devices). A round waits at most
     ``round_timeout`` seconds for replies; the server waits ``wait_for_devices``
     seconds for all ``num_devices`` to connect.
     """
@@ -305,6 +323,8 @@ class SimulationConfig:
     cpus_per_device: float = 1.0
     gpus_per_device: float = 0.0
     ray_address: str = ""
+    ray_num_cpus: int = 0
+    ray_object_store_mb: int = 0
     state_store: str = "context"
     round_timeout: float = 600.0
     wait_for_devices: float = 120.0
@@ -408,6 +428,42 @@ class B2KDConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``hetkd bench``: what the scale benchmark measures (see :mod:`hetkd.simulations.bench`).
+
+    1. ``populations``: simulations of that many devices, ``bench_rounds``
+       rounds each, sampling ``strategy.fraction_train`` of them per round;
+       ``sampled``: devices per round tried at the largest population;
+    2. framework overhead: ``overhead_devices`` devices train
+       ``overhead_epochs`` local epochs for ``overhead_rounds`` rounds, once in
+       a plain PyTorch loop in one process and once through Flower + Ray;
+    3. bytes per device and round of ``byte_strategies`` with every zoo model
+       that takes the data;
+    4. neighbour search time for ``similarity_sizes`` devices with
+       ``similarity_reference`` reference samples each, ``similarity_learners``
+       of them learning (1.0: all; 0.1: a round sampling 10 %), exact up to
+       ``similarity_exact_max`` devices and as configured.
+    ``parts`` selects which of ``scale``, ``overhead``, ``bytes``,
+    ``similarity`` run.
+    """
+
+    parts: list[str] = field(default_factory=lambda: ["scale", "overhead", "bytes", "similarity"])
+    populations: list[int] = field(default_factory=lambda: [10, 100, 1000])
+    sampled: list[int] = field(default_factory=lambda: [10, 50, 100])
+    bench_rounds: int = 3
+    overhead_devices: int = 10
+    overhead_rounds: int = 3
+    overhead_epochs: int = 4
+    overhead_architecture: str = "cnn1d_m"
+    byte_strategies: list[str] = field(default_factory=lambda: ["sd-dist", "mekd", "fedavg"])
+    similarity_sizes: list[int] = field(default_factory=lambda: [100, 1000, 3000, 10000])
+    similarity_reference: int = 300
+    similarity_learners: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    similarity_exact_max: int = 3000
+    memory_poll_seconds: float = 0.5
+
+
+@dataclass
 class HetkdConfig:
     """A whole run. ``seed`` fixes partitions, initial weights and sampling."""
 
@@ -422,6 +478,7 @@ class HetkdConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     mekd: MEKDConfig = field(default_factory=MEKDConfig)
     b2kd: B2KDConfig = field(default_factory=B2KDConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 #: Flower-style run-config keys and the schema keys they stand for.
@@ -731,6 +788,21 @@ def validate_config(cfg: HetkdConfig) -> None:
            f"must be > 0, got {sim.cpus_per_device}")
     _check(sim.gpus_per_device >= 0, "simulation.gpus_per_device",
            f"must be >= 0, got {sim.gpus_per_device}")
+    _check(sim.gpus_per_device == 0 or t.device != "cpu", "simulation.gpus_per_device",
+           f"is {sim.gpus_per_device} but training.device=cpu would leave the GPU unused; "
+           "set training.device=auto (or cuda) or gpus_per_device=0")
+    _check(sim.gpus_per_device <= 1 or float(sim.gpus_per_device).is_integer(), "simulation.gpus_per_device",
+           f"must be a fraction <= 1 or a whole number of GPUs, got {sim.gpus_per_device}")
+    _check(_valid_ray_address(sim.ray_address), "simulation.ray_address",
+           f"must be empty (local Ray), 'auto', 'HOST:PORT' or 'ray://HOST:PORT', got {sim.ray_address!r}")
+    _check(sim.ray_num_cpus >= 0, "simulation.ray_num_cpus", f"must be >= 0 (0: all), got {sim.ray_num_cpus}")
+    _check(sim.ray_object_store_mb >= 0, "simulation.ray_object_store_mb",
+           f"must be >= 0 (0: Ray's default), got {sim.ray_object_store_mb}")
+    if sim.ray_address:
+        for key in ("ray_num_cpus", "ray_object_store_mb"):
+            _check(getattr(sim, key) == 0, f"simulation.{key}",
+                   "applies only to a local Ray instance; a cluster's nodes set their own resources "
+                   "(ray start --num-cpus/--object-store-memory); leave it 0 with simulation.ray_address")
     _check_choice(sim.state_store, "simulation.state_store", STATE_STORES)
     _check(sim.round_timeout > 0, "simulation.round_timeout", f"must be > 0, got {sim.round_timeout}")
     _check(sim.wait_for_devices > 0, "simulation.wait_for_devices",
@@ -738,6 +810,35 @@ def validate_config(cfg: HetkdConfig) -> None:
     _check(s.min_devices <= sim.num_devices, "strategy.min_devices",
            f"must be <= simulation.num_devices ({sim.num_devices}), got {s.min_devices}")
     _validate_mekd(cfg)
+    _validate_bench(cfg.bench)
+
+
+def _valid_ray_address(address: str) -> bool:
+    """Empty, ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``."""
+    import re
+
+    return address in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}", address) is not None
+
+
+BENCH_PARTS = ("scale", "overhead", "bytes", "similarity")
+
+
+def _validate_bench(b: BenchConfig) -> None:
+    """The ``hetkd bench`` settings (``bench``)."""
+    from hetkd.models import check_architecture
+
+    for i, part in enumerate(b.parts):
+        _check_choice(part, f"bench.parts[{i}]", BENCH_PARTS)
+    for key in ("populations", "sampled", "similarity_sizes"):
+        values = getattr(b, key)
+        _check(all(v >= 1 for v in values), f"bench.{key}", f"must list sizes >= 1, got {list(values)}")
+    for key in ("bench_rounds", "overhead_devices", "overhead_rounds", "overhead_epochs", "similarity_reference"):
+        _check(getattr(b, key) >= 1, f"bench.{key}", f"must be >= 1, got {getattr(b, key)}")
+    _check(len(b.similarity_learners) > 0 and all(0 < f <= 1 for f in b.similarity_learners),
+           "bench.similarity_learners", f"must list fractions in (0, 1], got {list(b.similarity_learners)}")
+    _check(b.similarity_exact_max >= 0, "bench.similarity_exact_max", f"must be >= 0, got {b.similarity_exact_max}")
+    _check(b.memory_poll_seconds > 0, "bench.memory_poll_seconds", f"must be > 0, got {b.memory_poll_seconds}")
+    check_architecture(b.overhead_architecture, "bench.overhead_architecture")
 
 
 def _validate_exchange(s: StrategyConfig) -> None:
@@ -760,6 +861,9 @@ def _validate_exchange(s: StrategyConfig) -> None:
     _check_choice(sd.similarity, "strategy.sd_dist.similarity", SIMILARITIES)
     _check_choice(sd.weighting, "strategy.sd_dist.weighting", WEIGHTINGS)
     _check_choice(sd.neighbour_selection, "strategy.sd_dist.neighbour_selection", NEIGHBOUR_SELECTIONS)
+    _check(sd.exact_search_max >= 0, "strategy.sd_dist.exact_search_max",
+           f"must be >= 0 (0: always exact), got {sd.exact_search_max}")
+    _check(sd.search_sample >= 1, "strategy.sd_dist.search_sample", f"must be >= 1, got {sd.search_sample}")
 
 
 def _validate_ensemble(e: EnsembleConfig) -> None:

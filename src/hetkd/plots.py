@@ -60,14 +60,19 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return plot_curves(curves, path, title="accuracy per round")
 
 
-def plot_matrix(matrix, labels: Sequence[str], path: str | Path, title: str = "") -> Path:
-    """A heat map of a square matrix (e.g. device-to-device distances)."""
+def plot_matrix(
+    matrix, labels: Sequence[str], path: str | Path, title: str = "", column_labels: Sequence[str] | None = None
+) -> Path:
+    """A heat map of a device-to-device matrix (e.g. distances); rows are
+    ``labels``, columns ``column_labels`` (default: the same devices)."""
     plt = _pyplot()
-    size = max(4.0, min(12.0, 0.35 * len(labels) + 2))
+    columns = labels if column_labels is None else column_labels
+    size = max(4.0, min(12.0, 0.35 * max(len(labels), len(columns)) + 2))
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(matrix, cmap="viridis")
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto")
+    if len(columns) <= 40:
+        ax.set_xticks(range(len(columns)), columns, fontsize=7)
     if len(labels) <= 40:
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("device j")
     ax.set_ylabel("device i")

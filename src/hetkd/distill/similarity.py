@@ -14,10 +14,20 @@ and distil from those. This module is its math, as pure functions of tensors:
   (quality+distance, distance, quality, random); never itself.
 * :func:`neighbour_weights` — a row-stochastic ``n × n`` matrix ``W`` (zero
   diagonal for SD-Dist) so that everyone's targets are one product ``W @ Z``.
-* :func:`mix_targets` — that product, on logits.
+* :func:`mix_targets` — that product, on logits, as a sparse product over the
+  teaching columns (``W`` may be sparse), so each learner costs its ``K`` teachers.
+
+Scale: :func:`neighbour_plan` computes only the distance rows of the devices
+that need targets, against the candidate columns, in one matrix product. Above
+``exact_search_max`` candidates it searches a seeded random sample of
+``search_sample`` of them (a *sampled* neighbour search), so a round costs
+``O(rows · search_sample · R · C)``: linear in the population instead of
+quadratic. ``hetkd bench`` measures both paths.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -34,6 +44,9 @@ __all__ = [
     "mix_targets",
     "uniform_weights",
     "neighbour_plan",
+    "candidate_pool",
+    "nearest_in_block",
+    "row_sums",
 ]
 
 SIMILARITIES = ("kl", "js", "cosine")
@@ -50,7 +63,12 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 
 def pairwise_distance(
-    reference_logits: torch.Tensor, temperature: float = 3.0, kind: str = "kl", chunk: int = 256
+    reference_logits: torch.Tensor,
+    temperature: float = 3.0,
+    kind: str = "kl",
+    chunk: int = 256,
+    rows: Sequence[int] | None = None,
+    cols: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``D[i, j]``: divergence of device ``j``'s predictions from device ``i``'s.
 
@@ -58,40 +76,72 @@ def pairwise_distance(
     ``temperature``. ``kind``:
 
     * ``"kl"``: ``KL(p_j ‖ p_i)`` averaged over the ``R`` reference samples (the
-      paper's measure; asymmetric). Computed as ``(h_j - M[j, i]) / R`` with
-      ``M = P · log(P)ᵀ`` over the flattened ``n × (R·C)`` matrices;
-    * ``"js"``: Jensen-Shannon divergence (symmetric, bounded by log 2);
+      paper's measure; asymmetric). Computed as ``(h_j - M[i, j]) / R`` with
+      ``M = log(P) · Pᵀ`` over the flattened ``n × (R·C)`` matrices — one
+      matrix product;
+    * ``"js"``: Jensen-Shannon divergence (symmetric, bounded by log 2),
+      ``chunk`` rows at a time;
     * ``"cosine"``: ``1 - cos`` between flattened probability vectors.
 
-    The diagonal is zero.
+    ``rows`` / ``cols`` restrict the result to the block ``D[rows][:, cols]``
+    (default: all devices), which is all a round needs when only some devices
+    learn or only some may teach. Entries where a row and a column are the
+    same device are zero.
     """
     _check_logits(reference_logits)
+    return _pairwise(reference_logits, temperature, kind, chunk, rows, cols)
+
+
+def _pairwise(
+    reference_logits: torch.Tensor,
+    temperature: float,
+    kind: str,
+    chunk: int = 256,
+    rows: Sequence[int] | None = None,
+    cols: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """:func:`pairwise_distance` on logits already checked."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    n, r, _ = reference_logits.shape
-    log_p = F.log_softmax(reference_logits.double() / temperature, dim=-1).reshape(n, -1)
-    p = log_p.exp()
-    if kind == "kl":
-        cross = p @ log_p.T  # cross[j, i] = sum p_j log p_i
-        neg_entropy = cross.diagonal()
-        dist = (neg_entropy[None, :] - cross.T) / r
-    elif kind == "cosine":
-        unit = F.normalize(p, dim=1)
-        dist = 1.0 - unit @ unit.T
-    elif kind == "js":
-        dist = torch.empty(n, n, dtype=torch.float64)
-        for start in range(0, n, chunk):
-            pi = p[start : start + chunk, None, :]  # (c, 1, RC)
-            m = 0.5 * (pi + p[None, :, :])
-            log_m = m.clamp_min(1e-300).log()
-            kl_i = (pi * (log_p[start : start + chunk, None, :] - log_m)).sum(-1)
-            kl_j = (p[None, :, :] * (log_p[None, :, :] - log_m)).sum(-1)
-            dist[start : start + chunk] = 0.5 * (kl_i + kl_j) / r
-    else:
+    if kind not in SIMILARITIES:
         raise ValueError(f"unknown similarity {kind!r}; valid choices: {', '.join(SIMILARITIES)}")
+    n, r, _ = reference_logits.shape
+    row_idx = _indices(rows, n, "rows")
+    col_idx = _indices(cols, n, "cols")
+    log_p = F.log_softmax(reference_logits.reshape(n, -1, reference_logits.shape[-1]).double() / temperature,
+                          dim=-1).reshape(n, -1)
+    every = torch.arange(n)
+    lp_rows = log_p if torch.equal(row_idx, every) else log_p[row_idx]
+    lp_cols = log_p if torch.equal(col_idx, every) else log_p[col_idx]
+    p_cols = lp_cols.exp()
+    if kind == "kl":
+        cross = lp_rows @ p_cols.T  # cross[a, b] = sum p_b log p_a
+        neg_entropy = (p_cols * lp_cols).sum(1)  # sum p_b log p_b
+        dist = (neg_entropy[None, :] - cross) / r
+    elif kind == "cosine":
+        dist = 1.0 - F.normalize(lp_rows.exp(), dim=1) @ F.normalize(p_cols, dim=1).T
+    else:
+        p_rows = lp_rows.exp()
+        dist = torch.empty(len(row_idx), len(col_idx), dtype=torch.float64)
+        for start in range(0, len(row_idx), chunk):
+            pi = p_rows[start : start + chunk, None, :]  # (c, 1, RC)
+            m = 0.5 * (pi + p_cols[None, :, :])
+            log_m = m.clamp_min(1e-300).log()
+            kl_i = (pi * (lp_rows[start : start + chunk, None, :] - log_m)).sum(-1)
+            kl_j = (p_cols[None, :, :] * (lp_cols[None, :, :] - log_m)).sum(-1)
+            dist[start : start + chunk] = 0.5 * (kl_i + kl_j) / r
     dist = dist.clamp_min(0.0)
-    dist.fill_diagonal_(0.0)
+    dist[row_idx[:, None] == col_idx[None, :]] = 0.0
     return dist.float()
+
+
+def _indices(values: Sequence[int] | None, n: int, name: str) -> torch.Tensor:
+    if values is None:
+        return torch.arange(n)
+    idx = torch.as_tensor(list(values), dtype=torch.long)
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"{name} must be device indices in 0..{n - 1}, got {sorted(set(idx.tolist()))[:10]}...")
+    return idx
 
 
 def reference_quality(reference_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -103,6 +153,41 @@ def reference_quality(reference_logits: torch.Tensor, labels: torch.Tensor) -> t
     flat = reference_logits.reshape(n * r, c).float()
     losses = F.cross_entropy(flat, labels.repeat(n), reduction="none")
     return losses.reshape(n, r).mean(1)
+
+
+def candidate_pool(
+    n: int, rule: str, quality: torch.Tensor | None = None, num_candidates: int | None = None
+) -> list[int]:
+    """The devices that may teach under ``rule``: the ``num_candidates`` best by
+    ``quality`` (best first) for the quality rules when ``quality`` is known,
+    otherwise everyone (in index order)."""
+    if rule in ("quality_distance", "quality") and quality is not None:
+        q = n if num_candidates is None else max(1, min(num_candidates, n))
+        return torch.argsort(quality, stable=True)[:q].tolist()
+    return list(range(n))
+
+
+def nearest_in_block(block: torch.Tensor, rows: Sequence[int], cols: Sequence[int], k: int) -> list[list[int]]:
+    """Each row's ``k`` nearest columns of a distance ``block`` (``D[rows][:, cols]``),
+    never the row's own device; ties go to the lower device index.
+
+    One stable sort per row, all rows at once: the vectorised form of
+    ``sorted(cols, key=lambda j: (D[i, j], j))[:k]``.
+    """
+    if block.shape != (len(rows), len(cols)):
+        raise ValueError(f"block has shape {tuple(block.shape)}, expected ({len(rows)}, {len(cols)})")
+    if not len(rows) or not len(cols):
+        return [[] for _ in rows]
+    col_ids = torch.as_tensor(list(cols), dtype=torch.long)
+    order = torch.argsort(col_ids)  # index order first, so the stable sort breaks ties by index
+    sorted_ids = col_ids[order]
+    masked = block[:, order].double().clone()
+    masked[torch.as_tensor(list(rows))[:, None] == sorted_ids[None, :]] = float("inf")
+    take = min(k, len(cols))
+    ranked = torch.argsort(masked, dim=1, stable=True)[:, :take]
+    picked = sorted_ids[ranked]
+    usable = torch.isfinite(masked.gather(1, ranked))
+    return [row[ok].tolist() for row, ok in zip(picked, usable)]
 
 
 def select_neighbours(
@@ -133,67 +218,103 @@ def select_neighbours(
     n = distance.shape[0]
     if distance.shape != (n, n):
         raise ValueError(f"distance must be square, got {tuple(distance.shape)}")
+    _check_selection(n, num_neighbours, rule, quality)
+    wanted = list(range(n)) if rows is None else sorted(set(rows))
+    if any(not 0 <= i < n for i in wanted):
+        raise ValueError(f"rows must be in 0..{n - 1}, got {wanted}")
+    pool = candidate_pool(n, rule, quality, num_candidates)
+    block = distance[wanted][:, pool] if rule in ("quality_distance", "distance") else None
+    return _pick(n, wanted, pool, block, num_neighbours, rule, generator)
+
+
+def _check_selection(n: int, num_neighbours: int, rule: str, quality: torch.Tensor | None) -> None:
     if num_neighbours < 1:
         raise ValueError(f"num_neighbours must be >= 1, got {num_neighbours}")
     if rule not in NEIGHBOUR_RULES:
         raise ValueError(f"unknown neighbour rule {rule!r}; valid choices: {', '.join(NEIGHBOUR_RULES)}")
     if quality is not None and quality.shape != (n,):
         raise ValueError(f"quality must have one entry per device ({n}), got {tuple(quality.shape)}")
-    if rule in ("quality_distance", "quality") and quality is not None:
-        q = n if num_candidates is None else max(1, min(num_candidates, n))
-        order = torch.argsort(quality, stable=True)
-        candidates = order[: q].tolist()
+
+
+def _pick(
+    n: int,
+    rows: list[int],
+    pool: list[int],
+    block: torch.Tensor | None,
+    num_neighbours: int,
+    rule: str,
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    """The neighbour lists of all ``n`` devices (empty outside ``rows``)."""
+    out: list[list[int]] = [[] for _ in range(n)]
+    if rule == "random":
+        for i in rows:
+            others = [j for j in range(n) if j != i]
+            pick = torch.randperm(len(others), generator=generator)[:num_neighbours].tolist()
+            out[i] = sorted(others[k] for k in pick)
+    elif rule == "quality":
+        for i in rows:
+            out[i] = [j for j in pool if j != i][:num_neighbours]
     else:
-        candidates = list(range(n))
-    wanted = set(range(n)) if rows is None else set(rows)
-    if any(not 0 <= i < n for i in wanted):
-        raise ValueError(f"rows must be in 0..{n - 1}, got {sorted(wanted)}")
-    out: list[list[int]] = []
-    for i in range(n):
-        if i not in wanted:
-            out.append([])
-            continue
-        pool = [j for j in candidates if j != i]
-        if rule == "random":
-            pool = [j for j in range(n) if j != i]
-            pick = torch.randperm(len(pool), generator=generator)[:num_neighbours].tolist()
-            out.append(sorted(pool[k] for k in pick))
-        elif rule == "quality":
-            out.append(pool[:num_neighbours])
-        else:
-            ranked = sorted(pool, key=lambda j: (float(distance[i, j]), j))
-            out.append(ranked[:num_neighbours])
+        assert block is not None
+        for i, row in zip(rows, nearest_in_block(block, rows, pool, num_neighbours)):
+            out[i] = row
     return out
 
 
 def neighbour_weights(
-    neighbours: list[list[int]], distance: torch.Tensor | None = None, weighting: str = "mean"
+    neighbours: list[list[int]],
+    distance: torch.Tensor | None = None,
+    weighting: str = "mean",
+    rows: Sequence[int] | None = None,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """The ``n × n`` mixing matrix: row ``i`` spreads weight 1 over ``i``'s neighbours.
 
     ``"mean"`` gives each neighbour ``1/K`` (the paper). ``"similarity"`` gives
     ``softmax(-D[i, j] / τ)`` over the neighbours with ``τ`` the mean of those
     distances, so the scale of the divergence does not matter. A device
-    without neighbours gets an all-zero row.
+    without neighbours gets an all-zero row. ``distance`` is ``n × n``, or
+    ``len(rows) × n`` with row ``a`` belonging to device ``rows[a]``. With
+    ``sparse`` the matrix is a sparse COO tensor (``n·K`` entries instead of
+    ``n²``), which :func:`mix_targets` takes as it is.
     """
     n = len(neighbours)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; valid choices: {', '.join(WEIGHTINGS)}")
-    if weighting == "similarity" and (distance is None or distance.shape != (n, n)):
-        raise ValueError("similarity weighting needs the n x n distance matrix")
-    w = torch.zeros(n, n)
+    position = {i: i for i in range(n)} if rows is None else {d: a for a, d in enumerate(rows)}
+    if weighting == "similarity" and (distance is None or distance.shape != (len(position), n)):
+        raise ValueError(f"similarity weighting needs the distance rows ({len(position)} x {n})")
+    index_rows: list[int] = []
+    index_cols: list[int] = []
+    values: list[torch.Tensor] = []
     for i, row in enumerate(neighbours):
         if not row:
             continue
         if any(not 0 <= j < n for j in row):
             raise ValueError(f"device {i} has a neighbour outside 0..{n - 1}: {row}")
+        index_rows += [i] * len(row)
+        index_cols += list(row)
         if weighting == "mean":
-            w[i, row] = 1.0 / len(row)
+            values.append(torch.full((len(row),), 1.0 / len(row)))
         else:
-            d = distance[i, row].double()  # type: ignore[index]
+            d = distance[position[i], row].double()  # type: ignore[index]
             tau = float(d.mean()) if float(d.mean()) > 0 else 1.0
-            w[i, row] = torch.softmax(-d / tau, 0).float()
+            values.append(torch.softmax(-d / tau, 0).float())
+    indices = torch.tensor([index_rows, index_cols], dtype=torch.long).reshape(2, -1)
+    flat = torch.cat(values) if values else torch.zeros(0)
+    if sparse:
+        return torch.sparse_coo_tensor(indices, flat, (n, n), check_invariants=False).coalesce()
+    w = torch.zeros(n, n)
+    w[indices[0], indices[1]] = flat
     return w
+
+
+def row_sums(weights: torch.Tensor) -> torch.Tensor:
+    """Each row's total weight, for a dense or a sparse mixing matrix."""
+    if weights.is_sparse:
+        return torch.sparse.sum(weights, dim=1).to_dense() if weights._nnz() else torch.zeros(weights.shape[0])
+    return weights.sum(1)
 
 
 def uniform_weights(n: int, include_self: bool = True) -> torch.Tensor:
@@ -227,19 +348,29 @@ def mix_targets(
     if weights.ndim != 2 or weights.shape[1] != n:
         raise ValueError(f"weights must have {n} columns (one per device), got shape {tuple(weights.shape)}")
     out_shape = (weights.shape[0], *reference_logits.shape[1:])
-    rows = weights.sum(1)
-    if ((rows > 0) & ((rows - 1.0).abs() > 1e-4)).any():
-        raise ValueError(f"each non-empty row of the weights must sum to 1, got row sums {rows.tolist()}")
-    w = weights.double()
-    if space == "logits":
-        return (w @ reference_logits.reshape(n, -1).double()).reshape(out_shape).float()
+    sums = row_sums(weights)
+    if ((sums > 0) & ((sums - 1.0).abs() > 1e-4)).any():
+        raise ValueError(f"each non-empty row of the weights must sum to 1, got row sums {sums.tolist()}")
+    if space not in MIX_SPACES:
+        raise ValueError(f"unknown mixing space {space!r}; valid choices: {', '.join(MIX_SPACES)}")
+    if space == "probs" and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # only the columns that teach, as one sparse product
+    w = weights.coalesce() if weights.is_sparse else weights.to_sparse()
+    teachers = torch.unique(w.indices()[1])
+    position = torch.full((n,), -1, dtype=torch.long)
+    position[teachers] = torch.arange(len(teachers))
+    w = torch.sparse_coo_tensor(
+        torch.stack([w.indices()[0], position[w.indices()[1]]]), w.values().double(), (weights.shape[0], len(teachers)),
+        check_invariants=False,
+    )
+    chosen = reference_logits[teachers].double().reshape(len(teachers), -1, reference_logits.shape[-1])
     if space == "probs":
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        probs = F.softmax(reference_logits.double() / temperature, dim=-1).reshape(n, -1)
-        mixed = (w @ probs).reshape(out_shape)
-        return (temperature * mixed.clamp_min(1e-12).log()).float()
-    raise ValueError(f"unknown mixing space {space!r}; valid choices: {', '.join(MIX_SPACES)}")
+        chosen = F.softmax(chosen / temperature, dim=-1)
+    mixed = torch.sparse.mm(w, chosen.reshape(len(teachers), -1)).reshape(out_shape)
+    if space == "logits":
+        return mixed.float()
+    return (temperature * mixed.clamp_min(1e-12).log()).float()
 
 
 def neighbour_plan(
@@ -254,17 +385,45 @@ def neighbour_plan(
     temperature: float,
     quality: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    exact_search_max: int = 0,
+    search_sample: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """SD-Dist's whole selection step for the devices in ``rows``.
 
-    Returns the mixing matrix ``W`` (rows outside ``rows`` are zero), the
-    distance matrix ``D`` and each device's neighbour list. The server runs it
-    over the population (``neighbour_selection=server``); a device runs it
-    with itself as row 0 (``neighbour_selection=device``), so both choose
-    neighbours by exactly the same rule.
+    Returns the mixing matrix ``W`` (``n × n``, sparse COO; rows outside
+    ``rows`` are empty; see :func:`row_sums`), the distances ``D`` of the devices in ``rows`` (``len(rows) × n``,
+    row ``a`` is device ``rows[a]``; columns that were not searched are NaN)
+    and each device's neighbour list. Only ``D[rows][:, candidates]`` is
+    computed, in one matrix product.
+
+    When more than ``exact_search_max`` devices may teach (0: no limit), the
+    search runs over a random sample of ``search_sample`` of them drawn with
+    ``generator`` (sampled neighbour search: linear in the population).
+
+    The server runs it over the population (``neighbour_selection=server``); a
+    device runs it with itself as row 0 (``neighbour_selection=device``), so
+    both choose neighbours by exactly the same rule.
     """
-    distance = pairwise_distance(reference_logits, temperature, similarity)
-    neighbours = select_neighbours(
-        distance, num_neighbours, rule, quality, num_candidates, generator, rows=rows
+    _check_logits(reference_logits)
+    n = reference_logits.shape[0]
+    _check_selection(n, num_neighbours, rule, quality)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; valid choices: {', '.join(WEIGHTINGS)}")
+    if exact_search_max < 0 or search_sample < 1:
+        raise ValueError(f"exact_search_max must be >= 0 and search_sample >= 1, got {exact_search_max}, {search_sample}")
+    rows = list(rows)
+    pool = candidate_pool(n, rule, quality, num_candidates)
+    if rule in ("quality_distance", "distance") and exact_search_max and len(pool) > exact_search_max:
+        keep = torch.randperm(len(pool), generator=generator)[: min(search_sample, len(pool))]
+        pool = sorted(pool[k] for k in keep.tolist())
+    searched = pool if rule != "random" else list(range(n))
+    block = _pairwise(reference_logits, temperature, similarity, rows=rows, cols=searched)
+    distance = torch.full((len(rows), n), float("nan"))
+    distance[:, searched] = block
+    wanted = sorted(set(rows))
+    position = {d: a for a, d in enumerate(rows)}
+    neighbours = _pick(
+        n, wanted, pool, block[[position[i] for i in wanted]] if rule != "random" else None,
+        num_neighbours, rule, generator,
     )
-    return neighbour_weights(neighbours, distance, weighting), distance, neighbours
+    return neighbour_weights(neighbours, distance, weighting, rows, sparse=True), distance, neighbours
