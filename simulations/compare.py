@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hetkd.config import ConfigError, HetkdConfig
+from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.results import read_metrics
 from hetkd.simulations.registry import check_strategy
 
@@ -55,24 +55,51 @@ def _stats(values: list[float | None]) -> dict[str, Any]:
     return {"mean": float(np.mean(finite)), "std": float(np.std(finite)), "values": values}
 
 
-def _run_one(cfg: HetkdConfig) -> dict[str, Any]:
-    from hetkd.simulations.runner import run
-
-    summary = run(cfg)
+def _with_total_bytes(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` plus ``bytes_per_device_per_round`` (up + down)."""
     up = summary.get("mean_bytes_up_per_device_per_round") or 0.0
     down = summary.get("mean_bytes_down_per_device_per_round") or 0.0
-    summary["bytes_per_device_per_round"] = up + down
+    return summary | {"bytes_per_device_per_round": up + down}
+
+
+def finished_run(cfg: HetkdConfig) -> dict[str, Any] | None:
+    """The summary of a run of exactly ``cfg`` already complete in ``cfg.output.dir``, if any.
+
+    Complete means ``summary.json`` records every round, and the ``config.yaml``
+    beside it equals ``cfg`` in everything but the ``output`` settings.
+    """
+    out = Path(cfg.output.dir)
+    summary_file, config_file = out / "summary.json", out / "config.yaml"
+    if not (summary_file.is_file() and config_file.is_file()):
+        return None
+    from omegaconf import OmegaConf
+
+    from hetkd.simulations.experiment import resolve_data_path
+
+    def settings(text: str) -> dict[str, Any]:
+        values = OmegaConf.to_container(OmegaConf.create(text))
+        values.pop("output", None)  # type: ignore[union-attr]
+        return values  # type: ignore[return-value]
+
+    if settings(config_file.read_text()) != settings(to_yaml(resolve_data_path(cfg))):
+        return None
+    summary = json.loads(summary_file.read_text())
+    if summary.get("rounds") != cfg.simulation.num_rounds and cfg.strategy.name != "central":
+        return None
     return summary
 
 
 def compare(
-    cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path, command: str = ""
+    cfg: HetkdConfig, strategies: list[str], seeds: list[int], out: Path, command: str = "", resume: bool = False
 ) -> dict[str, Any]:
     """Run every strategy for every seed; write and return the comparison.
 
     A run that fails is reported (``failed_runs`` in ``compare.json``, a line in
     ``compare.md``) and left out of the statistics; the others go on. ``command``
     (the command line that asked for the comparison) is written beside the table.
+    With ``resume``, runs already complete in ``out`` with the same config
+    (:func:`finished_run`) are read back instead of run again, so an
+    interrupted comparison goes on where it stopped.
     """
     if not strategies:
         raise ConfigError("--strategies", "name at least one strategy")
@@ -85,7 +112,7 @@ def compare(
     from rich.console import Console
     from rich.progress import Progress
 
-    from hetkd.simulations.runner import backend_config
+    from hetkd.simulations.runner import backend_config, run
 
     console = Console(highlight=False, soft_wrap=True)
     started_ray = not ray.is_initialized()
@@ -107,7 +134,7 @@ def compare(
                     )
                     t0 = time.perf_counter()
                     try:
-                        summary = _run_one(run_cfg)
+                        summary = _with_total_bytes((finished_run(run_cfg) if resume else None) or run(run_cfg))
                     except Exception as err:  # one broken run must not lose the others
                         results[name]["failed"].append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
                         console.print(f"{name:>10} seed {seed}: FAILED ({type(err).__name__}: {err})")
@@ -214,7 +241,11 @@ def _cmd(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.output.root) / f"compare-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     command = " ".join(["hetkd compare", *map(shlex.quote, args.items), "--strategies", args.strategies,
                         "--seeds", str(args.seeds)])
-    compare(cfg, strategies, seeds, out, command)
+    if args.resume:
+        command += " --resume"
+    if args.resume and not args.out:
+        raise ConfigError("--resume", "needs --out DIR: the folder of the comparison to go on with")
+    compare(cfg, strategies, seeds, out, command, resume=args.resume)
     return 0
 
 
@@ -226,4 +257,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategies", default="central,local,fedmd,sd-dist",
                    help="comma-separated strategy names (plus 'central', the pooled-data upper bound)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (config seed, seed+1, ...)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs already complete in --out with the same config (go on after an interruption)")
     p.set_defaults(func=_cmd)

@@ -151,3 +151,27 @@ def test_compare_writes_json_markdown_and_plot(tmp_path):
     assert 0 < table["sd-dist"]["bytes_fraction_of_fedavg_zoo_largest"] < 0.01
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sd-dist |" in text and "± " in text and "resnet32" in text
+
+
+def test_compare_resumes_finished_runs_and_survives_a_failing_one(tmp_path, monkeypatch):
+    import hetkd.simulations.runner as runner
+    from hetkd.simulations.compare import compare
+
+    cfg = small_config(tmp_path, "num-server-rounds=2", devices=3)
+    first = compare(cfg, ["central", "local"], [0], tmp_path / "cmp")
+
+    def broken(cfg):
+        raise RuntimeError(f"no simulation allowed ({cfg.strategy.name}, lr {cfg.training.lr})")
+
+    monkeypatch.setattr(runner, "run", broken)
+    again = compare(cfg, ["central", "local"], [0], tmp_path / "cmp", resume=True)  # read back, nothing run
+    for name in ("central", "local"):
+        assert again["strategies"][name]["final_personalised_accuracy_mean"] == \
+            first["strategies"][name]["final_personalised_accuracy_mean"]
+        assert again["strategies"][name]["bytes_per_device_per_round"] == first["strategies"][name]["bytes_per_device_per_round"]
+    # a different config is not the finished run: it is run (here: fails), reported, and the other goes on
+    changed = small_config(tmp_path, "num-server-rounds=2", "training.lr=0.01", devices=3)
+    result = compare(changed, ["central", "local"], [0], tmp_path / "cmp", resume=True)
+    assert result["strategies"]["local"]["failed_runs"][0]["error"].startswith("RuntimeError: no simulation allowed")
+    assert result["strategies"]["local"]["final_personalised_accuracy_mean"]["mean"] is None
+    assert "local, seed 0 failed" in (tmp_path / "cmp" / "compare.md").read_text()
