@@ -199,7 +199,7 @@ def _markdown(table: dict[str, Any], seeds: list[int], command: str = "") -> str
     if zoo:
         lines.append(f"- with the largest model of the zoo for this data ({zoo['architecture']}): "
                      f"{2 * zoo['bytes']:,} bytes per device per round.")
-        shares = [f"{name} {100 * row['bytes_fraction_of_fedavg_zoo_largest']:.2f}%" for name, row in table.items()
+        shares = [f"{name} {100 * row['bytes_fraction_of_fedavg_zoo_largest']:.2g}%" for name, row in table.items()
                   if row.get("bytes_fraction_of_fedavg_zoo_largest")]
         if shares:
             lines.append("Bytes per device per round as a share of the latter: " + ", ".join(shares) + ".")
