@@ -29,7 +29,7 @@ import numpy as np
 
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.results import read_metrics
-from hetkd.simulations.registry import check_strategy
+from hetkd.simulations.registry import CENTRAL, check_strategy
 
 __all__ = ["compare", "add_parser", "FIGURES"]
 
@@ -84,7 +84,7 @@ def finished_run(cfg: HetkdConfig) -> dict[str, Any] | None:
     if settings(config_file.read_text()) != settings(to_yaml(resolve_data_path(cfg))):
         return None
     summary = json.loads(summary_file.read_text())
-    if summary.get("rounds") != cfg.simulation.num_rounds and cfg.strategy.name != "central":
+    if summary.get("rounds") != cfg.simulation.num_rounds and cfg.strategy.name != CENTRAL:
         return None
     return summary
 
