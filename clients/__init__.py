@@ -5,6 +5,7 @@ data and model zoo; :func:`make_client_app`, devices from a model and data of
 your own). A node's ``--node-config`` keys are checked by
 :func:`parse_node_config`."""
 
+import hetkd.core  # noqa: F401  (first: see hetkd.core)
 from hetkd.clients.custom import DeviceDataset, make_client_app
 from hetkd.clients.device import DistillClient
 from hetkd.clients.node_config import NodeConfig, NodeConfigError, parse_node_config

@@ -5,6 +5,7 @@ Simulation Runtime; ``hetkd.simulations.server_app:app`` is the ServerApp that
 ``flwr run`` starts.
 """
 
+import hetkd.core  # noqa: F401  (first: see hetkd.core)
 from hetkd.simulations.runner import run
 
 __all__ = ["run"]

@@ -6,6 +6,7 @@ Flower's ``FedAvg``. The devices must run :data:`hetkd.clients.app.app` (or
 a ClientApp that answers the same actions).
 """
 
+import hetkd.core  # noqa: F401  (first: see hetkd.core)
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy, MeteredGrid, RoundReport, payload_bytes
 from hetkd.strategies.ensemble_distill import EnsembleDistill
 from hetkd.strategies.fedavg import FedAvg, HeterogeneousModelsError
