@@ -16,9 +16,9 @@ for every strategy. Writes into ``DIR``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import shlex
 import time
 from dataclasses import replace
@@ -112,15 +112,16 @@ def compare(
     from rich.console import Console
     from rich.progress import Progress
 
-    from hetkd.simulations.runner import backend_config, run
+    from hetkd.simulations.runner import backend_config, ray_environment, run
 
     console = Console(highlight=False, soft_wrap=True)
     started_ray = not ray.is_initialized()
-    if started_ray:  # one Ray session for all runs
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        ray.init(**backend_config(cfg)["init_args"], include_dashboard=False)
     results: dict[str, dict[str, Any]] = {name: {"runs": [], "failed": []} for name in strategies}
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ray_environment(cfg))
+        if started_ray:  # one Ray session for all runs
+            ray.init(**backend_config(cfg)["init_args"], include_dashboard=False)
+            stack.callback(ray.shutdown)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("compare", total=len(strategies) * len(seeds))
             for seed in seeds:
@@ -146,9 +147,6 @@ def compare(
                         f"  global {summary.get('final_global_accuracy_mean') or 0:.3f}  ({time.perf_counter() - t0:.0f}s)"
                     )
                     progress.advance(task)
-    finally:
-        if started_ray and ray.is_initialized():
-            ray.shutdown()
 
     table: dict[str, Any] = {}
     for name, entry in results.items():

@@ -8,8 +8,10 @@ checked before Ray starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from hetkd.config import HetkdConfig
@@ -17,10 +19,12 @@ from hetkd.simulations.experiment import prepare
 from hetkd.simulations.registry import CENTRAL
 from hetkd.simulations.server_app import make_server_app
 
-__all__ = ["run", "backend_config", "WORKER_NICENESS"]
+__all__ = ["run", "backend_config", "ray_environment", "WORKER_NICENESS"]
 
 #: Ray's setting for its workers' scheduling priority (Ray's default: 15, lower than the driver)
 WORKER_NICENESS = "RAY_worker_niceness"
+#: keep accelerator variables (CUDA_VISIBLE_DEVICES) as they are in actors that ask for no GPU
+ACCELERATOR_OVERRIDE = "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"
 
 
 def backend_config(cfg: HetkdConfig) -> dict[str, Any]:
@@ -38,6 +42,33 @@ def backend_config(cfg: HetkdConfig) -> dict[str, Any]:
         "client_resources": {"num_cpus": sim.cpus_per_device, "num_gpus": sim.gpus_per_device},
         "init_args": init_args,
     }
+
+
+@contextlib.contextmanager
+def ray_environment(cfg: HetkdConfig) -> Iterator[None]:
+    """The environment in which this process starts (or joins) Ray for ``cfg``, put back after.
+
+    Every place that starts Ray in this process (:func:`run`, ``hetkd compare``)
+    goes through here. Ray starts its workers at nice 15, so on a busy machine
+    they get a fraction of the CPU the driver gets (``hetkd bench`` measured
+    local training 2-3x slower in the workers than in a plain loop): a local
+    Ray runs them at the driver's priority unless ``RAY_worker_niceness`` is
+    set. Flower's Ray backend writes this process's ``sys.path`` into
+    ``PYTHONPATH`` for its workers; the caller's value is restored, so later
+    subprocesses are unaffected.
+    """
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", WORKER_NICENESS, ACCELERATOR_OVERRIDE)}
+    os.environ.setdefault(ACCELERATOR_OVERRIDE, "0")
+    if not cfg.simulation.ray_address:
+        os.environ.setdefault(WORKER_NICENESS, "0")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class _DropDeprecationNotice(logging.Filter):
@@ -67,40 +98,26 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
     summaries: list[dict[str, Any]] = []
     server_app = make_server_app(prepared.cfg, on_finish=summaries.append)
     started_ray = not ray.is_initialized()
-    # Flower's Ray backend writes this process's sys.path into PYTHONPATH (for its
-    # workers); put the caller's value back so later subprocesses are unaffected
-    pythonpath = os.environ.get("PYTHONPATH")
-    niceness = os.environ.get(WORKER_NICENESS)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if not prepared.cfg.simulation.ray_address:
-        # Ray starts its workers at nice 15, so on a busy machine they get a fraction of
-        # the CPU the driver gets (hetkd bench measured local training 2-3x slower in
-        # the workers than in a plain loop); a local Ray runs them at the driver's priority
-        os.environ.setdefault(WORKER_NICENESS, "0")
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     notice_filter = _DropDeprecationNotice()
     flwr_logger.addFilter(notice_filter)
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=prepared.cfg.simulation.num_devices,
-            backend_config=backend_config(prepared.cfg),  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
-    finally:
-        flwr_logger.setLevel(level)
-        flwr_logger.removeFilter(notice_filter)
-        if started_ray and ray.is_initialized():
-            ray.shutdown()
-        for key, value in (("PYTHONPATH", pythonpath), (WORKER_NICENESS, niceness)):
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with ray_environment(prepared.cfg):
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=prepared.cfg.simulation.num_devices,
+                backend_config=backend_config(prepared.cfg),  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+        finally:
+            flwr_logger.setLevel(level)
+            flwr_logger.removeFilter(notice_filter)
+            if started_ray and ray.is_initialized():
+                ray.shutdown()
     if not summaries:
         raise RuntimeError(f"the simulation ended without a summary; see {prepared.cfg.output.dir}")
     return summaries[0]

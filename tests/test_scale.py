@@ -44,6 +44,48 @@ def test_ray_settings_are_checked_by_name():
     assert ok.simulation.gpus_per_device == 0.25
 
 
+def test_local_ray_runs_workers_at_the_drivers_priority_and_restores_the_environment(monkeypatch):
+    from hetkd.simulations.runner import WORKER_NICENESS, ray_environment
+
+    monkeypatch.delenv(WORKER_NICENESS, raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/callers/own")
+    local = resolve_config(None, [])
+    with ray_environment(local):
+        assert os.environ[WORKER_NICENESS] == "0"
+        os.environ["PYTHONPATH"] = "/written/by/flower"
+    assert WORKER_NICENESS not in os.environ
+    assert os.environ["PYTHONPATH"] == "/callers/own"
+    with ray_environment(resolve_config(None, ["simulation.ray_address=auto"])):
+        assert WORKER_NICENESS not in os.environ, "a running cluster keeps its own settings"
+    monkeypatch.setenv(WORKER_NICENESS, "5")
+    with ray_environment(local):
+        assert os.environ[WORKER_NICENESS] == "5", "the user's choice wins"
+
+
+def test_compare_starts_ray_with_workers_at_the_drivers_priority(monkeypatch, tmp_path):
+    """``hetkd compare`` starts one Ray session for all its runs: in the same environment as ``run``."""
+    import ray
+
+    import hetkd.simulations.runner as runner
+    from hetkd.simulations.compare import compare
+
+    seen: dict[str, str | None] = {}
+    monkeypatch.delenv(runner.WORKER_NICENESS, raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.setdefault("init", os.environ.get(runner.WORKER_NICENESS)))
+    monkeypatch.setattr(ray, "shutdown", lambda: seen.setdefault("shutdown", "called"))
+
+    def no_run(cfg, verbose=False):
+        seen["run"] = os.environ.get(runner.WORKER_NICENESS)
+        raise RuntimeError("not simulated here")
+
+    monkeypatch.setattr(runner, "run", no_run)
+    payload = compare(small_config(tmp_path), ["local"], [0], tmp_path / "cmp")
+    assert seen == {"init": "0", "run": "0", "shutdown": "called"}
+    assert payload["strategies"]["local"]["failed_runs"][0]["error"] == "RuntimeError: not simulated here"
+    assert runner.WORKER_NICENESS not in os.environ
+
+
 def test_tree_monitor_counts_child_processes():
     child = subprocess.Popen([sys.executable, "-c", "b = bytearray(200 * 2**20); import time; time.sleep(30)"])
     try:
