@@ -66,7 +66,9 @@ def finished_run(cfg: HetkdConfig) -> dict[str, Any] | None:
     """The summary of a run of exactly ``cfg`` already complete in ``cfg.output.dir``, if any.
 
     Complete means ``summary.json`` records every round, and the ``config.yaml``
-    beside it equals ``cfg`` in everything but the ``output`` settings.
+    beside it equals ``cfg`` in everything but the ``output`` settings and the
+    sections the strategy never reads (:func:`~hetkd.simulations.registry.unread_settings`:
+    a change to ``strategy.sd_dist`` reruns SD-Dist, not local-only).
     """
     out = Path(cfg.output.dir)
     summary_file, config_file = out / "summary.json", out / "config.yaml"
@@ -75,11 +77,20 @@ def finished_run(cfg: HetkdConfig) -> dict[str, Any] | None:
     from omegaconf import OmegaConf
 
     from hetkd.simulations.experiment import resolve_data_path
+    from hetkd.simulations.registry import unread_settings
+
+    unread = unread_settings(cfg.strategy.name)
 
     def settings(text: str) -> dict[str, Any]:
-        values = OmegaConf.to_container(OmegaConf.create(text))
-        values.pop("output", None)  # type: ignore[union-attr]
-        return values  # type: ignore[return-value]
+        values: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(text))  # type: ignore[assignment]
+        values.pop("output", None)
+        for section in unread:
+            *parents, key = section.split(".")
+            holder = values
+            for parent in parents:
+                holder = holder.get(parent) or {}
+            holder.pop(key, None)
+        return values
 
     if settings(config_file.read_text()) != settings(to_yaml(resolve_data_path(cfg))):
         return None
@@ -116,7 +127,7 @@ def compare(
 
     console = Console(highlight=False, soft_wrap=True)
     started_ray = not ray.is_initialized()
-    results: dict[str, dict[str, Any]] = {name: {"runs": [], "failed": []} for name in strategies}
+    results: dict[str, dict[str, Any]] = {name: {"runs": [], "failed": [], "reused": []} for name in strategies}
     with contextlib.ExitStack() as stack:
         stack.enter_context(ray_environment(cfg))
         if started_ray:  # one Ray session for all runs
@@ -135,13 +146,16 @@ def compare(
                     )
                     t0 = time.perf_counter()
                     try:
-                        summary = _with_total_bytes((finished_run(run_cfg) if resume else None) or run(run_cfg))
+                        finished = finished_run(run_cfg) if resume else None
+                        summary = _with_total_bytes(finished or run(run_cfg))
                     except Exception as err:  # one broken run must not lose the others
                         results[name]["failed"].append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
                         console.print(f"{name:>10} seed {seed}: FAILED ({type(err).__name__}: {err})")
                         progress.advance(task)
                         continue
                     results[name]["runs"].append(summary)
+                    if finished:
+                        results[name]["reused"].append(seed)
                     console.print(
                         f"{name:>10} seed {seed}: personalised {summary.get('final_personalised_accuracy_mean') or 0:.3f}"
                         f"  global {summary.get('final_global_accuracy_mean') or 0:.3f}  ({time.perf_counter() - t0:.0f}s)"
@@ -154,6 +168,7 @@ def compare(
         table[name] = {key: _stats([r.get(key) for r in runs]) for key, _, _ in FIGURES}
         table[name]["run_dirs"] = [r["out_dir"] for r in runs]
         table[name]["failed_runs"] = entry["failed"]
+        table[name]["reused_seeds"] = entry["reused"]
         table[name]["largest_model_bytes"] = max((r.get("largest_model_bytes") or 0 for r in runs), default=0)
         zoo = next((r["zoo_largest_model"] for r in runs if r.get("zoo_largest_model")), None)
         table[name]["zoo_largest_model"] = zoo
@@ -188,6 +203,11 @@ def _markdown(table: dict[str, Any], seeds: list[int], command: str = "") -> str
     for name, row in table.items():
         for failure in row.get("failed_runs", []):
             lines.append(f"\n{name}, seed {failure['seed']} failed and is left out: {failure['error']}")
+    reused = [f"{name} (seeds {', '.join(map(str, row['reused_seeds']))})"
+              for name, row in table.items() if row.get("reused_seeds")]
+    if reused:
+        lines += ["", "Read back from earlier runs of the same settings in this folder (`--resume`): "
+                  + "; ".join(reused) + "."]
     largest = max((row.get("largest_model_bytes") or 0 for row in table.values()), default=0)
     zoo = next((row["zoo_largest_model"] for row in table.values() if row.get("zoo_largest_model")), None)
     if largest or zoo:
@@ -256,5 +276,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated strategy names (plus 'central', the pooled-data upper bound)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (config seed, seed+1, ...)")
     p.add_argument("--resume", action="store_true",
-                   help="reuse runs already complete in --out with the same config (go on after an interruption)")
+                   help="reuse runs already complete in --out with the same config, as far as their strategy "
+                        "reads it (go on after an interruption; change one strategy's settings)")
     p.set_defaults(func=_cmd)

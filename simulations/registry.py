@@ -20,12 +20,24 @@ from hetkd.models import assign_architectures, build_model
 from hetkd.strategies import MEKD, DeviceStrategy, FedAvg, FedDF, FedMD, LocalOnly, SDDist
 from hetkd.training import seeded
 
-__all__ = ["CENTRAL", "ENSEMBLE_STRATEGIES", "STRATEGIES", "StrategySpec", "build_strategy", "check_strategy", "initial_arrays"]
+__all__ = [
+    "CENTRAL",
+    "ENSEMBLE_STRATEGIES",
+    "STRATEGIES",
+    "STRATEGY_SETTINGS",
+    "StrategySpec",
+    "build_strategy",
+    "check_strategy",
+    "initial_arrays",
+    "unread_settings",
+]
 
 #: the pooled-data upper bound: not a federated strategy, run in-process only
 CENTRAL = "central"
 #: strategies with a server-side global student (``strategy.ensemble.*``)
 ENSEMBLE_STRATEGIES = ("feddf", "mekd")
+#: config sections that only some strategies read (each spec names its own in ``settings``)
+STRATEGY_SETTINGS = ("strategy.kd", "strategy.sd_dist", "strategy.ensemble", "mekd")
 
 
 def _common(cfg: HetkdConfig, device_config: str) -> dict[str, object]:
@@ -154,6 +166,8 @@ class StrategySpec:
     check: Callable[[HetkdConfig], None] | None = None
     #: the server holds a global model of the (single) architecture (FedAvg)
     global_model: bool = False
+    #: the sections of :data:`STRATEGY_SETTINGS` the strategy reads; the others cannot change its runs
+    settings: tuple[str, ...] = ()
 
 
 STRATEGIES: dict[str, StrategySpec] = {
@@ -171,23 +185,43 @@ STRATEGIES: dict[str, StrategySpec] = {
         lambda cfg, fed, text: FedMD(**_exchange(cfg, fed, text)),  # type: ignore[arg-type]
         "FedMD-style: everyone distils from the plain average of all devices' reference predictions",
         _check_reference,
+        settings=("strategy.kd",),
     ),
     "sd-dist": StrategySpec(
         _sd_dist,
         "SD-Dist: each device distils from its most similar, best-scoring neighbours",
         _check_reference,
+        settings=("strategy.kd", "strategy.sd_dist"),
     ),
     "feddf": StrategySpec(
         lambda cfg, fed, text: FedDF(**_ensemble(cfg, fed, text)),  # type: ignore[arg-type]
         "FedDF-style: the server's student and the devices distil the devices' ensemble on reference rows",
         _check_ensemble,
+        settings=("strategy.ensemble", "mekd"),  # the server's student steps use mekd.distill_*
     ),
     "mekd": StrategySpec(
         _mekd,
         "MEKD: a generator emulates the devices' inverse mapping; student and devices distil through it",
         _check_ensemble,
+        settings=("strategy.ensemble", "mekd"),
     ),
 }
+
+
+def unread_settings(name: str) -> tuple[str, ...]:
+    """The sections of :data:`STRATEGY_SETTINGS` strategy ``name`` never reads.
+
+    A run of ``name`` does not depend on them, so ``hetkd compare --resume``
+    reuses it when only they changed. ``central`` reads the student
+    architecture (``strategy.ensemble.student``) and nothing else of them.
+    """
+    if name == CENTRAL:
+        read: tuple[str, ...] = ("strategy.ensemble",)
+    elif name in STRATEGIES:
+        read = STRATEGIES[name].settings
+    else:
+        raise ConfigError("strategy.name", f"unknown strategy {name!r}; valid choices: {', '.join([*STRATEGIES, CENTRAL])}")
+    return tuple(section for section in STRATEGY_SETTINGS if section not in read)
 
 
 def check_strategy(cfg: HetkdConfig) -> None:

@@ -169,6 +169,16 @@ def test_compare_resumes_finished_runs_and_survives_a_failing_one(tmp_path, monk
         assert again["strategies"][name]["final_personalised_accuracy_mean"] == \
             first["strategies"][name]["final_personalised_accuracy_mean"]
         assert again["strategies"][name]["bytes_per_device_per_round"] == first["strategies"][name]["bytes_per_device_per_round"]
+    assert "Read back from earlier runs" in (tmp_path / "cmp" / "compare.md").read_text()
+    # settings a strategy never reads do not invalidate its runs; settings it reads do
+    kd_only = small_config(tmp_path, "num-server-rounds=2", "strategy.kd.rho=0.9", "strategy.sd_dist.num_neighbours=1",
+                           devices=3)
+    kept = compare(kd_only, ["central", "local"], [0], tmp_path / "cmp", resume=True)
+    assert all(kept["strategies"][name]["reused_seeds"] == [0] for name in ("central", "local"))
+    student = small_config(tmp_path, "num-server-rounds=2", "strategy.ensemble.student=mlp_s", devices=3)
+    rerun = compare(student, ["central", "local"], [0], tmp_path / "cmp", resume=True)
+    assert rerun["strategies"]["local"]["reused_seeds"] == [0]
+    assert rerun["strategies"]["central"]["failed_runs"][0]["error"].startswith("RuntimeError: no simulation allowed")
     # a different config is not the finished run: it is run (here: fails), reported, and the other goes on
     changed = small_config(tmp_path, "num-server-rounds=2", "training.lr=0.01", devices=3)
     result = compare(changed, ["central", "local"], [0], tmp_path / "cmp", resume=True)
