@@ -384,7 +384,7 @@ def train_ensemble_distill(message: Message, context: Context, devices: DeviceSo
 
             metrics = client.fit_towards(
                 server_round,
-                teacher_logits(answers, kind),
+                teacher_logits(answers, kind, hard_margin=float(config.get("hard-margin", 1.0))),  # type: ignore[arg-type]
                 rho=float(config.get("rho", 0.5)),  # type: ignore[arg-type]
                 temperature=settings["temperature"],  # type: ignore[arg-type]
                 reference_batch_size=int(config.get("query-batch-size", 0)),  # type: ignore[arg-type]

@@ -266,7 +266,7 @@ class EnsembleDistill(DeviceStrategy):
         if self._student_optimizer is None:
             total = max(1, self.server_steps * self.distill_rounds())
             self._student_optimizer = StudentOptimizer(self.student, replace(self.settings, steps=total))
-        targets = teacher_logits(self._common_target, self._target_kind)
+        targets = teacher_logits(self._common_target, self._target_kind, hard_margin=self.settings.hard_margin)
         batch = min(self.settings.batch_size, len(inputs))
         losses = []
         with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
@@ -305,6 +305,7 @@ class EnsembleDistill(DeviceStrategy):
             "w-f": s.w_f,
             "w-kl": s.w_kl,
             "distance": s.distance,
+            "hard-margin": s.hard_margin,
             "query-batch-size": self.query_batch_size,
             "min-steps": self.min_steps,
             "precision": self.precision,

@@ -103,6 +103,7 @@ def test_misspelt_key_is_named_with_valid_choices(override, key, hint):
         ("strategy.fraction_train=0", "strategy.fraction_train", "(0, 1]"),
         ("simulation.num_devices=0", "simulation.num_devices", ">= 1"),
         ("training.lr=abc", "training.lr", "expected float"),
+        ("mekd.hard_margin=0", "mekd.hard_margin", "must be > 0"),
     ],
 )
 def test_bad_value_is_rejected_with_its_key(override, key, fragment):

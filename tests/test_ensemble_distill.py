@@ -184,11 +184,12 @@ def test_a_device_that_drops_out_during_deprivatization_does_not_stall_the_round
 
 
 def test_hard_responses_carry_no_soft_information(tmp_path):
-    cfg = small_config(tmp_path, "strategy=mekd", "mekd.response=hard", *SMALL, devices=3)
+    cfg = small_config(tmp_path, "strategy=mekd", "mekd.response=hard", "mekd.hard_margin=4.5", *SMALL, devices=3)
     grid = InProcessGrid(3)
     _, reports = _start(cfg, grid, rounds=5)
     answered = 0
     for t in _replies(grid):
+        assert t.message.content[P.CONFIG]["hard-margin"] == 4.5  # the devices read a label as the server does
         if P.PREDICTIONS in t.reply.content:
             labels = t.reply.content[P.PREDICTIONS][P.RESPONSES].numpy()
             assert labels.ndim == 1 and labels.dtype == np.uint8 and labels.max() < 10

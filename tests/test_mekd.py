@@ -27,6 +27,7 @@ from hetkd.distill.mekd import (
     discriminator_loss,
     distill,
     generator_loss,
+    label_smoothing_margin,
     mapping_emulation_loss,
     mapping_emulation_terms,
     responses_from_logits,
@@ -195,6 +196,9 @@ def test_soft_responses_give_the_same_teacher_logits_as_raw_logits():
     assert torch.allclose(from_logits.mean(1), torch.zeros(16), atol=1e-5)
     hard = responses_from_logits(logits, "hard")
     assert torch.equal(teacher_logits(hard, "hard"), hard)  # the one-hot stands in for the logits
+    assert torch.equal(teacher_logits(hard, "hard", hard_margin=4.5), 4.5 * hard)
+    with pytest.raises(ValueError, match="hard_margin must be > 0, got 0"):
+        teacher_logits(hard, "hard", hard_margin=0)
     assert torch.equal(teacher_confidence(hard, "hard"), torch.ones(16))
     assert torch.allclose(teacher_confidence(logits, "logits"), torch.softmax(logits, 1).max(1).values)
 
@@ -425,3 +429,16 @@ def test_b2kd_command_writes_its_files_with_disjoint_data(tmp_path):
     reloaded = json.loads((again / "b2kd.json").read_text())
     assert reloaded["teacher"]["accuracy"] == report["teacher"]["accuracy"]
     assert main(["b2kd", *args, "b2kd.teacher_path=/nonexistent/teacher.pt", "--out", str(again)]) == 2
+
+
+def test_label_smoothing_margin_is_the_smoothed_labels_logit_gap():
+    margin = label_smoothing_margin(0.1, 10)
+    assert margin == pytest.approx(4.51, abs=0.01)
+    probs = torch.softmax(margin * torch.eye(10)[:1], 1)[0]
+    assert probs[0].item() == pytest.approx(1 - 0.1 + 0.1 / 10, abs=1e-6)  # the label keeps 1 - eps + eps/C
+    assert probs[1:].sum().item() == pytest.approx(0.9 * 0.1, abs=1e-6)  # each other class eps/C
+    with pytest.raises(ValueError, match="smoothing must be in"):
+        label_smoothing_margin(0.0, 10)
+    with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
+        label_smoothing_margin(0.1, 1)
+

@@ -365,6 +365,10 @@ class MEKDConfig:
     (``gan_lr_generator``, ``gan_lr_discriminator``, betas ``gan_beta1``,
     ``gan_beta2``); ``w_info`` weighs the information term and
     ``generator_width`` is G's first feature-map width (0: by input size).
+    ``hard_margin`` is the logit gap a hard (one-hot) answer stands for in
+    both terms of the loss: 1 is the reference's one-hot-as-logits, a nearly
+    flat target at T = 5; label smoothing ε corresponds to
+    ``log(1 + (1 − ε)·C/ε)`` (4.51 for ε = 0.1, C = 10).
 
     The reference uses T = T_g = 5, w_f = w_kl = 1, L1, SGD 0.1 decayed 10x at
     1/3 and 2/3 of 240 epochs x 500 iterations of 128, and a DCGAN trained for
@@ -378,6 +382,7 @@ class MEKDConfig:
     w_f: float = 1.0
     w_kl: float = 1.0
     distance: str = "l1"
+    hard_margin: float = 1.0
     w_info: float = 0.5
     gan_steps: int = 3000
     gan_batch_size: int = 64
@@ -892,7 +897,8 @@ def _validate_mekd(cfg: HetkdConfig) -> None:
 
     m = cfg.mekd
     _check_choice(m.response, "mekd.response", RESPONSE_KINDS)
-    for key in ("temperature", "generator_temperature", "gan_lr_generator", "gan_lr_discriminator", "distill_lr"):
+    for key in ("temperature", "generator_temperature", "gan_lr_generator", "gan_lr_discriminator", "distill_lr",
+                "hard_margin"):
         _check(getattr(m, key) > 0, f"mekd.{key}", f"must be > 0, got {getattr(m, key)}")
     for key in ("w_f", "w_kl", "w_info", "distill_weight_decay"):
         _check(getattr(m, key) >= 0, f"mekd.{key}", f"must be >= 0, got {getattr(m, key)}")

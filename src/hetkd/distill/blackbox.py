@@ -130,7 +130,7 @@ def kd_on_proxy(
     responder, kind = as_responder(teacher, response)
     inputs = proxy_inputs(proxy_data)
     with seeded("kd-proxy", seed) as rng:
-        targets = teacher_logits(query_teacher(responder, inputs, kind), kind)
+        targets = teacher_logits(query_teacher(responder, inputs, kind), kind, hard_margin=settings.hard_margin)
         optimizer = StudentOptimizer(student, settings)
         with progress_bar(settings.steps, "KD on proxy data", progress) as advance:
             _fit_transfer_set(optimizer, inputs, targets, settings.steps, rng, advance, on_step)
@@ -203,7 +203,7 @@ def active_mixup(
     with seeded("active-mixup", seed) as rng:
         pair_rng = torch.Generator().manual_seed(derive_seed("active-mixup-pairs", seed))
         pool_x = inputs
-        pool_t = teacher_logits(query_teacher(responder, inputs, kind), kind)
+        pool_t = teacher_logits(query_teacher(responder, inputs, kind), kind, hard_margin=settings.hard_margin)
         optimizer = StudentOptimizer(student, settings)
         phases = [settings.steps // (rounds + 1)] * (rounds + 1)
         phases[-1] += settings.steps - sum(phases)
@@ -217,7 +217,8 @@ def active_mixup(
                         probs = torch.cat([F.softmax(student(part), 1) for part in flat.split(1024)])
                     pairs, widx = least_confident(probs.view(len(mixes), len(mix_weights), -1), queries)
                     chosen = mixes[pairs, widx]
-                    answers = teacher_logits(query_teacher(responder, chosen, kind, pool_t.shape[1]), kind)
+                    answers = teacher_logits(query_teacher(responder, chosen, kind, pool_t.shape[1]), kind,
+                                             hard_margin=settings.hard_margin)
                     pool_x = torch.cat([pool_x, chosen])
                     pool_t = torch.cat([pool_t, answers])
                 _fit_transfer_set(optimizer, pool_x, pool_t, steps, rng, advance, on_step)

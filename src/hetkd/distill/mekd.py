@@ -26,8 +26,12 @@ centres both forms (subtracts the row mean), so logits and soft responses
 give identical targets. (The reference feeds raw logits to G; centring picks
 one representative of the shift-equivalence class that the softmax cannot
 tell apart.) Hard responses replace the teacher output by its one-hot argmax
-in both terms, as the reference does: ``G(onehot/T_g)`` and
-``softmax(onehot/T)``.
+scaled by a margin ``m`` in both terms: ``G(m·onehot/T_g)`` and
+``softmax(m·onehot/T)``. The reference uses ``m = 1``, a nearly flat target
+at ``T = 5`` (the labelled class gets 12 % of the mass against 9.8 % for each
+other class), so its students learn a one-logit margin that noise on unseen
+inputs overturns; ``m = log(1 + (1 − ε)·C/ε)`` is the target of label
+smoothing ``ε`` (``DistillSettings.hard_margin``).
 
 Teachers. Everything that needs a teacher takes a *responder*: a callable from
 an input batch to responses, always called under ``torch.no_grad()`` on
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -67,6 +72,7 @@ __all__ = [
     "check_responses",
     "query_teacher",
     "teacher_logits",
+    "label_smoothing_margin",
     "teacher_confidence",
     "combine_responses",
     "ensemble_responses",
@@ -254,21 +260,38 @@ def check_responses(
     return r
 
 
-def teacher_logits(responses: torch.Tensor, kind: str, eps: float = 1e-8) -> torch.Tensor:
+def teacher_logits(responses: torch.Tensor, kind: str, eps: float = 1e-8, hard_margin: float = 1.0) -> torch.Tensor:
     """The logits the loss uses for the teacher, from its responses.
 
     ``logits``: centred (row mean subtracted). ``soft``: centred
     ``log(max(p, eps))``, equal to the centred logits whenever no probability
-    underflows ``eps``. ``hard``: the one-hot rows themselves (the reference's
-    choice: the one-hot label stands in for the logits in both terms).
+    underflows ``eps``. ``hard``: the one-hot rows times ``hard_margin``, the
+    logit gap a label stands for (1: the reference's choice, the one-hot label
+    itself in both terms; see :func:`label_smoothing_margin`).
     """
     _check_kind(kind)
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if not hard_margin > 0:
+        raise ValueError(f"hard_margin must be > 0, got {hard_margin}")
     if kind == "hard":
-        return responses.float()
+        return responses.float() * hard_margin
     scores = responses.float() if kind == "logits" else torch.log(responses.float().clamp_min(eps))
     return scores - scores.mean(1, keepdim=True)
+
+
+def label_smoothing_margin(smoothing: float, num_classes: int) -> float:
+    """The logit gap of a label smoothed by ``smoothing``: ``log(1 + (1 − ε)·C/ε)``.
+
+    Label smoothing ``ε`` puts ``1 − ε + ε/C`` on the label and ``ε/C`` on each
+    other class; the log-ratio of the two is the margin. ``ε = 0.1`` with 10
+    classes gives 4.51.
+    """
+    if not 0 < smoothing < 1:
+        raise ValueError(f"smoothing must be in (0, 1), got {smoothing}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return math.log1p((1 - smoothing) * num_classes / smoothing)
 
 
 def teacher_confidence(responses: torch.Tensor, kind: str) -> torch.Tensor:
@@ -530,7 +553,9 @@ class DistillSettings:
     SGD with ``lr``, ``momentum``, ``weight_decay``; the learning rate is
     multiplied by ``gamma`` at each fraction of ``steps`` in ``milestones``
     (the reference decays 10x at epochs 80 and 160 of 240). Loss weights,
-    temperatures and the distance are those of :func:`mapping_emulation_loss`.
+    temperatures and the distance are those of :func:`mapping_emulation_loss`;
+    ``hard_margin`` is the logit gap a hard label stands for
+    (:func:`teacher_logits`; 1 as in the reference).
     """
 
     steps: int = 1000
@@ -545,6 +570,7 @@ class DistillSettings:
     w_f: float = 1.0
     w_kl: float = 1.0
     distance: str = "l1"
+    hard_margin: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
@@ -561,6 +587,7 @@ class DistillSettings:
         _require(self.w_f >= 0 and self.w_kl >= 0 and self.w_f + self.w_kl > 0, "w_f/w_kl",
                  (self.w_f, self.w_kl), ">= 0 and not both 0")
         _require(self.distance in DISTANCES, "distance", self.distance, f"one of {', '.join(DISTANCES)}")
+        _require(self.hard_margin > 0, "hard_margin", self.hard_margin, "> 0")
 
     @classmethod
     def from_config(cls, cfg: Any) -> DistillSettings:
@@ -578,6 +605,7 @@ class DistillSettings:
             w_f=cfg.w_f,
             w_kl=cfg.w_kl,
             distance=cfg.distance,
+            hard_margin=cfg.hard_margin,
         )
 
 
@@ -762,7 +790,8 @@ class MappingEmulationDistiller:
 
     def step(self, inputs: torch.Tensor, responses: torch.Tensor, kind: str) -> float:
         """One SGD update of the student with :func:`mapping_emulation_loss`; returns the loss."""
-        targets = teacher_logits(check_responses(responses, kind, len(inputs), self.num_classes), kind)
+        targets = teacher_logits(check_responses(responses, kind, len(inputs), self.num_classes), kind,
+                                 hard_margin=self.settings.hard_margin)
         s = self.settings
         return self.optimizer.step(
             lambda: mapping_emulation_loss(
