@@ -441,4 +441,3 @@ def test_label_smoothing_margin_is_the_smoothed_labels_logit_gap():
         label_smoothing_margin(0.0, 10)
     with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
         label_smoothing_margin(0.1, 1)
-
