@@ -366,7 +366,14 @@ def train_ensemble_distill(message: Message, context: Context, devices: DeviceSo
         query = QuerySpec.from_config(config, P.QUERY)
         target_query = QuerySpec.from_config(config, P.TARGET_QUERY)
         targets = message.content.array_records.get(P.TARGETS)
+        answer_model = str(config.get(P.ANSWER_MODEL, "personal"))
+        if answer_model not in P.ANSWER_MODELS:
+            raise ValueError(f"unknown {P.ANSWER_MODEL} {answer_model!r}; valid choices: {', '.join(P.ANSWER_MODELS)}")
+        private = answer_model == "private"
+        min_steps = int(config.get("min-steps", 0))  # type: ignore[arg-type]
         if targets is not None and target_query is not None:
+            if private:
+                client.fork_private_model()  # before the device's model first learns from the others
             kind = str(config["target-kind"])
             answers = decode_answers(targets[P.TARGET_RESPONSES].numpy(), kind, client.global_test.num_classes)
             w_f = float(config.get("w-f", 0.0))  # type: ignore[arg-type]
@@ -388,20 +395,22 @@ def train_ensemble_distill(message: Message, context: Context, devices: DeviceSo
                 rho=float(config.get("rho", 0.5)),  # type: ignore[arg-type]
                 temperature=settings["temperature"],  # type: ignore[arg-type]
                 reference_batch_size=int(config.get("query-batch-size", 0)),  # type: ignore[arg-type]
-                min_steps=int(config.get("min-steps", 0)),  # type: ignore[arg-type]
+                min_steps=min_steps,
                 inputs=resolve_queries(target_query, **held),
                 distill_loss=distill_loss,
             )
             metrics["distilled"] = 1.0
         else:
-            metrics = client.fit(server_round, min_steps=int(config.get("min-steps", 0)))  # type: ignore[arg-type]
+            metrics = client.fit(server_round, min_steps=min_steps)
             metrics["distilled"] = 0.0
+        if private and client.private_model is not None:
+            metrics.update(client.fit_private(server_round, min_steps=min_steps))
         arrays: dict[str, ArrayRecord] = {}
         if query is not None:
             shipped = message.content.array_records.get(P.QUERY_INPUTS)
             inputs = torch.from_numpy(shipped[P.INPUTS].numpy().copy()) if shipped is not None else None
             answers_now = encode_answers(
-                client.predict(resolve_queries(query, inputs=inputs, **held)),
+                client.predict(resolve_queries(query, inputs=inputs, **held), private=private),
                 str(config.get("response", "soft")),
                 str(config.get("precision", "float32")),
             )

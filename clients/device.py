@@ -8,6 +8,7 @@ only the FedAvg baseline calls.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import resource
@@ -63,6 +64,12 @@ class DistillClient:
         The run seed; every random choice derives from (seed, device, round).
     reference : DataView | None
         The public reference set every device holds (logit-exchange strategies).
+
+    A device may also keep a **private model** (:meth:`fork_private_model`): a
+    copy of its architecture that only ever trains on its private data, so its
+    answers to queries say what the device learnt itself and never echo the
+    ensemble the device's own model distils from (ensemble distillation with
+    ``answer_model="private"``).
     """
 
     def __init__(
@@ -87,6 +94,8 @@ class DistillClient:
         self.reference = reference
         self.optimizer = make_optimizer(self.model, training)
         self.rounds_trained = 0
+        self.private_model: nn.Module | None = None
+        self.private_optimizer: torch.optim.Optimizer | None = None
 
     # ----------------------------------------------------------------- construction
 
@@ -125,17 +134,39 @@ class DistillClient:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the device must keep between rounds."""
-        return {
+        state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rounds_trained": self.rounds_trained,
         }
+        if self.private_model is not None and self.private_optimizer is not None:
+            state["private_model"] = self.private_model.state_dict()
+            state["private_optimizer"] = self.private_optimizer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rounds_trained = int(state.get("rounds_trained", 0))
+        if "private_model" in state:
+            self.fork_private_model()
+            self.private_model.load_state_dict(state["private_model"])  # type: ignore[union-attr]
+            self.private_optimizer.load_state_dict(state["private_optimizer"])  # type: ignore[union-attr]
+
+    def fork_private_model(self) -> nn.Module:
+        """The private model, forked from the device's model (weights and optimizer
+        state) the first time it is asked for.
+
+        Fork it before the device's model first learns from others: until then
+        both have trained on the private data alone, so the fork continues the
+        very model the device would have trained by itself.
+        """
+        if self.private_model is None:
+            self.private_model = copy.deepcopy(self.model)
+            self.private_optimizer = make_optimizer(self.private_model, self.training)
+            self.private_optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        return self.private_model
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The model's weights (only the FedAvg baseline ever sends these)."""
@@ -164,6 +195,28 @@ class DistillClient:
         device, round), so results do not depend on scheduling. With
         ``training.max_steps`` > 0 the round stops after that many steps.
         """
+        metrics = self._train(self.model, self.optimizer, server_round, epochs, loss_fn, min_steps)
+        self.rounds_trained += 1
+        return metrics
+
+    def fit_private(self, server_round: int, epochs: int | None = None, min_steps: int = 0) -> dict[str, float]:
+        """Train the private model (:meth:`fork_private_model`) on the private data
+        alone, on the batches :meth:`fit` would draw this round; metrics prefixed
+        ``private-``."""
+        model = self.fork_private_model()
+        metrics = self._train(model, self.private_optimizer, server_round, epochs, cross_entropy_step, min_steps)  # type: ignore[arg-type]
+        return {"private-train-loss": metrics["train-loss"], "private-train-seconds": metrics["train-seconds"]}
+
+    def _train(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        server_round: int,
+        epochs: int | None,
+        loss_fn: LossFn,
+        min_steps: int,
+    ) -> dict[str, float]:
+        """One round of ``epochs`` over the private data (see :meth:`fit`)."""
         epochs = self.training.local_epochs if epochs is None else epochs
         budget = self.training.max_steps or None
         start = time.perf_counter()
@@ -174,13 +227,12 @@ class DistillClient:
                     break
                 taken = [0]
                 batches = itertools.islice(self._epoch_batches(generator, min_steps, taken), budget)
-                loss, n = train_epoch(self.model, self.optimizer, batches, loss_fn, self.torch_device)
+                loss, n = train_epoch(model, optimizer, batches, loss_fn, self.torch_device)
                 if budget is not None:
                     budget -= taken[0]
                 if n:
                     losses.append(loss)
                 seen += n
-        self.rounds_trained += 1
         return {
             "train-loss": sum(losses) / len(losses) if losses else math.nan,
             "num-examples": len(self.data.train),
@@ -254,6 +306,8 @@ class DistillClient:
             out.update({"global-accuracy": g_acc, "global-loss": g_loss, "num-global-test": g_n})
         return out
 
-    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of the device's model on ``inputs`` (e.g. the reference set)."""
-        return predict_logits(self.model, inputs, device=self.torch_device)
+    def predict(self, inputs: torch.Tensor, private: bool = False) -> torch.Tensor:
+        """Logits of the device's model on ``inputs`` (e.g. the reference set), or
+        with ``private`` of its private model (the device's model while it has none)."""
+        model = self.private_model if private and self.private_model is not None else self.model
+        return predict_logits(model, inputs, device=self.torch_device)

@@ -106,6 +106,7 @@ def _ensemble(cfg: HetkdConfig, federation: Federation, device_config: str) -> d
         "num_neighbours": e.num_neighbours,
         "similarity": e.similarity,
         "rho": e.rho,
+        "answer_model": e.answer_model,
         "query_batch_size": e.query_batch_size,
         "min_steps": e.min_steps,
         "precision": e.precision,

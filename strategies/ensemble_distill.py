@@ -11,7 +11,10 @@ sampled device
 2. trains on its private data, distilling towards those targets on the
    previous query's inputs beside its cross-entropy (``train.ensemble_distill``);
 3. answers the new query — soft probabilities, or with ``response="hard"``
-   its predicted classes only — and nothing else.
+   its predicted classes only — and nothing else; with
+   ``answer_model="private"`` the answers come from a second model that
+   trains on the device's private data alone, so they never echo the
+   ensemble the device's own model distils from.
 
 The server then forms the ensemble of the answers (a plain mean, or per device
 a similarity-weighted mix over its nearest devices, SD-Dist's neighbour
@@ -81,6 +84,14 @@ class EnsembleDistill(DeviceStrategy):
         ``num_neighbours`` nearest devices by ``similarity`` of their answers).
     rho : float
         Weight of a device's distillation term beside its cross-entropy.
+    answer_model : str
+        Which model a device answers queries with: ``private`` (the default), a
+        copy of its model that trains on the device's private data alone from
+        the first distillation round on, or ``personal``, its own model, which
+        distils from the ensemble. Private answers never echo the ensemble the
+        devices distil from, so the teachers the student learns from stay
+        independent and the targets stay sharp; the price is a second model
+        per device to keep and train in distillation rounds.
     query_batch_size : int
         Query inputs beside each private batch on a device (0: the private batch size).
     min_steps : int
@@ -111,6 +122,7 @@ class EnsembleDistill(DeviceStrategy):
         num_neighbours: int = 5,
         similarity: str = "kl",
         rho: float = 0.5,
+        answer_model: str = "private",
         query_batch_size: int = 0,
         min_steps: int = 0,
         precision: str = "float16",
@@ -137,6 +149,8 @@ class EnsembleDistill(DeviceStrategy):
             raise ValueError(f"unknown similarity {similarity!r}; valid choices: {', '.join(SIMILARITIES)}")
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must be in [0, 1], got {rho}")
+        if answer_model not in P.ANSWER_MODELS:
+            raise ValueError(f"unknown answer_model {answer_model!r}; valid choices: {', '.join(P.ANSWER_MODELS)}")
         if query_batch_size < 0 or min_steps < 0:
             raise ValueError(f"query_batch_size and min_steps must be >= 0, got {query_batch_size}, {min_steps}")
         if precision not in PRECISIONS:
@@ -156,6 +170,7 @@ class EnsembleDistill(DeviceStrategy):
         self.num_neighbours = num_neighbours
         self.similarity = similarity
         self.rho = rho
+        self.answer_model = answer_model
         self.query_batch_size = query_batch_size
         self.min_steps = min_steps
         self.precision = precision
@@ -300,6 +315,7 @@ class EnsembleDistill(DeviceStrategy):
             "response": self.response,
             "target-kind": self._target_kind,
             "rho": self.rho,
+            P.ANSWER_MODEL: self.answer_model,
             "temperature": s.temperature,
             "generator-temperature": s.generator_temperature,
             "w-f": s.w_f,

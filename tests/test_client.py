@@ -57,6 +57,31 @@ def test_training_is_reproducible_for_a_seed(tmp_path):
     assert _same_state(a.state_dict(), b.state_dict())
 
 
+def test_the_private_model_is_the_device_trained_alone(tmp_path):
+    cfg = small_config(tmp_path, "training.optimizer=sgd", "training.momentum=0.9")
+    alone, distilling = DistillClient.from_config(cfg, 1), DistillClient.from_config(cfg, 1)
+    alone.fit(1)
+    distilling.fit(1)
+    assert distilling.private_model is None and "private_model" not in distilling.state_dict()
+    distilling.fork_private_model()  # before the device's model learns from others
+    inputs = distilling.reference_inputs()
+    distilling.fit_towards(2, torch.randn(len(inputs), 10), rho=0.8, temperature=2.0)
+    metrics = distilling.fit_private(2)
+    alone.fit(2)
+    assert metrics["private-train-loss"] > 0
+    # the private model followed exactly the trajectory of the device training by itself ...
+    assert _same_state({"model": distilling.private_model.state_dict(),
+                        "optimizer": distilling.private_optimizer.state_dict()}, alone.state_dict())
+    assert torch.equal(distilling.predict(inputs, private=True), alone.predict(inputs))
+    # ... while the device's own model distilled
+    assert not torch.equal(distilling.predict(inputs), alone.predict(inputs))
+    # and both survive the state store
+    again = DistillClient.from_config(cfg, 1)
+    again.load_state_dict(distilling.state_dict())
+    assert torch.equal(again.predict(inputs, private=True), alone.predict(inputs))
+    assert torch.equal(again.predict(inputs), distilling.predict(inputs))
+
+
 def test_disk_store_round_trips_exactly(tmp_path):
     cfg = small_config(tmp_path)
     device = DistillClient.from_config(cfg, 2)

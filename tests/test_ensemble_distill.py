@@ -201,6 +201,40 @@ def test_hard_responses_carry_no_soft_information(tmp_path):
     assert reports[-1].metrics["student_accuracy"] is not None
 
 
+def test_private_answers_never_echo_what_the_devices_distil(tmp_path):
+    """With answer_model=private the devices' answers, and so the server's student, are the
+    same whatever the devices distil (rho); with their own models the answers echo the targets."""
+
+    def answers_and_student(answer_model, rho):
+        cfg = small_config(tmp_path, "strategy=mekd", *SMALL, f"strategy.ensemble.answer_model={answer_model}",
+                           f"strategy.ensemble.rho={rho}", devices=3)
+        grid = InProcessGrid(3)
+        strategy, reports = _start(cfg, grid, rounds=5)
+        assert not any(r.failures for r in reports)
+        sent = [t for t in _replies(grid) if P.PREDICTIONS in t.reply.content]
+        assert all(t.message.content[P.CONFIG][P.ANSWER_MODEL] == answer_model for t in sent)
+        trained = {k for t in sent if P.TARGETS in t.message.content for k in t.reply.content[P.METRICS]}
+        assert ("private-train-loss" in trained) == (answer_model == "private")
+        answers = [t.reply.content[P.PREDICTIONS][P.RESPONSES].numpy() for t in sent]
+        return answers, reports[-1].metrics["student_accuracy"], strategy.student.state_dict()
+
+    rounds_distilling = 1  # round 5: the devices distilled towards round 4's targets before answering
+    for answer_model, echoes in (("private", False), ("personal", True)):
+        a, acc_a, student_a = answers_and_student(answer_model, 0.0)
+        b, acc_b, student_b = answers_and_student(answer_model, 0.9)
+        assert len(a) == len(b) == 3 * 4
+        differ = [not np.array_equal(x, y) for x, y in zip(a, b)]
+        assert not any(differ[: -3 * rounds_distilling]), "before any distillation the runs agree"
+        assert all(differ[-3:]) == echoes, answer_model
+        assert all(torch.equal(student_a[k], student_b[k]) for k in student_a) == (not echoes)
+        if not echoes:
+            assert acc_a == acc_b
+    with pytest.raises(ConfigError, match="strategy.ensemble.answer_model"):
+        small_config(tmp_path, "strategy=mekd", "strategy.ensemble.answer_model=shared")
+    with pytest.raises(ValueError, match="answer_model"):
+        FedDF(num_classes=10, public_inputs=_public(), answer_model="shared")
+
+
 def test_similarity_weighting_gives_each_device_its_own_targets(tmp_path):
     cfg = small_config(tmp_path, "strategy=feddf", "strategy.ensemble.weighting=similarity",
                        "strategy.ensemble.num_neighbours=1", *SMALL, devices=3)

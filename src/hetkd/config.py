@@ -238,7 +238,10 @@ class EnsembleConfig:
     Targets are the plain mean of the answers (``weighting=mean``) or, per
     device, a similarity-weighted mix over its ``num_neighbours`` nearest
     devices by ``similarity`` of their answers. Soft answers and targets
-    travel at ``precision``.
+    travel at ``precision``. ``answer_model`` says which model a device
+    answers with: ``private`` (a second copy of its model that trains on its
+    private data alone from the first distillation round on, so the answers
+    never echo the ensemble) or ``personal`` (its own, which distils).
     """
 
     student: str = "resnet8"
@@ -250,6 +253,7 @@ class EnsembleConfig:
     num_neighbours: int = 5
     similarity: str = "kl"
     rho: float = 0.8
+    answer_model: str = "private"
     query_batch_size: int = 0
     min_steps: int = 10
     precision: str = "float16"
@@ -876,6 +880,7 @@ def _validate_ensemble(e: EnsembleConfig) -> None:
     from hetkd.distill.codec import PRECISIONS
     from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS
     from hetkd.models import check_architecture
+    from hetkd.protocol import ANSWER_MODELS
 
     check_architecture(e.student, "strategy.ensemble.student")
     for key in ("warmup_rounds", "server_steps", "query_batch_size", "min_steps"):
@@ -886,6 +891,7 @@ def _validate_ensemble(e: EnsembleConfig) -> None:
     _check(e.num_neighbours >= 1, "strategy.ensemble.num_neighbours", f"must be >= 1, got {e.num_neighbours}")
     _check_choice(e.similarity, "strategy.ensemble.similarity", SIMILARITIES)
     _check(0.0 <= e.rho <= 1.0, "strategy.ensemble.rho", f"must be in [0, 1], got {e.rho}")
+    _check_choice(e.answer_model, "strategy.ensemble.answer_model", ANSWER_MODELS)
     _check_choice(e.precision, "strategy.ensemble.precision", PRECISIONS)
 
 

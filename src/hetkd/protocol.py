@@ -40,6 +40,11 @@ TARGET_QUERY = "target-query"  # last round's: the inputs the targets refer to
 # config keys
 RUN_CONFIG_YAML = "hetkd-config"
 SERVER_ROUND = "server-round"
+ANSWER_MODEL = "answer-model"  # ensemble distillation: which of its models a device answers queries with
+
+#: values of ANSWER_MODEL: the device's own model (which also distils from the ensemble), or a
+#: private model that trains on the device's private data alone (its answers never echo the ensemble)
+ANSWER_MODELS = ("personal", "private")
 
 #: records a device may send to the server, by strategy family
 DEVICE_TO_SERVER = {
