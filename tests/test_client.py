@@ -148,6 +148,17 @@ def test_client_app_setup_train_evaluate(tmp_path):
     assert set(ev.content.keys()) == {"metrics"}  # evaluation sends back numbers only
 
 
+def test_an_unknown_answer_model_is_refused_by_name(tmp_path):
+    grid = InProcessGrid(num_devices=2)
+    cfg = small_config(tmp_path, "strategy=feddf", devices=2)
+    node = grid.node_ids[0]
+    context = grid.contexts[node]
+    assert not client_app(_message(node, "query.setup", {"hetkd-config": to_yaml(cfg)}), context).has_error()
+    config = {"server-round": 1, "answer-model": "shared"}
+    with pytest.raises(Exception, match="unknown answer-model 'shared'; valid choices: personal, private"):
+        client_app(_message(node, "train.ensemble_distill", config), context)
+
+
 def test_node_without_partition_id_gets_an_error_naming_the_key(tmp_path):
     InProcessGrid(num_devices=1)
     cfg = small_config(tmp_path, devices=2)
