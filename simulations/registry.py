@@ -103,6 +103,7 @@ def _ensemble(cfg: HetkdConfig, federation: Federation, device_config: str) -> d
         "num_queries": e.num_queries,
         "warmup_rounds": e.warmup_rounds,
         "weighting": e.weighting,
+        "balance_classes": e.balance_classes,
         "num_neighbours": e.num_neighbours,
         "similarity": e.similarity,
         "rho": e.rho,

@@ -18,7 +18,8 @@ sampled device
 
 The server then forms the ensemble of the answers (a plain mean, or per device
 a similarity-weighted mix over its nearest devices, SD-Dist's neighbour
-weights computed on the answers), distils its student on the query inputs,
+weights computed on the answers; with ``balance_classes`` corrected to a
+uniform class prior over the query inputs), distils its student on the query inputs,
 and keeps each device's targets for the next round. Targets thus arrive one
 round after the answers they come from: one message exchange per round.
 
@@ -82,6 +83,15 @@ class EnsembleDistill(DeviceStrategy):
     weighting : str
         ``mean`` (one ensemble for all) or ``similarity`` (per device, over its
         ``num_neighbours`` nearest devices by ``similarity`` of their answers).
+    balance_classes : bool
+        Correct every ensemble to a uniform class prior over the round's query
+        inputs (:func:`~hetkd.distill.mekd.class_balanced`). Under label skew
+        each device answers with the classes it knows, so the plain ensemble
+        over-predicts the classes many devices know on every input; the query
+        inputs (reference rows, samples of a generator trained on the proxy
+        set) are drawn evenly from all classes, so the ensemble's own mean
+        answer over them estimates that bias. ``False``: the published plain
+        mean (or vote).
     rho : float
         Weight of a device's distillation term beside its cross-entropy.
     answer_model : str
@@ -119,6 +129,7 @@ class EnsembleDistill(DeviceStrategy):
         num_queries: int = 256,
         warmup_rounds: int = 1,
         weighting: str = "mean",
+        balance_classes: bool = True,
         num_neighbours: int = 5,
         similarity: str = "kl",
         rho: float = 0.5,
@@ -143,6 +154,8 @@ class EnsembleDistill(DeviceStrategy):
             raise ValueError(f"warmup_rounds must be >= 0, got {warmup_rounds}")
         if weighting not in ENSEMBLE_WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; valid choices: {', '.join(ENSEMBLE_WEIGHTINGS)}")
+        if not isinstance(balance_classes, bool):
+            raise ValueError(f"balance_classes must be True or False, got {balance_classes!r}")
         if num_neighbours < 1:
             raise ValueError(f"num_neighbours must be >= 1, got {num_neighbours}")
         if similarity not in SIMILARITIES:
@@ -167,6 +180,7 @@ class EnsembleDistill(DeviceStrategy):
         self.num_queries = num_queries
         self.warmup_rounds = warmup_rounds
         self.weighting = weighting
+        self.balance_classes = balance_classes
         self.num_neighbours = num_neighbours
         self.similarity = similarity
         self.rho = rho
@@ -246,12 +260,12 @@ class EnsembleDistill(DeviceStrategy):
         """The plain ensemble (for the student and any device) and, with similarity
         weighting, each answering device's own mix."""
         n = answers.shape[0]
-        common, kind = ensemble_responses(answers, self.response, torch.ones(1, n))
+        common, kind = ensemble_responses(answers, self.response, torch.ones(1, n), balance=self.balance_classes)
         self._common_target, self._target_kind = common[0], kind
         self._targets = {}
         if self.weighting == "similarity" and n >= 2:
             weights, stats = self.ensemble_weights(answers)
-            own, _ = ensemble_responses(answers, self.response, weights)
+            own, _ = ensemble_responses(answers, self.response, weights, balance=self.balance_classes)
             self._targets = {d: own[i] for i, d in enumerate(device_ids) if float(weights[i].sum()) > 0}
             self._extras.update(stats)
         self._target_query = query

@@ -6,7 +6,8 @@ models into its model on unlabelled public inputs with KL. With devices that
 each keep their own architecture, no weights are averaged: every distillation
 round the devices answer on ``num_queries`` reference rows (the server sends a
 seed, not the inputs: every device holds the reference set), the server
-distils the plain-mean ensemble of their soft answers into its global student,
+distils the mean ensemble of their soft answers (corrected to a uniform class
+prior over the rows unless ``balance_classes=False``) into its global student,
 and the devices distil towards the ensemble on the same rows beside their
 private cross-entropy (one round later, see
 :class:`~hetkd.strategies.EnsembleDistill`). It is MEKD's baseline: the same

@@ -19,7 +19,8 @@ unlabelled public proxy set, and a global student of any architecture.
 3. **distillation** (the remaining rounds): devices answer on a fresh batch of
    ``num_queries`` samples of the frozen G (a seed travels, G's weights only
    once per device); the server forms the ensemble (mean, or per device by
-   similarity of the answers), distils its student with the mapping-emulation
+   similarity of the answers; corrected to a uniform class prior over the
+   samples unless ``balance_classes=False``), distils its student with the mapping-emulation
    loss ``w_f · L1(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)``, and sends each
    device its targets, which it distils into its own architecture the same
    way beside its private cross-entropy.
@@ -192,7 +193,8 @@ class MEKD(EnsembleDistill):
         if phase != "deprivatize":
             super().learn(server_round, phase, query, inputs, device_ids, answers)
             return
-        ensemble, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]))
+        ensemble, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]),
+                                            balance=self.balance_classes)
         z = query_latents(query.seed, query.count, self.num_classes)  # the codes behind this round's answers
         batch = min(query.batch_size, len(self.public_inputs))
         d_losses, g_losses = [], []

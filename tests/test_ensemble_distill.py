@@ -11,7 +11,7 @@ from hetkd.config import ConfigError, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.codec import decode_answers, encode_answers
 from hetkd.distill.generative import make_generator
-from hetkd.distill.mekd import GanSettings, ensemble_responses, freeze, generate_queries
+from hetkd.distill.mekd import GanSettings, class_balanced, ensemble_responses, freeze, generate_queries
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.simulations.registry import build_strategy, check_strategy
 from hetkd.strategies import MEKD, FedDF
@@ -88,6 +88,29 @@ def test_ensemble_responses_mean_weighted_and_vote():
     assert kind == "hard" and vote[0, 0].tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="weights"):
         ensemble_responses(p, "soft", torch.ones(1, 2))
+
+
+def test_class_balancing_removes_the_lean_towards_classes_many_devices_know():
+    truth = torch.arange(6) % 3  # inputs drawn evenly from 3 classes
+    clean = torch.nn.functional.one_hot(truth, 3).float() * 0.5 + 0.5 / 3
+    leaning = clean + torch.tensor([0.6, 0.0, 0.0])  # most devices know class 0 and say it everywhere
+    leaning = leaning / leaning.sum(1, keepdim=True)
+    assert (leaning.argmax(1) == 0).all()
+    balanced = class_balanced(leaning)
+    assert torch.equal(balanced.argmax(1), truth) and torch.allclose(balanced.sum(1), torch.ones(6))
+    assert torch.allclose(class_balanced(clean), clean), "an ensemble without a lean is left as it is"
+    # a per-device batch (m, N, C): an all-zero ensemble and a class nobody predicts stay zero
+    stacked = torch.stack([torch.cat([leaning, torch.zeros(6, 1)], 1), torch.zeros(6, 4)])
+    out = class_balanced(stacked)
+    assert torch.isfinite(out).all() and out[1].abs().sum() == 0 and out[0, :, 3].abs().sum() == 0
+    # hard answers: two devices know only class 0; the balanced vote follows the one that knows both
+    votes = torch.nn.functional.one_hot(torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1]]), 2).float()
+    assert ensemble_responses(votes, "hard", torch.ones(1, 3))[0][0].argmax(1).tolist() == [0, 0, 0, 0]
+    assert ensemble_responses(votes, "hard", torch.ones(1, 3), balance=True)[0][0].argmax(1).tolist() == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="N, C"):
+        class_balanced(torch.ones(3))
+    with pytest.raises(ValueError, match="non-negative"):
+        class_balanced(-leaning)
 
 
 def test_answers_on_the_wire_round_trip_and_reject_bad_input():
@@ -233,6 +256,24 @@ def test_private_answers_never_echo_what_the_devices_distil(tmp_path):
         small_config(tmp_path, "strategy=mekd", "strategy.ensemble.answer_model=shared")
     with pytest.raises(ValueError, match="answer_model"):
         FedDF(num_classes=10, public_inputs=_public(), answer_model="shared")
+
+
+def test_balanced_targets_are_the_plain_ensemble_corrected_to_a_uniform_class_prior(tmp_path):
+    """Round 2 is the first distillation round: both runs get the same answers, so the
+    only difference between their targets is the correction."""
+    targets = {}
+    for balance in (False, True):
+        cfg = small_config(tmp_path, "strategy=feddf", f"strategy.ensemble.balance_classes={balance}", *SMALL,
+                           devices=3)
+        strategy, reports = _start(cfg, InProcessGrid(3), rounds=2)
+        assert not any(r.failures for r in reports) and strategy.balance_classes is balance
+        targets[balance] = strategy._common_target
+    assert torch.allclose(targets[True], class_balanced(targets[False]), atol=1e-6)
+    assert not torch.allclose(targets[True], targets[False])
+    with pytest.raises(ValueError, match="balance_classes"):
+        FedDF(num_classes=10, public_inputs=_public(), balance_classes="yes")
+    with pytest.raises(ValueError, match="strategy.ensemble.balance_classes"):
+        small_config(tmp_path, "strategy=feddf", "strategy.ensemble.balance_classes=sometimes")
 
 
 def test_similarity_weighting_gives_each_device_its_own_targets(tmp_path):

@@ -237,7 +237,9 @@ class EnsembleConfig:
     batch (0: the batch size), at least ``min_steps`` steps per epoch.
     Targets are the plain mean of the answers (``weighting=mean``) or, per
     device, a similarity-weighted mix over its ``num_neighbours`` nearest
-    devices by ``similarity`` of their answers. Soft answers and targets
+    devices by ``similarity`` of their answers; ``balance_classes`` corrects
+    every ensemble to a uniform class prior over the query inputs (off: the
+    published plain mean). Soft answers and targets
     travel at ``precision``. ``answer_model`` says which model a device
     answers with: ``private`` (a second copy of its model that trains on its
     private data alone from the first distillation round on, so the answers
@@ -250,6 +252,7 @@ class EnsembleConfig:
     num_queries: int = 1024
     server_steps: int = 100
     weighting: str = "mean"
+    balance_classes: bool = True
     num_neighbours: int = 5
     similarity: str = "kl"
     rho: float = 0.8

@@ -74,6 +74,7 @@ __all__ = [
     "teacher_logits",
     "label_smoothing_margin",
     "teacher_confidence",
+    "class_balanced",
     "combine_responses",
     "ensemble_responses",
     "generate_queries",
@@ -303,7 +304,32 @@ def teacher_confidence(responses: torch.Tensor, kind: str) -> torch.Tensor:
     return probs.max(1).values.clamp(0.0, 1.0)
 
 
-def ensemble_responses(responses: torch.Tensor, kind: str, weights: torch.Tensor) -> tuple[torch.Tensor, str]:
+def class_balanced(probabilities: torch.Tensor) -> torch.Tensor:
+    """Probabilities ``(..., N, C)`` on ``N`` class-balanced inputs, corrected to a uniform class prior.
+
+    Each class's probability is divided by its mean over the ``N`` inputs and
+    each row renormalised: one step of Saerens et al.'s prior correction
+    (Neural Computation 2002) towards uniform, with the batch mean as the
+    estimate of the prior the answers carry. An ensemble of devices that each
+    saw a few classes over-predicts the classes many of them know on every
+    input; on inputs drawn evenly from all classes (a public set, samples of a
+    generator trained on one) this removes that bias and leaves the
+    ensemble's ranking within each class. All-zero rows (an ensemble without
+    weight) and classes no answer ever predicts stay zero.
+    """
+    if probabilities.dim() < 2 or probabilities.shape[-2] == 0:
+        raise ValueError(f"probabilities must be (..., N, C) with N >= 1, got {tuple(probabilities.shape)}")
+    p = probabilities.float()
+    if (p < 0).any() or not torch.isfinite(p).all():
+        raise ValueError("probabilities must be finite and non-negative")
+    prior = p.mean(-2, keepdim=True)
+    q = p / prior.clamp_min(1e-12)
+    return q / q.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def ensemble_responses(
+    responses: torch.Tensor, kind: str, weights: torch.Tensor, *, balance: bool = False
+) -> tuple[torch.Tensor, str]:
     """Ensemble answers ``(m, N, C)`` from ``n`` teachers' answers ``(n, N, C)`` and an ``m x n`` weight matrix.
 
     Row ``i`` of ``weights`` says how much each teacher counts for ensemble
@@ -311,7 +337,10 @@ def ensemble_responses(responses: torch.Tensor, kind: str, weights: torch.Tensor
     with SD-Dist's neighbour weights). Logits and soft answers average as
     probabilities and come back as ``"soft"``; hard answers are a weighted
     majority vote and come back as ``"hard"`` (ties go to the lowest class).
-    Rows with zero total weight come back as all-zero answers.
+    With ``balance`` each ensemble is first corrected to a uniform class prior
+    over the ``N`` inputs (:func:`class_balanced`; for hard answers, the vote
+    shares, before the vote). Rows with zero total weight come back as
+    all-zero answers.
     """
     _check_kind(kind)
     if responses.dim() != 3 or len(responses) == 0:
@@ -326,6 +355,8 @@ def ensemble_responses(responses: torch.Tensor, kind: str, weights: torch.Tensor
     if kind == "logits":
         r = F.softmax(r, dim=2)
     mixed = torch.einsum("mn,nkc->mkc", w, r)
+    if balance:
+        mixed = class_balanced(mixed)
     if kind == "hard":
         voted = F.one_hot(mixed.argmax(2), mixed.shape[2]).float()
         return voted * (totals > 0).float().unsqueeze(2), "hard"
