@@ -256,12 +256,18 @@ class EnsembleDistill(DeviceStrategy):
         used = [float(distance[i, j]) for i, row in enumerate(neighbours) for j in row]
         return weights.to_dense(), {"neighbour_distance_mean": float(sum(used) / len(used)) if used else math.nan}
 
+    def mean_ensemble(self, answers: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """All devices' answers ``(n, N, C)`` weighted equally: the ensemble ``(N, C)`` and its kind
+        (class-balanced with ``balance_classes``)."""
+        common, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]),
+                                          balance=self.balance_classes)
+        return common[0], kind
+
     def form_targets(self, query: QuerySpec, device_ids: list[int], answers: torch.Tensor) -> None:
         """The plain ensemble (for the student and any device) and, with similarity
         weighting, each answering device's own mix."""
         n = answers.shape[0]
-        common, kind = ensemble_responses(answers, self.response, torch.ones(1, n), balance=self.balance_classes)
-        self._common_target, self._target_kind = common[0], kind
+        self._common_target, self._target_kind = self.mean_ensemble(answers)
         self._targets = {}
         if self.weighting == "similarity" and n >= 2:
             weights, stats = self.ensemble_weights(answers)
@@ -269,7 +275,7 @@ class EnsembleDistill(DeviceStrategy):
             self._targets = {d: own[i] for i, d in enumerate(device_ids) if float(weights[i].sum()) > 0}
             self._extras.update(stats)
         self._target_query = query
-        if kind == "soft":
+        if self._target_kind == "soft":
             p = self._common_target
             self._extras["ensemble_entropy"] = float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from hetkd import protocol as P
 from hetkd.distill.generative import Generator, default_output_range, default_width
-from hetkd.distill.mekd import Deprivatizer, GanSettings, ensemble_responses, freeze, query_latents
+from hetkd.distill.mekd import Deprivatizer, GanSettings, freeze, query_latents
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.models import state_bytes
 from hetkd.strategies.ensemble_distill import EnsembleDistill
@@ -193,13 +193,12 @@ class MEKD(EnsembleDistill):
         if phase != "deprivatize":
             super().learn(server_round, phase, query, inputs, device_ids, answers)
             return
-        ensemble, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]),
-                                            balance=self.balance_classes)
+        ensemble, kind = self.mean_ensemble(answers)
         z = query_latents(query.seed, query.count, self.num_classes)  # the codes behind this round's answers
         batch = min(query.batch_size, len(self.public_inputs))
         d_losses, g_losses = [], []
         with seeded(self.seed, "mekd-deprivatize", server_round):  # D's dropout: same seed, same G
-            for z_k, answers_k in zip(z.split(query.batch_size), ensemble[0].split(query.batch_size)):
+            for z_k, answers_k in zip(z.split(query.batch_size), ensemble.split(query.batch_size)):
                 d_losses.append(self.deprivatizer.discriminator_step(self._proxy_batch(batch)))
                 g_losses.append(self.deprivatizer.generator_step(z_k, answers_k, kind)["g_loss"])
         self.generator_version += 1
