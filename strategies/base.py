@@ -377,7 +377,12 @@ class DeviceStrategy(Strategy):
 
     def valid_replies(self, replies: Iterable[Message], phase: str, required: Iterable[str] = (),
                       finite: Iterable[str] = ()) -> list[Message]:
-        """Replies that pass :func:`check_reply`; the others are reported."""
+        """Replies that pass :func:`check_reply`, in device order; the others are reported.
+
+        Device order, not arrival order: floating-point sums over the replies
+        then do not depend on which device the runtime finished first, so a
+        seeded run gives the same numbers however its devices are scheduled.
+        """
         valid = []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -391,7 +396,7 @@ class DeviceStrategy(Strategy):
                 self._report_failure(node, problem, phase)
             else:
                 valid.append(reply)
-        return valid
+        return sorted(valid, key=lambda reply: self.device_id(reply.metadata.src_node_id))
 
     def check_train_reply(self, reply: Message) -> str | None:
         """Hook: strategy-specific check of a training reply's payload."""
