@@ -112,6 +112,7 @@ def _ensemble(cfg: HetkdConfig, federation: Federation, device_config: str) -> d
         "min_steps": e.min_steps,
         "precision": e.precision,
         "server_steps": e.server_steps,
+        "student_memory": e.student_memory,
         "distill": DistillSettings.from_config(cfg.mekd),
     }
 

@@ -32,6 +32,7 @@ the mapping-emulation loss on its samples.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,13 @@ class EnsembleDistill(DeviceStrategy):
         Encoding of soft answers and targets on the wire.
     server_steps : int
         The student's SGD steps per distillation round.
+    student_memory : int
+        How many distillation rounds' query inputs and ensemble targets the
+        student keeps distilling on: ``1`` the round's own only, ``k`` the
+        last ``k`` rounds', ``0`` every round's so far. Each round answers a
+        fresh batch of queries, so the memory gives the student more distinct
+        inputs at no cost on the wire (server memory only: ``k x num_queries``
+        inputs and targets).
     distill : DistillSettings | None
         The loss (temperatures, ``w_f``, ``w_kl``, distance) for student and
         devices, and the student's optimizer; ``steps`` is set from the
@@ -138,6 +146,7 @@ class EnsembleDistill(DeviceStrategy):
         min_steps: int = 0,
         precision: str = "float16",
         server_steps: int = 100,
+        student_memory: int = 1,
         distill: DistillSettings | None = None,
         **kwargs: Any,
     ) -> None:
@@ -170,6 +179,8 @@ class EnsembleDistill(DeviceStrategy):
             raise ValueError(f"unknown precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")
         if server_steps < 0:
             raise ValueError(f"server_steps must be >= 0, got {server_steps}")
+        if isinstance(student_memory, bool) or not isinstance(student_memory, int) or student_memory < 0:
+            raise ValueError(f"student_memory must be an integer >= 0 (0: every round), got {student_memory!r}")
         if global_test is not None and len(global_test[0]) != len(global_test[1]):
             raise ValueError("global_test must be (inputs, labels) of equal length")
         self.num_classes = num_classes
@@ -189,6 +200,9 @@ class EnsembleDistill(DeviceStrategy):
         self.min_steps = min_steps
         self.precision = precision
         self.server_steps = server_steps
+        self.student_memory = student_memory
+        #: the rounds' (query inputs, teacher logits) the student distils on, oldest first
+        self._student_memory: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=student_memory or None)
         self.settings = distill or DistillSettings()
         self._student_optimizer: StudentOptimizer | None = None
         self._query: QuerySpec | None = None  # this round's query
@@ -295,13 +309,17 @@ class EnsembleDistill(DeviceStrategy):
         )
 
     def distill_student(self, server_round: int, inputs: torch.Tensor) -> None:
-        """``server_steps`` SGD steps of the student towards the plain ensemble on ``inputs``."""
+        """``server_steps`` SGD steps of the student towards the plain ensemble: on ``inputs``
+        and, with ``student_memory`` other than 1, on earlier rounds' inputs and targets too."""
         if self.student is None or self._common_target is None or self.server_steps == 0:
             return
         if self._student_optimizer is None:
             total = max(1, self.server_steps * self.distill_rounds())
             self._student_optimizer = StudentOptimizer(self.student, replace(self.settings, steps=total))
         targets = teacher_logits(self._common_target, self._target_kind, hard_margin=self.settings.hard_margin)
+        self._student_memory.append((inputs, targets))
+        inputs = torch.cat([x for x, _ in self._student_memory])
+        targets = torch.cat([t for _, t in self._student_memory])
         batch = min(self.settings.batch_size, len(inputs))
         losses = []
         with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
@@ -311,6 +329,7 @@ class EnsembleDistill(DeviceStrategy):
                     lambda idx=idx: self.student_loss(self.student(inputs[idx]), targets[idx])  # type: ignore[misc]
                 ))
         self._extras["student_loss"] = sum(losses) / len(losses)
+        self._extras["student_inputs"] = len(inputs)
 
     @torch.no_grad()
     def student_accuracy(self) -> float | None:

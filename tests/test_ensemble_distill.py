@@ -11,7 +11,14 @@ from hetkd.config import ConfigError, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.codec import decode_answers, encode_answers
 from hetkd.distill.generative import make_generator
-from hetkd.distill.mekd import GanSettings, class_balanced, ensemble_responses, freeze, generate_queries
+from hetkd.distill.mekd import (
+    GanSettings,
+    class_balanced,
+    ensemble_responses,
+    freeze,
+    generate_queries,
+    teacher_logits,
+)
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.simulations.registry import build_strategy, check_strategy
 from hetkd.strategies import MEKD, FedDF
@@ -274,6 +281,26 @@ def test_balanced_targets_are_the_plain_ensemble_corrected_to_a_uniform_class_pr
         FedDF(num_classes=10, public_inputs=_public(), balance_classes="yes")
     with pytest.raises(ValueError, match="strategy.ensemble.balance_classes"):
         small_config(tmp_path, "strategy=feddf", "strategy.ensemble.balance_classes=sometimes")
+
+
+def test_the_student_distils_on_the_last_rounds_queries_it_remembers(tmp_path):
+    """MEKD draws fresh samples of the frozen G every distillation round (rounds 4-6 here):
+    with ``student_memory=2`` the student distils on the last two rounds' samples and targets."""
+    cfg = small_config(tmp_path, "strategy=mekd", "strategy.ensemble.student_memory=2", *SMALL,
+                       "num-server-rounds=6", devices=3)
+    strategy, reports = _start(cfg, InProcessGrid(3), rounds=6)
+    assert not any(r.failures for r in reports)
+    assert [r.metrics.get("student_inputs") for r in reports] == [None] * 3 + [64, 128, 128]
+    remembered = [inputs for inputs, _ in strategy._student_memory]
+    assert len(remembered) == 2
+    for server_round, inputs in zip((5, 6), remembered):
+        assert torch.equal(inputs, strategy.query_inputs(strategy.make_query(server_round, "distill")))
+    assert torch.equal(strategy._student_memory[-1][1],
+                       teacher_logits(strategy._common_target, "soft", hard_margin=strategy.settings.hard_margin))
+    with pytest.raises(ValueError, match="student_memory"):
+        FedDF(num_classes=10, public_inputs=_public(), student_memory=-1)
+    with pytest.raises(ConfigError, match="strategy.ensemble.student_memory"):
+        small_config(tmp_path, "strategy=feddf", "strategy.ensemble.student_memory=-2")
 
 
 def test_similarity_weighting_gives_each_device_its_own_targets(tmp_path):

@@ -232,7 +232,8 @@ class EnsembleConfig:
     for MEKD; MEKD answers are ``mekd.response``, soft or hard), the server
     distils the ensemble into its student for ``server_steps`` SGD steps
     (``mekd.distill_*`` settings, MEKD's loss; FedDF's is the KL term alone)
-    and each device distils towards its targets with weight ``rho`` beside
+    on the queries and targets of the last ``student_memory`` distillation
+    rounds (1: the round's own; 0: every round's so far) and each device distils towards its targets with weight ``rho`` beside
     its cross-entropy, ``query_batch_size`` query inputs beside each private
     batch (0: the batch size), at least ``min_steps`` steps per epoch.
     Targets are the plain mean of the answers (``weighting=mean``) or, per
@@ -251,6 +252,7 @@ class EnsembleConfig:
     deprivatize_rounds: int = 5
     num_queries: int = 1024
     server_steps: int = 100
+    student_memory: int = 1
     weighting: str = "mean"
     balance_classes: bool = True
     num_neighbours: int = 5
@@ -886,7 +888,7 @@ def _validate_ensemble(e: EnsembleConfig) -> None:
     from hetkd.protocol import ANSWER_MODELS
 
     check_architecture(e.student, "strategy.ensemble.student")
-    for key in ("warmup_rounds", "server_steps", "query_batch_size", "min_steps"):
+    for key in ("warmup_rounds", "server_steps", "student_memory", "query_batch_size", "min_steps"):
         _check(getattr(e, key) >= 0, f"strategy.ensemble.{key}", f"must be >= 0, got {getattr(e, key)}")
     _check(e.deprivatize_rounds >= 1, "strategy.ensemble.deprivatize_rounds", f"must be >= 1, got {e.deprivatize_rounds}")
     _check(e.num_queries >= 2, "strategy.ensemble.num_queries", f"must be >= 2, got {e.num_queries}")
