@@ -14,14 +14,13 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
 from hetkd.config import HetkdConfig, to_yaml
 from hetkd.data import build_federation
 from hetkd.models import ModelError, assign_architectures, build_model
 from hetkd.results import RunRecorder, accuracy_summary
 from hetkd.simulations.experiment import resolve_output, run_facts
-from hetkd.training import evaluate_accuracy, make_optimizer, resolve_device, seeded, train_epoch
+from hetkd.training import evaluate_accuracy, make_optimizer, resolve_device, seeded, torch_threads, train_epoch
 
 __all__ = ["run_central"]
 
@@ -31,10 +30,14 @@ def run_central(cfg: HetkdConfig) -> dict[str, Any]:
 
     The architecture of ``strategy.ensemble.student`` is trained too: its
     global accuracy is the row's ``student_accuracy``, the centrally trained
-    counterpart of FedDF's and MEKD's global student.
+    counterpart of FedDF's and MEKD's global student. It trains with
+    ``training.num_threads`` threads and gives the process its own count back.
     """
-    cfg = resolve_output(cfg)
-    torch.set_num_threads(max(1, cfg.training.num_threads))
+    with torch_threads(max(1, cfg.training.num_threads)):
+        return _train_central(resolve_output(cfg))
+
+
+def _train_central(cfg: HetkdConfig) -> dict[str, Any]:
     federation = build_federation(cfg)
     archs = assign_architectures(cfg.models.assignment, cfg.models.architectures,
                                  cfg.simulation.num_devices, cfg.models.tiers)

@@ -380,8 +380,8 @@ class DeviceStrategy(Strategy):
         """Replies that pass :func:`check_reply`, in device order; the others are reported.
 
         Device order, not arrival order: floating-point sums over the replies
-        then do not depend on which device the runtime finished first, so a
-        seeded run gives the same numbers however its devices are scheduled.
+        (ensembles, averages) then do not depend on which device the runtime
+        finished first.
         """
         valid = []
         for reply in replies:

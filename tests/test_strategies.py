@@ -135,3 +135,21 @@ def test_a_node_that_cannot_be_set_up_is_reported_once_and_not_asked_again(tmp_p
     assert reports[1].failures == []
     setups = [t for t in grid.traffic if t.message.metadata.dst_node_id == grid.node_ids[4]]
     assert len(setups) == 1
+
+
+def test_central_training_gives_the_process_its_thread_count_back(tmp_path):
+    """``hetkd compare`` runs central and then the strategies' server side in one process:
+    a thread count left behind would change the order of the server's float reductions."""
+    import torch
+
+    from hetkd.simulations.central import run_central
+    from hetkd.training import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        run_central(small_config(tmp_path, "training.num_threads=1", "num-server-rounds=1", devices=3))
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="number of threads"):
+            torch_threads(bad)  # type: ignore[arg-type]

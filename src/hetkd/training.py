@@ -19,6 +19,7 @@ from hetkd.config import TrainingConfig
 __all__ = [
     "derive_seed",
     "seeded",
+    "torch_threads",
     "make_optimizer",
     "resolve_device",
     "train_epoch",
@@ -54,6 +55,31 @@ class seeded:
     def __exit__(self, *exc: object) -> None:
         assert self._state is not None
         torch.random.set_rng_state(self._state)
+
+
+class torch_threads:
+    """Context manager: run with ``n`` intra-op threads; restore the previous count after.
+
+    The thread count is process-wide and changes the order of floating-point
+    reductions, so code that sets it for itself (central training) must not
+    leave it set for whatever the process runs next (a strategy's server side
+    in the same ``hetkd compare``).
+    """
+
+    def __init__(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the number of threads must be an integer >= 1, got {n!r}")
+        self.n = n
+        self._previous: int | None = None
+
+    def __enter__(self) -> int:
+        self._previous = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self.n
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._previous is not None
+        torch.set_num_threads(self._previous)
 
 
 def resolve_device(name: str) -> torch.device:
