@@ -83,22 +83,29 @@ class ManagedProcess:
         """Whether any process of its group still runs (zombies left to a parent that does not reap them excepted)."""
         return bool(running_in_group(self.pid))
 
+    def stopped(self) -> bool:
+        """The leader has exited and been reaped, and nothing of its group still runs."""
+        return not self.alive() and not self.group_alive()  # alive() reaps the leader once it exits
+
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group (graceful: a SuperNode deregisters), SIGKILL what is left."""
+        """SIGTERM the process group (graceful: a SuperNode deregisters), SIGKILL what is left.
+
+        Returns once the leader is reaped too, so :meth:`alive` is false after it:
+        the group can be empty a moment before the leader's exit is collected.
+        """
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
-                break
+                pass  # the group is gone; the leader may still wait to be reaped
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                self.popen.poll()  # reap the leader
-                if not self.group_alive():
-                    break
+            while time.monotonic() < deadline and not self.stopped():
                 time.sleep(0.1)
-            if not self.group_alive():
+            if self.stopped():
                 break
-        self.popen.poll()
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(timeout=10.0)
         if self._log is not None and not self._log.closed:
             self._log.close()
 

@@ -114,10 +114,11 @@ class EnsembleDistill(DeviceStrategy):
     student_memory : int
         How many distillation rounds' query inputs and ensemble targets the
         student keeps distilling on: ``1`` the round's own only, ``k`` the
-        last ``k`` rounds', ``0`` every round's so far. Each round answers a
-        fresh batch of queries, so the memory gives the student more distinct
-        inputs at no cost on the wire (server memory only: ``k x num_queries``
-        inputs and targets).
+        last ``k`` rounds', ``0`` every round's so far. Nothing more crosses
+        the wire (server memory only: ``k x num_queries`` inputs and targets).
+        MEKD's rounds draw fresh samples of G, so the memory adds distinct
+        inputs; FedDF's ask about the same reference rows, so it gives each
+        row the targets of several rounds.
     distill : DistillSettings | None
         The loss (temperatures, ``w_f``, ``w_kl``, distance) for student and
         devices, and the student's optimizer; ``steps`` is set from the

@@ -233,9 +233,10 @@ class EnsembleConfig:
     distils the ensemble into its student for ``server_steps`` SGD steps
     (``mekd.distill_*`` settings, MEKD's loss; FedDF's is the KL term alone)
     on the queries and targets of the last ``student_memory`` distillation
-    rounds (1: the round's own; 0: every round's so far) and each device distils towards its targets with weight ``rho`` beside
-    its cross-entropy, ``query_batch_size`` query inputs beside each private
-    batch (0: the batch size), at least ``min_steps`` steps per epoch.
+    rounds (1: the round's own; 0: every round's so far), and each device
+    distils towards its targets with weight ``rho`` beside its cross-entropy,
+    ``query_batch_size`` query inputs beside each private batch (0: the
+    batch size), at least ``min_steps`` steps per epoch.
     Targets are the plain mean of the answers (``weighting=mean``) or, per
     device, a similarity-weighted mix over its ``num_neighbours`` nearest
     devices by ``similarity`` of their answers; ``balance_classes`` corrects
