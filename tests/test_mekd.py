@@ -35,7 +35,7 @@ from hetkd.distill.mekd import (
     teacher_logits,
 )
 from hetkd.models import ModelError, build_model
-from hetkd.training import evaluate_accuracy, make_optimizer, seeded, train_epoch
+from hetkd.training import evaluate_accuracy, make_optimizer, seeded, torch_threads, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Small tensors: one thread is fastest and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 # --------------------------------------------------------------------------- generators
 
