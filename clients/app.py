@@ -54,8 +54,9 @@ from hetkd.clients.node_config import MODEL, PARTITION_ID, NodeConfigError, pars
 from hetkd.clients.state import DiskStateStore, StateStore, make_store
 from hetkd.config import HetkdConfig, from_yaml, resolve_config
 from hetkd.distill.codec import decode_answers, decode_logits, encode_answers, encode_logits
+from hetkd.distill.emulation import freeze, mapping_emulation_loss
+from hetkd.distill.ensemble import teacher_logits
 from hetkd.distill.generative import Generator, make_generator
-from hetkd.distill.mekd import freeze, mapping_emulation_loss, teacher_logits
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.similarity import mix_targets, neighbour_plan
 from hetkd.models import ModelError

@@ -45,9 +45,11 @@ from torch import nn
 
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.data import DataView, build_federation
-from hetkd.distill.blackbox import METHODS, active_mixup, kd_on_generated, kd_on_proxy
+from hetkd.distill.blackbox import METHODS, active_mixup, deprivatize, distill, kd_on_generated, kd_on_proxy
+from hetkd.distill.deprivatization import GanSettings
+from hetkd.distill.emulation import DistillSettings
 from hetkd.distill.generative import Generator
-from hetkd.distill.mekd import BlackBoxTeacher, DistillSettings, GanSettings, deprivatize, distill, proxy_inputs
+from hetkd.distill.teacher import BlackBoxTeacher, proxy_inputs
 from hetkd.models import ModelError, build_model, count_parameters
 from hetkd.plots import plot_generator_samples
 from hetkd.simulations.cli import add_items_arguments, config_from_args

@@ -15,7 +15,8 @@ from flwr.app import ArrayRecord
 
 from hetkd.config import ConfigError, HetkdConfig
 from hetkd.data import Federation
-from hetkd.distill.mekd import DistillSettings, GanSettings
+from hetkd.distill.deprivatization import GanSettings
+from hetkd.distill.emulation import DistillSettings
 from hetkd.models import assign_architectures, build_model
 from hetkd.strategies import MEKD, DeviceStrategy, FedAvg, FedDF, FedMD, LocalOnly, SDDist
 from hetkd.training import seeded

@@ -43,13 +43,14 @@ from torch import nn
 
 from hetkd import protocol as P
 from hetkd.distill.codec import PRECISIONS, decode_answers, encode_answers
-from hetkd.distill.mekd import (
+from hetkd.distill.emulation import (
     DistillSettings,
     StudentOptimizer,
-    ensemble_responses,
+    kd_steps,
     mapping_emulation_loss,
-    teacher_logits,
+    transfer_batches,
 )
+from hetkd.distill.ensemble import ensemble_responses, teacher_logits
 from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS, neighbour_plan
 from hetkd.strategies.base import DeviceStrategy
@@ -86,7 +87,7 @@ class EnsembleDistill(DeviceStrategy):
         ``num_neighbours`` nearest devices by ``similarity`` of their answers).
     balance_classes : bool
         Correct every ensemble to a uniform class prior over the round's query
-        inputs (:func:`~hetkd.distill.mekd.class_balanced`). Under label skew
+        inputs (:func:`~hetkd.distill.ensemble.class_balanced`). Under label skew
         each device answers with the classes it knows, so the plain ensemble
         over-predicts the classes many devices know on every input; the query
         inputs (reference rows, samples of a generator trained on the proxy
@@ -321,14 +322,9 @@ class EnsembleDistill(DeviceStrategy):
         self._student_memory.append((inputs, targets))
         inputs = torch.cat([x for x, _ in self._student_memory])
         targets = torch.cat([t for _, t in self._student_memory])
-        batch = min(self.settings.batch_size, len(inputs))
-        losses = []
         with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
-            for _ in range(self.server_steps):
-                idx = torch.randint(len(inputs), (batch,), generator=rng)
-                losses.append(self._student_optimizer.step(
-                    lambda idx=idx: self.student_loss(self.student(inputs[idx]), targets[idx])  # type: ignore[misc]
-                ))
+            losses = kd_steps(self._student_optimizer, self.server_steps,
+                              transfer_batches(inputs, targets, self.settings.batch_size, rng), self.student_loss)
         self._extras["student_loss"] = sum(losses) / len(losses)
         self._extras["student_inputs"] = len(inputs)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from hetkd.distill.mekd import DistillSettings
+from hetkd.distill.emulation import DistillSettings
 from hetkd.distill.queries import QuerySpec
 from hetkd.strategies.ensemble_distill import EnsembleDistill
 from hetkd.training import derive_seed

@@ -11,7 +11,7 @@ unlabelled public proxy set, and a global student of any architecture.
    weights and a seed (or the samples themselves, when they are the smaller
    payload); every device answers on ``G(z)`` for the round's
    ``steps x batch`` latent codes (soft probabilities or hard labels); the
-   server runs that many D-then-G updates (:class:`~hetkd.distill.mekd.Deprivatizer`),
+   server runs that many D-then-G updates (:class:`~hetkd.distill.deprivatization.Deprivatizer`),
    each weighting G's information term by the ensemble's confidence on the
    corresponding batch. The answers describe G as it was when the round
    began, so within a round they lag G by at most ``steps`` updates (the
@@ -41,9 +41,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import nn
 
 from hetkd import protocol as P
+from hetkd.distill.deprivatization import Deprivatizer, GanSettings
+from hetkd.distill.emulation import freeze
 from hetkd.distill.generative import Generator, default_output_range, default_width
-from hetkd.distill.mekd import Deprivatizer, GanSettings, freeze, query_latents
-from hetkd.distill.queries import QuerySpec, resolve_queries
+from hetkd.distill.queries import QuerySpec, query_latents, resolve_queries
 from hetkd.models import state_bytes
 from hetkd.strategies.ensemble_distill import EnsembleDistill
 from hetkd.training import derive_seed, seeded

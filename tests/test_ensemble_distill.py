@@ -10,16 +10,11 @@ from hetkd import protocol as P
 from hetkd.config import ConfigError, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.codec import decode_answers, encode_answers
+from hetkd.distill.deprivatization import GanSettings
+from hetkd.distill.emulation import freeze
+from hetkd.distill.ensemble import class_balanced, ensemble_responses, teacher_logits
 from hetkd.distill.generative import make_generator
-from hetkd.distill.mekd import (
-    GanSettings,
-    class_balanced,
-    ensemble_responses,
-    freeze,
-    generate_queries,
-    teacher_logits,
-)
-from hetkd.distill.queries import QuerySpec, resolve_queries
+from hetkd.distill.queries import QuerySpec, generate_queries, resolve_queries
 from hetkd.simulations.registry import build_strategy, check_strategy
 from hetkd.strategies import MEKD, FedDF
 from hetkd.strategies.mekd import generator_config

@@ -12,28 +12,32 @@ from torch import nn
 
 from hetkd.config import ConfigError, resolve_config
 from hetkd.data import load_dataset
-from hetkd.distill.blackbox import active_mixup, kd_on_generated, kd_on_proxy, least_confident, mixup_candidates
-from hetkd.distill.generative import make_discriminator, make_generator
-from hetkd.distill.mekd import (
-    BlackBoxError,
-    BlackBoxTeacher,
-    Deprivatizer,
-    DistillSettings,
-    GanSettings,
-    MappingEmulationDistiller,
-    check_responses,
-    combine_responses,
+from hetkd.distill.blackbox import (
+    active_mixup,
     deprivatize,
-    discriminator_loss,
     distill,
-    generator_loss,
-    label_smoothing_margin,
+    kd_on_generated,
+    kd_on_proxy,
+    least_confident,
+    mixup_candidates,
+)
+from hetkd.distill.deprivatization import Deprivatizer, GanSettings, discriminator_loss, generator_loss
+from hetkd.distill.emulation import (
+    DistillSettings,
+    MappingEmulationDistiller,
     mapping_emulation_loss,
     mapping_emulation_terms,
+)
+from hetkd.distill.ensemble import (
+    check_responses,
+    combine_responses,
+    label_smoothing_margin,
     responses_from_logits,
     teacher_confidence,
     teacher_logits,
 )
+from hetkd.distill.generative import make_discriminator, make_generator
+from hetkd.distill.teacher import BlackBoxError, BlackBoxTeacher
 from hetkd.models import ModelError, build_model
 from hetkd.training import evaluate_accuracy, make_optimizer, seeded, torch_threads, train_epoch
 

@@ -14,7 +14,7 @@ from hetkd import protocol as P
 from hetkd.clients import DeviceDataset, NodeConfigError, make_client_app, parse_node_config
 from hetkd.config import TrainingConfig, to_yaml
 from hetkd.data import build_federation
-from hetkd.distill.mekd import GanSettings
+from hetkd.distill.deprivatization import GanSettings
 from hetkd.simulations.registry import build_strategy
 from hetkd.strategies import MEKD, SDDist
 from tests.conftest import InProcessGrid, small_config

@@ -382,7 +382,7 @@ class MEKDConfig:
 
     The reference uses T = T_g = 5, w_f = w_kl = 1, L1, SGD 0.1 decayed 10x at
     1/3 and 2/3 of 240 epochs x 500 iterations of 128, and a DCGAN trained for
-    200 epochs with Adam 2e-4; see :mod:`hetkd.distill.mekd` for where we
+    200 epochs with Adam 2e-4; see :mod:`hetkd.distill.emulation` for where we
     differ and why.
     """
 
@@ -904,7 +904,8 @@ def _validate_ensemble(e: EnsembleConfig) -> None:
 def _validate_mekd(cfg: HetkdConfig) -> None:
     """MEKD's hyperparameters (``mekd``) and the ``b2kd`` experiment's settings."""
     from hetkd.distill.blackbox import METHODS
-    from hetkd.distill.mekd import DISTANCES, RESPONSE_KINDS
+    from hetkd.distill.emulation import DISTANCES
+    from hetkd.distill.ensemble import RESPONSE_KINDS
     from hetkd.models import check_architecture
 
     m = cfg.mekd

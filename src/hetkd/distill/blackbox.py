@@ -1,10 +1,26 @@
-"""Black-box distillation baselines that MEKD is compared with, on MEKD's interfaces.
+"""Whole black-box distillation runs: MEKD and the baselines it is compared with.
 
-Every method takes a teacher the way :mod:`hetkd.distill.mekd` does (a
-:class:`~hetkd.distill.mekd.BlackBoxTeacher`, a model, or a responder callable
-with ``response=``), a student, and :class:`~hetkd.distill.mekd.DistillSettings`
-(same step budget, batch size, SGD schedule and temperature as MEKD), and
-returns the student trained in place.
+A black-box run sees the teacher only through its answers
+(:mod:`hetkd.distill.teacher`): every method takes a teacher as a
+:class:`~hetkd.distill.teacher.BlackBoxTeacher`, a model (wrapped into one),
+or a responder callable with ``response=``, and may read unlabelled public
+proxy inputs (:func:`~hetkd.distill.teacher.proxy_inputs`), never labels.
+Settings come as :class:`~hetkd.distill.deprivatization.GanSettings` /
+:class:`~hetkd.distill.emulation.DistillSettings` plus keyword overrides;
+every run is deterministic given ``seed``, and every student update goes
+through :func:`~hetkd.distill.emulation.kd_steps`.
+
+* :func:`deprivatize` — MEKD step 1: train G against D on the proxy inputs
+  and the teacher's answers (:class:`~hetkd.distill.deprivatization.Deprivatizer`);
+  returns G frozen.
+* :func:`distill` — MEKD step 2: distil the teacher into a student on fresh
+  samples of G, asking the teacher every step, with the mapping-emulation
+  loss (:mod:`hetkd.distill.emulation`).
+
+The baselines take the same teacher, a student and the same
+:class:`~hetkd.distill.emulation.DistillSettings` (same step budget, batch
+size, SGD schedule and temperature as MEKD), and return the student trained
+in place.
 
 * :func:`kd_on_generated` — KD on G's samples, i.e. MEKD with ``w_f = 0``: the
   ablation that isolates the mapping-emulation term.
@@ -36,30 +52,42 @@ train the teacher, which a black box forbids).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hetkd.distill.generative import Generator
-from hetkd.distill.losses import kd_kl
-from hetkd.distill.mekd import (
+from hetkd.distill.deprivatization import Deprivatizer, GanSettings
+from hetkd.distill.emulation import (
     DistillSettings,
+    MappingEmulationDistiller,
     StepCallback,
     StudentOptimizer,
-    _settings,
-    as_responder,
-    distill,
-    progress_bar,
-    proxy_inputs,
-    query_teacher,
-    teacher_logits,
+    freeze,
+    kd_steps,
+    transfer_batches,
 )
+from hetkd.distill.ensemble import teacher_logits
+from hetkd.distill.generative import Generator
+from hetkd.distill.losses import kd_kl
+from hetkd.distill.teacher import BlackBoxTeacher, Responder, as_responder, proxy_inputs, query_teacher
 from hetkd.training import derive_seed, seeded
 
-__all__ = ["METHODS", "kd_on_generated", "kd_on_proxy", "active_mixup", "mixup_candidates", "least_confident"]
+__all__ = [
+    "METHODS",
+    "progress_bar",
+    "deprivatize",
+    "distill",
+    "kd_on_generated",
+    "kd_on_proxy",
+    "active_mixup",
+    "mixup_candidates",
+    "least_confident",
+]
 
 #: every black-box method the ``b2kd`` experiment can run: name -> what it is
 METHODS: dict[str, str] = {
@@ -71,6 +99,128 @@ METHODS: dict[str, str] = {
 
 #: the mixing weights Active Mixup tries for every pair (0.30, 0.34, ..., 0.70)
 DEFAULT_MIX_WEIGHTS: tuple[float, ...] = tuple(round(0.30 + 0.04 * i, 2) for i in range(11))
+
+
+# --------------------------------------------------------------------------- MEKD's two steps
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A transient ``rich`` progress bar; yields ``advance()`` (a no-op when disabled)."""
+    if not enabled or total <= 0:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _settings(cls: type, settings: Any, overrides: dict[str, Any]) -> Any:
+    """``settings`` (default: ``cls()``) with the keyword ``overrides`` of a run applied, checked field by field."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; valid: {', '.join(sorted(names))}")
+    base = settings if settings is not None else cls()
+    if not isinstance(base, cls):
+        raise TypeError(f"settings must be a {cls.__name__}, got {type(base).__name__}")
+    return replace(base, **overrides) if overrides else base
+
+
+def _num_classes(proxy_data: Any, teacher: Responder, inputs: torch.Tensor, kind: str) -> int:
+    known = getattr(teacher, "num_classes", None) if isinstance(teacher, BlackBoxTeacher) else None
+    if known:
+        return int(known)
+    if not isinstance(proxy_data, torch.Tensor) and getattr(proxy_data, "num_classes", None):
+        return int(proxy_data.num_classes)
+    return int(query_teacher(teacher, inputs[:2], kind).shape[1])
+
+
+def deprivatize(
+    teacher: Any,
+    proxy_data: Any,
+    *,
+    response: str | None = None,
+    settings: GanSettings | None = None,
+    seed: int = 0,
+    output_range: tuple[float, float] | None = None,
+    num_classes: int | None = None,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
+    **overrides: Any,
+) -> Generator:
+    """Train G (latent size = classes) on unlabelled proxy inputs and the teacher's answers; return it frozen.
+
+    ``proxy_data``: a tensor, ``DataView`` or ``ArrayDataset`` of public inputs
+    (labels, if any, are never read). ``settings`` / keyword ``overrides`` are
+    :class:`~hetkd.distill.deprivatization.GanSettings` fields (``steps=``, ``batch_size=``,
+    ``lr_generator=``, ``w_info=``...). Deterministic given ``seed``.
+    """
+    settings = _settings(GanSettings, settings, overrides)
+    responder, kind = as_responder(teacher, response)
+    inputs = proxy_inputs(proxy_data)
+    with seeded("mekd-deprivatize", seed) as rng:
+        classes = num_classes or _num_classes(proxy_data, responder, inputs, kind)
+        trainer = Deprivatizer(inputs.shape[1:], classes, settings, seed=seed, output_range=output_range)
+        batch = min(settings.batch_size, len(inputs))
+        order, cursor = torch.randperm(len(inputs), generator=rng), 0
+        with progress_bar(settings.steps, "deprivatization (G vs D)", progress) as advance:
+            for step in range(settings.steps):
+                if cursor + batch > len(order):
+                    order, cursor = torch.randperm(len(inputs), generator=rng), 0
+                real = inputs[order[cursor : cursor + batch]]
+                cursor += batch
+                d_loss = trainer.discriminator_step(real)
+                metrics = trainer.generator_step(trainer.sample_latent(batch), responder, kind)
+                if on_step is not None:
+                    on_step(step, {"d_loss": d_loss, **metrics})
+                advance()
+    return freeze(trainer.generator)
+
+
+def distill(
+    teacher: Any,
+    student: nn.Module,
+    generator: Generator,
+    *,
+    response: str | None = None,
+    settings: DistillSettings | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Distil the black-box ``teacher`` into ``student`` on G's samples; returns ``student`` (trained in place).
+
+    Each step draws ``batch_size`` inputs G(z), asks the teacher, and applies
+    :func:`~hetkd.distill.emulation.mapping_emulation_loss`. ``settings`` / keyword ``overrides`` are
+    :class:`~hetkd.distill.emulation.DistillSettings` fields (``steps=``, ``w_f=``, ``distance=``...);
+    ``w_f=0`` is the KD-on-generated-inputs ablation. Deterministic given ``seed``.
+    """
+    settings = _settings(DistillSettings, settings, overrides)
+    responder, kind = as_responder(teacher, response)
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+    with seeded("mekd-distill", seed):
+        distiller = MappingEmulationDistiller(student, generator, settings, seed=seed)
+
+        def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs = distiller.sample_inputs()
+            responses = query_teacher(responder, inputs, kind, distiller.num_classes)
+            return inputs, distiller.targets(inputs, responses, kind)
+
+        report = None if on_step is None else (
+            lambda step, metrics: on_step(step, {**metrics, "lr": distiller.optimizer.scheduler.get_last_lr()[0]})
+        )
+        with progress_bar(settings.steps, "distillation", progress) as advance:
+            kd_steps(distiller.optimizer, settings.steps, next_batch, distiller.loss, report, advance)
+    student.eval()
+    return student
+
+
+# --------------------------------------------------------------------------- baselines
 
 
 def kd_on_generated(
@@ -85,7 +235,7 @@ def kd_on_generated(
     on_step: StepCallback | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """KD on G's samples: :func:`~hetkd.distill.mekd.distill` with ``w_f = 0``."""
+    """KD on G's samples: :func:`distill` with ``w_f = 0``."""
     overrides["w_f"] = 0.0
     return distill(teacher, student, generator, response=response, settings=settings, seed=seed,
                    progress=progress, on_step=on_step, **overrides)
@@ -102,15 +252,12 @@ def _fit_transfer_set(
 ) -> None:
     """``steps`` KD updates on random batches of a transfer set (inputs, teacher logits)."""
     s = optimizer.settings
-    batch = min(s.batch_size, len(inputs))
-    for _ in range(steps):
-        idx = torch.randint(len(inputs), (batch,), generator=rng)
-        loss = optimizer.step(
-            lambda idx=idx: kd_kl(optimizer.student(inputs[idx]), targets[idx], s.temperature, scale=s.temperature)
-        )
-        if on_step is not None:
-            on_step(optimizer.steps_done - 1, {"loss": loss, "transfer_set": float(len(inputs))})
-        advance()
+    report = None if on_step is None else (
+        lambda step, metrics: on_step(step, {**metrics, "transfer_set": float(len(inputs))})
+    )
+    kd_steps(optimizer, steps, transfer_batches(inputs, targets, s.batch_size, rng),
+             lambda student_logits, t: kd_kl(student_logits, t, s.temperature, scale=s.temperature), report, advance)
+
 
 
 def kd_on_proxy(

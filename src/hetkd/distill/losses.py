@@ -8,11 +8,51 @@ black-box teachers that only return probabilities or one-hot labels).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["kd_kl", "kd_kl_to_probs", "soften", "ReferenceKD"]
+from hetkd.settings import require
+
+__all__ = ["kd_kl", "kd_kl_to_probs", "soften", "KDTerm", "KLLoss", "ReferenceKD"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KDTerm:
+    """How a device's distillation term sits beside its private loss.
+
+    ``(1 − rho) · CE(private batch) + rho · KD(public batch)``, with
+    ``batch_size`` public inputs drawn beside each private batch (0: the
+    private batch size), and each local epoch at least ``min_steps`` steps
+    (passing over small private data again). Built by a strategy from its
+    settings and sent to the device with every distillation request.
+    """
+
+    rho: float
+    batch_size: int
+    min_steps: int
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
+        require(self.batch_size >= 0, "batch_size", f"must be >= 0 (0: the private batch size), got {self.batch_size}")
+        require(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLLoss:
+    """The KD term towards target logits: ``scale · KL(softmax(t/T) ‖ softmax(s/T))`` with
+    ``T = temperature`` (``scale``: ``T²`` after Hinton et al., or 1 as in SD-Dist's code)."""
+
+    temperature: float
+    scale: float
+
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        require(self.scale > 0, "scale", f"must be > 0, got {self.scale}")
+
+    def __call__(self, student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+        return kd_kl(student_logits, target_logits, self.temperature, scale=self.scale)
 
 
 def soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -14,19 +14,21 @@ at the *same* inputs without shipping them when that can be avoided. A
   that is smaller than G's weights).
 
 :func:`resolve_queries` turns a spec into the input tensor, on the server and
-on a device alike, so both see bit-identical inputs on the same platform.
+on a device alike, so both see bit-identical inputs on the same platform. A
+generator query's latent codes come from :func:`query_latents` and its inputs
+from :func:`generate_queries`, so a seed stands for the whole batch.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 from hetkd.distill.generative import Generator
-from hetkd.distill.mekd import generate_queries
 
-__all__ = ["QUERY_SOURCES", "QuerySpec", "resolve_queries"]
+__all__ = ["QUERY_SOURCES", "QuerySpec", "query_latents", "generate_queries", "resolve_queries"]
 
 QUERY_SOURCES: tuple[str, ...] = ("reference", "generator", "inputs")
 
@@ -74,6 +76,39 @@ class QuerySpec:
             )
         except KeyError as err:
             raise ValueError(f"query config lacks {err.args[0]!r}") from None
+
+
+def query_latents(seed: int, count: int, latent_dim: int) -> torch.Tensor:
+    """The ``count`` latent codes ``z ~ N(0, I)`` a query with ``seed`` stands for."""
+    return torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def generate_queries(
+    generator: Generator, seed: int, count: int, batch_size: int, train_mode: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, G(z))`` for ``count`` latent codes ``z ~ N(0, I)`` drawn from ``seed``: the same on every machine.
+
+    A server and a device that hold the same G weights call this with the same
+    arguments and get the same inputs, so the server can send a seed instead
+    of the inputs. ``train_mode`` runs G's BatchNorm on batch statistics (as
+    G sees its samples during deprivatization), in chunks of ``batch_size``;
+    otherwise on its running statistics (a frozen G). G itself is left as it
+    was (a copy runs in train mode, so running statistics do not move).
+    """
+    if count < 1 or batch_size < 2:
+        raise ValueError(f"need count >= 1 and batch_size >= 2, got count={count}, batch_size={batch_size}")
+    if train_mode and count % batch_size:
+        raise ValueError(f"in train mode count ({count}) must be a multiple of batch_size ({batch_size})")
+    z = query_latents(seed, count, generator.latent_dim)
+    model = copy.deepcopy(generator).train() if train_mode else generator
+    was_training = generator.training
+    if not train_mode:
+        generator.eval()
+    try:
+        with torch.no_grad():
+            return z, torch.cat([model(part) for part in z.split(batch_size)])
+    finally:
+        generator.train(was_training)
 
 
 def resolve_queries(

@@ -1,0 +1,352 @@
+"""MEKD: source-blind, black-box knowledge distillation by mapping emulation.
+
+Ma et al., "Aligning Logits Generatively for Principled Black-Box Knowledge
+Distillation" (CVPR 2024; arXiv 2205.10490). The teacher is a black box: a
+function from a batch of inputs to *responses* (logits, soft probabilities or
+one-hot labels; :mod:`hetkd.distill.teacher`, :mod:`hetkd.distill.ensemble`);
+we never see its weights, gradients or training data. Two steps:
+
+1. **Deprivatization** (:func:`hetkd.distill.blackbox.deprivatize`,
+   :class:`hetkd.distill.deprivatization.Deprivatizer`): a generator G with
+   latent size = number of classes is trained against a discriminator D on
+   *unlabelled public proxy inputs*, plus an information term built from the
+   teacher's responses on G(z). G is then frozen; it emulates the teacher's
+   inverse mapping (logit space -> input space).
+2. **Distillation** (:func:`hetkd.distill.blackbox.distill`,
+   :class:`MappingEmulationDistiller`): on synthetic inputs ``x = G(z)`` the
+   student minimises :func:`mapping_emulation_loss`
+   ``w_f · dist(G(s/T_g), G(t/T_g)) + w_kl · T · KL(softmax(t/T) ‖ softmax(s/T))``
+   where ``s``, ``t`` are the student's and the teacher's logits on ``x`` and
+   ``dist`` is L1 or L2 (mean over elements). The KL is scaled by ``T``, not
+   ``T²``, as in the reference code. Teacher logits come from the responses by
+   :func:`hetkd.distill.ensemble.teacher_logits` (centred; hard labels scaled
+   by ``DistillSettings.hard_margin``).
+
+This module holds step 2 and the student side every distillation shares: the
+loss, :class:`DistillSettings`, the SGD schedule (:class:`StudentOptimizer`)
+and :func:`kd_steps`, the one loop of KD updates ("draw a batch, one
+optimizer step, record") that black-box distillation, the baselines of
+:mod:`hetkd.distill.blackbox` and the federated server's student
+(:meth:`hetkd.strategies.EnsembleDistill.distill_student`) all run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hetkd.distill.ensemble import check_responses, teacher_logits
+from hetkd.distill.generative import Generator
+from hetkd.distill.losses import kd_kl
+from hetkd.training import derive_seed
+
+__all__ = [
+    "DISTANCES",
+    "StepCallback",
+    "generated_distance",
+    "mapping_emulation_terms",
+    "mapping_emulation_loss",
+    "DistillSettings",
+    "StudentOptimizer",
+    "MappingEmulationDistiller",
+    "freeze",
+    "kd_steps",
+    "transfer_batches",
+]
+
+#: the distance between generated points in the mapping-emulation term
+DISTANCES: tuple[str, ...] = ("l1", "l2")
+
+#: per-step metrics callback: (step, {"loss": ..., ...})
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+# --------------------------------------------------------------------------- losses (pure)
+
+
+def generated_distance(a: torch.Tensor, b: torch.Tensor, distance: str) -> torch.Tensor:
+    """Mean absolute (``"l1"``) or mean squared (``"l2"``) difference."""
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; valid choices: {', '.join(DISTANCES)}")
+    if a.shape != b.shape:
+        raise ValueError(f"generated points differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return F.l1_loss(a, b) if distance == "l1" else F.mse_loss(a, b)
+
+
+def mapping_emulation_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    generator: Callable[[torch.Tensor], torch.Tensor] | None,
+    *,
+    temperature: float = 5.0,
+    generator_temperature: float = 5.0,
+    distance: str = "l1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dist(G(s/T_g), G(t/T_g)), T · KL(softmax(t/T) ‖ softmax(s/T)))``.
+
+    The teacher side of the first term carries no gradient. ``generator`` may
+    be ``None`` only to skip the first term (returned as 0).
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must share one (N, C) shape"
+        )
+    if temperature <= 0 or generator_temperature <= 0:
+        raise ValueError(
+            f"temperatures must be > 0, got temperature={temperature}, generator_temperature={generator_temperature}"
+        )
+    teacher_logits = teacher_logits.detach()
+    kl = kd_kl(student_logits, teacher_logits, temperature, scale=temperature)
+    if generator is None:
+        return student_logits.new_zeros(()), kl
+    with torch.no_grad():
+        target = generator(teacher_logits / generator_temperature)
+    emulated = generator(student_logits / generator_temperature)
+    return generated_distance(emulated, target, distance), kl
+
+
+def mapping_emulation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    generator: Callable[[torch.Tensor], torch.Tensor] | None,
+    *,
+    temperature: float = 5.0,
+    generator_temperature: float = 5.0,
+    w_f: float = 1.0,
+    w_kl: float = 1.0,
+    distance: str = "l1",
+) -> torch.Tensor:
+    """MEKD's distillation loss ``w_f · dist(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)``.
+
+    ``w_f = 0`` is plain KD on the same inputs (G is then not evaluated and
+    may be ``None``).
+    """
+    if w_f < 0 or w_kl < 0:
+        raise ValueError(f"weights must be >= 0, got w_f={w_f}, w_kl={w_kl}")
+    if w_f > 0 and generator is None:
+        raise ValueError("w_f > 0 needs a generator")
+    f, kl = mapping_emulation_terms(
+        student_logits,
+        teacher_logits,
+        generator if w_f > 0 else None,
+        temperature=temperature,
+        generator_temperature=generator_temperature,
+        distance=distance,
+    )
+    return w_f * f + w_kl * kl
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _require(ok: bool, name: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Distillation: ``steps`` SGD updates on ``batch_size`` inputs each.
+
+    SGD with ``lr``, ``momentum``, ``weight_decay``; the learning rate is
+    multiplied by ``gamma`` at each fraction of ``steps`` in ``milestones``
+    (the reference decays 10x at epochs 80 and 160 of 240). Loss weights,
+    temperatures and the distance are those of :func:`mapping_emulation_loss`;
+    ``hard_margin`` is the logit gap a hard label stands for
+    (:func:`~hetkd.distill.ensemble.teacher_logits`; 1 as in the reference).
+    """
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (0.33, 0.67)
+    gamma: float = 0.1
+    temperature: float = 5.0
+    generator_temperature: float = 5.0
+    w_f: float = 1.0
+    w_kl: float = 1.0
+    distance: str = "l1"
+    hard_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        _require(self.steps >= 1, "steps", self.steps, ">= 1")
+        _require(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2 (BatchNorm)")
+        _require(self.lr > 0, "lr", self.lr, "> 0")
+        _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _require(all(0 < m < 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+                 "milestones", self.milestones, "increasing fractions in (0, 1)")
+        _require(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]")
+        _require(self.temperature > 0, "temperature", self.temperature, "> 0")
+        _require(self.generator_temperature > 0, "generator_temperature", self.generator_temperature, "> 0")
+        _require(self.w_f >= 0 and self.w_kl >= 0 and self.w_f + self.w_kl > 0, "w_f/w_kl",
+                 (self.w_f, self.w_kl), ">= 0 and not both 0")
+        _require(self.distance in DISTANCES, "distance", self.distance, f"one of {', '.join(DISTANCES)}")
+        _require(self.hard_margin > 0, "hard_margin", self.hard_margin, "> 0")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DistillSettings:
+        """From a :class:`hetkd.config.MEKDConfig`."""
+        return cls(
+            steps=cfg.distill_steps,
+            batch_size=cfg.distill_batch_size,
+            lr=cfg.distill_lr,
+            momentum=cfg.distill_momentum,
+            weight_decay=cfg.distill_weight_decay,
+            milestones=tuple(cfg.lr_milestones),
+            gamma=cfg.lr_gamma,
+            temperature=cfg.temperature,
+            generator_temperature=cfg.generator_temperature,
+            w_f=cfg.w_f,
+            w_kl=cfg.w_kl,
+            distance=cfg.distance,
+            hard_margin=cfg.hard_margin,
+        )
+
+
+# --------------------------------------------------------------------------- the student
+
+
+class StudentOptimizer:
+    """SGD with momentum and step decay at fractions of a fixed step budget."""
+
+    def __init__(self, student: nn.Module, settings: DistillSettings) -> None:
+        self.student = student
+        self.settings = settings
+        self.optimizer = torch.optim.SGD(
+            student.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
+        marks = sorted({max(1, round(f * settings.steps)) for f in settings.milestones})
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, marks, settings.gamma)
+        self.steps_done = 0
+
+    def step(self, compute_loss: Callable[[], torch.Tensor]) -> float:
+        """One update: ``compute_loss()`` (student in train mode), backward, SGD, schedule."""
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"distillation loss became {loss.item()} at step {self.steps_done}")
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.steps_done += 1
+        return float(loss.item())
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for the parameters (G after deprivatization)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class MappingEmulationDistiller:
+    """A student, the frozen G and the SGD schedule; one distillation update at a time.
+
+    ``sample_inputs()`` draws synthetic inputs G(z); ``step(inputs, responses,
+    kind)`` updates the student on them with the teacher's (or an ensemble's)
+    responses, however those were obtained. ``targets`` and ``loss`` are the
+    two halves of ``step``, for :func:`kd_steps`.
+    """
+
+    def __init__(
+        self, student: nn.Module, generator: Generator, settings: DistillSettings | None = None, *, seed: int = 0
+    ) -> None:
+        self.settings = settings or DistillSettings()
+        self.student = student
+        self.generator = freeze(generator)
+        self.num_classes = int(generator.latent_dim)
+        self.optimizer = StudentOptimizer(student, self.settings)
+        self.latent_rng = torch.Generator().manual_seed(derive_seed("mekd-distill-latent", seed))
+
+    def sample_inputs(self, n: int | None = None) -> torch.Tensor:
+        """``n`` (default: the batch size) synthetic inputs G(z), z ~ N(0, I)."""
+        z = torch.randn(n or self.settings.batch_size, self.num_classes, generator=self.latent_rng)
+        with torch.no_grad():
+            return self.generator(z)
+
+    def targets(self, inputs: torch.Tensor, responses: torch.Tensor, kind: str) -> torch.Tensor:
+        """The teacher logits the loss uses, from (checked) ``kind`` responses on ``inputs``."""
+        return teacher_logits(check_responses(responses, kind, len(inputs), self.num_classes), kind,
+                              hard_margin=self.settings.hard_margin)
+
+    def loss(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """:func:`mapping_emulation_loss` with this run's G and settings."""
+        s = self.settings
+        return mapping_emulation_loss(
+            student_logits,
+            targets,
+            self.generator,
+            temperature=s.temperature,
+            generator_temperature=s.generator_temperature,
+            w_f=s.w_f,
+            w_kl=s.w_kl,
+            distance=s.distance,
+        )
+
+    def step(self, inputs: torch.Tensor, responses: torch.Tensor, kind: str) -> float:
+        """One SGD update of the student with :func:`mapping_emulation_loss`; returns the loss."""
+        targets = self.targets(inputs, responses, kind)
+        return self.optimizer.step(lambda: self.loss(self.student(inputs), targets))
+
+
+# --------------------------------------------------------------------------- the KD-steps loop
+
+
+def kd_steps(
+    optimizer: StudentOptimizer,
+    steps: int,
+    next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    on_step: StepCallback | None = None,
+    advance: Callable[[], None] | None = None,
+) -> list[float]:
+    """``steps`` KD updates of ``optimizer.student``; returns the per-step losses.
+
+    Step ``i`` draws ``(inputs, targets) = next_batch(i)`` (student inputs and
+    teacher targets, e.g. teacher logits; any randomness of the draw comes
+    before the update's), makes one :meth:`StudentOptimizer.step` on
+    ``loss(student(inputs), targets)``, reports
+    ``on_step(optimizer.steps_done - 1, {"loss": ...})`` (numbered by the
+    optimizer, so successive calls on one optimizer count on) and calls
+    ``advance()`` (a progress bar). Every student update of the package runs
+    through here.
+    """
+    losses = []
+    for step in range(steps):
+        inputs, targets = next_batch(step)
+        value = optimizer.step(lambda inputs=inputs, targets=targets: loss(optimizer.student(inputs), targets))
+        losses.append(value)
+        if on_step is not None:
+            on_step(optimizer.steps_done - 1, {"loss": value})
+        if advance is not None:
+            advance()
+    return losses
+
+
+def transfer_batches(
+    inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, rng: torch.Generator
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``next_batch`` for :func:`kd_steps` on a transfer set ``(inputs, targets)``.
+
+    Each call draws ``min(batch_size, len(inputs))`` rows uniformly with
+    replacement, one ``torch.randint`` from ``rng``, and returns those rows of both.
+    """
+    batch = min(batch_size, len(inputs))
+
+    def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(inputs), (batch,), generator=rng)
+        return inputs[idx], targets[idx]
+
+    return next_batch

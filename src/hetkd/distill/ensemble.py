@@ -1,0 +1,231 @@
+"""Teachers' answers and their ensembles: pure tensor math, no models.
+
+A teacher answers a batch of inputs with *responses* of one of three kinds
+(:data:`RESPONSE_KINDS`): ``"logits"`` are raw scores; ``"soft"`` are
+probabilities (what a device sends in the federated protocol); ``"hard"`` are
+one-hot labels. This module validates answers (:func:`check_responses`),
+turns them into the teacher logits the distillation losses use
+(:func:`teacher_logits`), and mixes several teachers' answers into ensembles
+(:func:`ensemble_responses`, :func:`combine_responses`, optionally corrected
+to a uniform class prior by :func:`class_balanced`). Black-box distillation
+(:mod:`hetkd.distill.blackbox`), the generator's information term
+(:mod:`hetkd.distill.deprivatization`) and the federated strategies all read
+teachers' answers through these functions.
+
+Teacher logits. The loss needs teacher *logits*: :func:`teacher_logits` turns
+soft probabilities into log-probabilities, which equal the logits up to a
+per-row constant, and centres both forms (subtracts the row mean), so logits
+and soft responses give identical targets. (The MEKD reference feeds raw
+logits to G; centring picks one representative of the shift-equivalence
+class that the softmax cannot tell apart.) Hard responses replace the teacher
+output by its one-hot argmax scaled by a margin ``m`` in both terms of the
+mapping-emulation loss: ``G(m·onehot/T_g)`` and ``softmax(m·onehot/T)``. The
+reference uses ``m = 1``, a nearly flat target at ``T = 5`` (the labelled
+class gets 12 % of the mass against 9.8 % for each other class), so its
+students learn a one-logit margin that noise on unseen inputs overturns;
+``m = log(1 + (1 − ε)·C/ε)`` is the target of label smoothing ``ε``
+(:func:`label_smoothing_margin`, ``DistillSettings.hard_margin``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional as F
+
+__all__ = [
+    "RESPONSE_KINDS",
+    "check_kind",
+    "responses_from_logits",
+    "check_responses",
+    "teacher_logits",
+    "label_smoothing_margin",
+    "teacher_confidence",
+    "class_balanced",
+    "ensemble_responses",
+    "combine_responses",
+]
+
+#: what a teacher may answer with
+RESPONSE_KINDS: tuple[str, ...] = ("logits", "soft", "hard")
+
+
+def check_kind(kind: str, name: str = "response") -> str:
+    """``kind`` if it is one of :data:`RESPONSE_KINDS`; otherwise a ``ValueError`` naming ``name``."""
+    if kind not in RESPONSE_KINDS:
+        raise ValueError(f"unknown {name} {kind!r}; valid choices: {', '.join(RESPONSE_KINDS)}")
+    return kind
+
+
+def responses_from_logits(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The ``kind`` answer a model with these logits gives: logits, softmax, or one-hot argmax."""
+    check_kind(kind)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+    if kind == "logits":
+        return logits
+    if kind == "soft":
+        return F.softmax(logits, dim=1)
+    return F.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
+
+
+def check_responses(
+    responses: torch.Tensor,
+    kind: str,
+    batch_size: int | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Validate teacher responses and return them as float32.
+
+    Rejects (with the reason) a non-tensor, a wrong shape, non-finite values,
+    soft rows that are not distributions (tolerance 1e-2 for float16 replies)
+    and hard rows that are not one-hot. A device's broken reply fails here
+    instead of corrupting a student.
+    """
+    check_kind(kind)
+    if not isinstance(responses, torch.Tensor):
+        raise TypeError(f"responses must be a tensor, got {type(responses).__name__}")
+    if responses.dim() != 2:
+        raise ValueError(f"responses must be 2-D (N, C), got shape {tuple(responses.shape)}")
+    if batch_size is not None and responses.shape[0] != batch_size:
+        raise ValueError(f"expected responses for {batch_size} inputs, got {responses.shape[0]}")
+    if num_classes is not None and responses.shape[1] != num_classes:
+        raise ValueError(f"expected {num_classes} classes per response, got {responses.shape[1]}")
+    if responses.shape[1] < 2:
+        raise ValueError(f"responses need at least 2 classes, got {responses.shape[1]}")
+    r = responses.detach().float()
+    if not torch.isfinite(r).all():
+        raise ValueError("responses contain NaN or infinite values")
+    if kind == "soft":
+        sums = r.sum(1)
+        if (r < -1e-6).any() or not torch.allclose(sums, torch.ones_like(sums), atol=1e-2):
+            raise ValueError(
+                "soft responses must be probability rows (>= 0, summing to 1); "
+                f"row sums range over [{sums.min().item():.4f}, {sums.max().item():.4f}]"
+            )
+    elif kind == "hard":
+        if not (((r == 0) | (r == 1)).all() and (r.sum(1) == 1).all()):
+            raise ValueError("hard responses must be one-hot rows (a single 1, zeros elsewhere)")
+    return r
+
+
+def teacher_logits(responses: torch.Tensor, kind: str, eps: float = 1e-8, hard_margin: float = 1.0) -> torch.Tensor:
+    """The logits the loss uses for the teacher, from its responses.
+
+    ``logits``: centred (row mean subtracted). ``soft``: centred
+    ``log(max(p, eps))``, equal to the centred logits whenever no probability
+    underflows ``eps``. ``hard``: the one-hot rows times ``hard_margin``, the
+    logit gap a label stands for (1: the reference's choice, the one-hot label
+    itself in both terms; see :func:`label_smoothing_margin`).
+    """
+    check_kind(kind)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if not hard_margin > 0:
+        raise ValueError(f"hard_margin must be > 0, got {hard_margin}")
+    if kind == "hard":
+        return responses.float() * hard_margin
+    scores = responses.float() if kind == "logits" else torch.log(responses.float().clamp_min(eps))
+    return scores - scores.mean(1, keepdim=True)
+
+
+def label_smoothing_margin(smoothing: float, num_classes: int) -> float:
+    """The logit gap of a label smoothed by ``smoothing``: ``log(1 + (1 − ε)·C/ε)``.
+
+    Label smoothing ``ε`` puts ``1 − ε + ε/C`` on the label and ``ε/C`` on each
+    other class; the log-ratio of the two is the margin. ``ε = 0.1`` with 10
+    classes gives 4.51.
+    """
+    if not 0 < smoothing < 1:
+        raise ValueError(f"smoothing must be in (0, 1), got {smoothing}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return math.log1p((1 - smoothing) * num_classes / smoothing)
+
+
+def teacher_confidence(responses: torch.Tensor, kind: str) -> torch.Tensor:
+    """The teacher's maximum response per input: max softmax probability (1 for hard labels)."""
+    check_kind(kind)
+    if kind == "hard":
+        return torch.ones(responses.shape[0], dtype=torch.float32, device=responses.device)
+    probs = F.softmax(responses.float(), 1) if kind == "logits" else responses.float()
+    return probs.max(1).values.clamp(0.0, 1.0)
+
+
+def class_balanced(probabilities: torch.Tensor) -> torch.Tensor:
+    """Probabilities ``(..., N, C)`` on ``N`` class-balanced inputs, corrected to a uniform class prior.
+
+    Each class's probability is divided by its mean over the ``N`` inputs and
+    each row renormalised: one step of Saerens et al.'s prior correction
+    (Neural Computation 2002) towards uniform, with the batch mean as the
+    estimate of the prior the answers carry. An ensemble of devices that each
+    saw a few classes over-predicts the classes many of them know on every
+    input; on inputs drawn evenly from all classes (a public set, samples of a
+    generator trained on one) this removes that bias and leaves the
+    ensemble's ranking within each class. All-zero rows (an ensemble without
+    weight) and classes no answer ever predicts stay zero.
+    """
+    if probabilities.dim() < 2 or probabilities.shape[-2] == 0:
+        raise ValueError(f"probabilities must be (..., N, C) with N >= 1, got {tuple(probabilities.shape)}")
+    p = probabilities.float()
+    if (p < 0).any() or not torch.isfinite(p).all():
+        raise ValueError("probabilities must be finite and non-negative")
+    prior = p.mean(-2, keepdim=True)
+    q = p / prior.clamp_min(1e-12)
+    return q / q.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def ensemble_responses(
+    responses: torch.Tensor, kind: str, weights: torch.Tensor, *, balance: bool = False
+) -> tuple[torch.Tensor, str]:
+    """Ensemble answers ``(m, N, C)`` from ``n`` teachers' answers ``(n, N, C)`` and an ``m x n`` weight matrix.
+
+    Row ``i`` of ``weights`` says how much each teacher counts for ensemble
+    ``i`` (one row: one ensemble for everyone; ``n`` rows: one per device, as
+    with SD-Dist's neighbour weights). Logits and soft answers average as
+    probabilities and come back as ``"soft"``; hard answers are a weighted
+    majority vote and come back as ``"hard"`` (ties go to the lowest class).
+    With ``balance`` each ensemble is first corrected to a uniform class prior
+    over the ``N`` inputs (:func:`class_balanced`; for hard answers, the vote
+    shares, before the vote). Rows with zero total weight come back as
+    all-zero answers.
+    """
+    check_kind(kind)
+    if responses.dim() != 3 or len(responses) == 0:
+        raise ValueError(f"responses must be (teachers, N, C) with at least one teacher, got {tuple(responses.shape)}")
+    n = responses.shape[0]
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.dim() != 2 or w.shape[1] != n or (w < 0).any() or not torch.isfinite(w).all():
+        raise ValueError(f"weights must be a non-negative (m, {n}) matrix, got shape {tuple(w.shape)}")
+    totals = w.sum(1, keepdim=True)
+    w = torch.where(totals > 0, w / totals.clamp_min(1e-12), w)
+    r = responses.float()
+    if kind == "logits":
+        r = F.softmax(r, dim=2)
+    mixed = torch.einsum("mn,nkc->mkc", w, r)
+    if balance:
+        mixed = class_balanced(mixed)
+    if kind == "hard":
+        voted = F.one_hot(mixed.argmax(2), mixed.shape[2]).float()
+        return voted * (totals > 0).float().unsqueeze(2), "hard"
+    return mixed, "soft"
+
+
+def combine_responses(
+    responses: Sequence[torch.Tensor], kind: str, weights: Sequence[float] | None = None
+) -> tuple[torch.Tensor, str]:
+    """One ensemble answer from several teachers' answers on the same inputs
+    (:func:`ensemble_responses` with a single weight row; equal weights by default)."""
+    check_kind(kind)
+    if len(responses) == 0:
+        raise ValueError("combine_responses needs at least one response tensor")
+    shapes = {tuple(r.shape) for r in responses}
+    if len(shapes) != 1:
+        raise ValueError(f"responses to combine must share one shape, got {sorted(shapes)}")
+    w = torch.ones(len(responses)) if weights is None else torch.as_tensor(list(weights), dtype=torch.float32)
+    if w.shape != (len(responses),) or (w < 0).any() or w.sum() <= 0 or not torch.isfinite(w).all():
+        raise ValueError(f"weights must be {len(responses)} non-negative numbers with a positive sum, got {weights}")
+    mixed, out_kind = ensemble_responses(torch.stack([r.float() for r in responses]), kind, w[None])
+    return mixed[0], out_kind
