@@ -48,9 +48,8 @@ from hetkd.clients.app import build_client_app
 from hetkd.clients.device import DistillClient
 from hetkd.clients.node_config import parse_node_config
 from hetkd.clients.state import ContextStateStore, DiskStateStore, StateStore
-from hetkd.config import TrainingConfig
 from hetkd.data import ArrayDataset, DataView, DeviceData
-from hetkd.training import seeded
+from hetkd.training import TrainingConfig, seeded
 
 __all__ = ["DataLike", "DeviceDataset", "OwnDevices", "make_client_app", "to_array_dataset"]
 
@@ -145,7 +144,7 @@ def _view(dataset: ArrayDataset) -> DataView:
 
 
 class OwnDevices:
-    """A :class:`~hetkd.clients.app.DeviceSource` built from a user's ``model_fn`` and ``data_fn``."""
+    """A :class:`~hetkd.clients.session.DeviceSource` built from a user's ``model_fn`` and ``data_fn``."""
 
     def __init__(
         self,
@@ -184,7 +183,6 @@ class OwnDevices:
             global_test = _view(to_array_dataset(data.global_test, c, "global_test", keys))
         else:  # none: devices report personalised accuracy only
             global_test = _view(ArrayDataset("global_test", train.raw[:0], train.labels[:0], c))
-        torch.set_num_threads(self.training.num_threads)
         with seeded(self.seed, "init", device_id):  # the same initial weights for a node's every message
             model = self.model_fn(context)
         if not isinstance(model, nn.Module):
@@ -229,7 +227,7 @@ def make_client_app(
         Number of classes; every device and the server must agree on it.
     training : TrainingConfig | None
         Local optimisation (epochs, batch size, optimizer, learning rate);
-        default :class:`hetkd.config.TrainingConfig`'s.
+        default :class:`hetkd.training.TrainingConfig`'s.
     seed : int
         Seeds initial weights, shuffling and dropout, per device and round.
     """

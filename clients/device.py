@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hetkd.config import HetkdConfig, TrainingConfig
+from hetkd.config import HetkdConfig
 from hetkd.data import DataView, DeviceData, build_federation
-from hetkd.distill.losses import ReferenceKD
-from hetkd.models import assign_architectures, build_model, count_parameters, state_bytes
+from hetkd.distill.losses import KDTerm, ReferenceKD
+from hetkd.models import build_model, count_parameters, state_bytes
 from hetkd.training import (
     LossFn,
+    TrainingConfig,
     cross_entropy_step,
     derive_seed,
     evaluate_accuracy,
@@ -109,9 +110,7 @@ class DistillClient:
         federation = build_federation(cfg)
         data = federation.device(device_id)
         if architecture is None:
-            architecture = assign_architectures(
-                cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers
-            )[device_id]
+            architecture = cfg.models.assign(cfg.simulation.num_devices)[device_id]
         with seeded(cfg.seed, "init", device_id):
             model = build_model(architecture, federation.input_shape, federation.num_classes)
         return cls(
@@ -119,15 +118,16 @@ class DistillClient:
         )
 
     def describe(self) -> dict[str, Any]:
-        """Public facts about the device: sizes and architecture, nothing learnt."""
-        num_params = count_parameters(self.model)
+        """Public facts about the device: sizes and architecture, nothing learnt
+        (the fields of :class:`hetkd.protocol.SetupReply`)."""
         return {
-            "device-id": self.device_id,
+            "device_id": self.device_id,
             "architecture": self.architecture,
-            "num-train": len(self.data.train),
-            "num-test": len(self.data.test),
-            "num-params": num_params,
-            "model-bytes": state_bytes(self.model),
+            "num_train": len(self.data.train),
+            "num_test": len(self.data.test),
+            "num_params": count_parameters(self.model),
+            "model_bytes": state_bytes(self.model),
+            "num_reference": len(self.reference) if self.reference is not None else 0,
         }
 
     # ----------------------------------------------------------------- persistence
@@ -205,7 +205,7 @@ class DistillClient:
         ``private-``."""
         model = self.fork_private_model()
         metrics = self._train(model, self.private_optimizer, server_round, epochs, cross_entropy_step, min_steps)  # type: ignore[arg-type]
-        return {"private-train-loss": metrics["train-loss"], "private-train-seconds": metrics["train-seconds"]}
+        return {"private_train_loss": metrics["train_loss"], "private_train_seconds": metrics["train_seconds"]}
 
     def _train(
         self,
@@ -234,10 +234,10 @@ class DistillClient:
                     losses.append(loss)
                 seen += n
         return {
-            "train-loss": sum(losses) / len(losses) if losses else math.nan,
-            "num-examples": len(self.data.train),
-            "samples-seen": seen,
-            "train-seconds": time.perf_counter() - start,
+            "train_loss": sum(losses) / len(losses) if losses else math.nan,
+            "num_examples": len(self.data.train),
+            "samples_seen": seen,
+            "train_seconds": time.perf_counter() - start,
         }
 
     def _epoch_batches(self, generator: torch.Generator, min_steps: int, taken: list[int] | None = None):
@@ -257,34 +257,26 @@ class DistillClient:
         self,
         server_round: int,
         target_logits: torch.Tensor,
-        rho: float,
-        temperature: float,
-        reference_batch_size: int = 0,
-        epochs: int | None = None,
-        kd_scale: float = 1.0,
-        min_steps: int = 0,
+        kd: KDTerm,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         inputs: torch.Tensor | None = None,
-        distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        epochs: int | None = None,
     ) -> dict[str, float]:
         """Train on private data while distilling towards ``target_logits`` on public inputs.
 
         ``inputs`` are the public inputs the targets refer to (default: the
-        reference set); ``target_logits`` has one row per input. Each private
-        batch is paired with ``reference_batch_size`` of them (0: the private
-        batch size); the distillation term is temperature-``T`` KL, or
-        ``distill_loss(student_logits, target_logits)`` when given; see
-        :class:`hetkd.distill.ReferenceKD`. Each epoch takes at least
-        ``min_steps`` steps (see :meth:`fit`).
+        reference set); ``target_logits`` has one row per input. ``kd`` says
+        how the distillation term sits beside the private loss (weight, public
+        inputs per private batch, steps per epoch); ``loss(student_logits,
+        target_logits)`` is the term itself (:class:`hetkd.distill.KLLoss`, or
+        MEKD's mapping-emulation loss); see :class:`hetkd.distill.ReferenceKD`.
         """
         inputs = self.reference_inputs() if inputs is None else inputs
         if target_logits.shape[0] != len(inputs):
             raise ValueError(f"targets have {target_logits.shape[0]} rows but there are {len(inputs)} public inputs")
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "reference", self.device_id, server_round))
-        loss = ReferenceKD(
-            inputs, target_logits, rho, temperature, reference_batch_size or self.training.batch_size, generator,
-            kd_scale, distill_loss,
-        )
-        return self.fit(server_round, epochs, loss, min_steps)
+        term = ReferenceKD(inputs, target_logits, kd.rho, kd.batch_size or self.training.batch_size, loss, generator)
+        return self.fit(server_round, epochs, term, kd.min_steps)
 
     def reference_inputs(self) -> torch.Tensor:
         """The public reference set's inputs (raises if this device holds none)."""
@@ -300,10 +292,10 @@ class DistillClient:
         """Personalised (own test split) and global (global test set, when the device holds one) accuracy."""
         bs = max(256, self.training.batch_size)
         acc, loss, n = evaluate_accuracy(self.model, self.data.test.batches(bs), self.torch_device)
-        out = {"personalised-accuracy": acc, "personalised-loss": loss, "num-test": n}
+        out = {"personalised_accuracy": acc, "personalised_loss": loss, "num_test": n}
         if include_global and len(self.global_test) > 0:
             g_acc, g_loss, g_n = evaluate_accuracy(self.model, self.global_test.batches(bs), self.torch_device)
-            out.update({"global-accuracy": g_acc, "global-loss": g_loss, "num-global-test": g_n})
+            out.update({"global_accuracy": g_acc, "global_loss": g_loss, "num_global_test": g_n})
         return out
 
     def predict(self, inputs: torch.Tensor, private: bool = False) -> torch.Tensor:

@@ -3,9 +3,11 @@
 ``from hetkd.simulations import run`` runs a config in this process on Flower's
 Simulation Runtime; ``hetkd.simulations.server_app:app`` is the ServerApp that
 ``flwr run`` starts.
+
 """
 
-import hetkd.core  # noqa: F401  (first: see hetkd.core)
-from hetkd.simulations.runner import run
+from hetkd._exports import lazy_exports
 
-__all__ = ["run"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "hetkd.simulations.runner": ("run",),
+})

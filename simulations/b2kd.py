@@ -35,7 +35,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +46,78 @@ from torch import nn
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.data import DataView, build_federation
 from hetkd.distill.blackbox import METHODS, active_mixup, deprivatize, distill, kd_on_generated, kd_on_proxy
-from hetkd.distill.deprivatization import GanSettings
-from hetkd.distill.emulation import DistillSettings
+from hetkd.distill.ensemble import RESPONSE_KINDS
 from hetkd.distill.generative import Generator
 from hetkd.distill.teacher import BlackBoxTeacher, proxy_inputs
-from hetkd.models import ModelError, build_model, count_parameters
+from hetkd.models import ModelError, build_model, check_architecture, count_parameters
 from hetkd.plots import plot_generator_samples
+from hetkd.settings import require, require_choice, require_types
 from hetkd.simulations.cli import add_items_arguments, config_from_args
 from hetkd.training import evaluate_accuracy, make_optimizer, seeded, train_epoch
 
-__all__ = ["add_parser", "run_b2kd", "run_job", "B2KDData", "b2kd_data", "train_teacher", "summarise", "markdown_table"]
+__all__ = ["B2KDConfig", "B2KDRunConfig", "add_parser", "run_b2kd", "run_job", "B2KDData", "b2kd_data", "train_teacher", "summarise", "markdown_table"]
 
 #: methods that distil on generated inputs and so need a deprivatized G
 NEEDS_GENERATOR = frozenset({"mekd", "kd_generated"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class B2KDConfig:
+    """The black-box KD experiment ``hetkd b2kd``: one teacher, one student, several methods.
+
+    The ``teacher`` architecture trains for ``teacher_epochs`` on the whole
+    training pool (every device's train and test part; optimizer, learning
+    rate and batch size from ``training``), or is loaded from ``teacher_path``
+    (a ``teacher.pt`` an earlier run wrote). The proxy set is the federation's
+    reference set (``reference.*``), disjoint from the teacher's data; its
+    labels are never read. Each of ``methods`` runs for each of ``responses``
+    and each of ``seeds``; a seed fixes the ``student``'s initial weights and
+    every random draw of deprivatization and distillation, the same for every
+    method and response (hyperparameters: ``mekd.gan``, ``mekd.distill``).
+    Active Mixup runs ``mixup_rounds`` rounds, each querying the
+    ``mixup_queries`` least-confident of ``mixup_candidates`` random proxy
+    pairs. ``workers`` processes (0: one per CPU core) run the (seed,
+    response) jobs side by side, each with ``training.num_threads`` threads;
+    the numbers do not depend on it.
+    """
+
+    teacher: str = "resnet20"
+    student: str = "resnet8"
+    teacher_epochs: int = 30
+    teacher_path: str = ""
+    methods: list[str] = field(default_factory=lambda: ["mekd", "kd_generated", "kd_proxy", "active_mixup"])
+    responses: list[str] = field(default_factory=lambda: ["soft", "hard"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    mixup_rounds: int = 3
+    mixup_candidates: int = 2000
+    mixup_queries: int = 200
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        check_architecture(self.teacher, "teacher")
+        check_architecture(self.student, "student")
+        require(self.teacher_epochs >= 1 or bool(self.teacher_path), "teacher_epochs",
+                f"must be >= 1 unless b2kd.teacher_path names a teacher to load, got {self.teacher_epochs}")
+        for key, values, choices in (("methods", self.methods, sorted(METHODS)),
+                                     ("responses", self.responses, list(RESPONSE_KINDS))):
+            require(len(values) > 0, key, f"must list at least one of: {', '.join(choices)}")
+            for i, value in enumerate(values):
+                require_choice(value, f"{key}[{i}]", choices)
+            require(len(set(values)) == len(values), key, f"lists a value twice: {list(values)}")
+        require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
+                f"must list at least one seed, each once, got {list(self.seeds)}")
+        require(self.mixup_rounds >= 0, "mixup_rounds", f"must be >= 0, got {self.mixup_rounds}")
+        require(1 <= self.mixup_queries <= self.mixup_candidates, "mixup_queries",
+                f"must be in [1, b2kd.mixup_candidates={self.mixup_candidates}], got {self.mixup_queries}")
+        require(self.workers >= 0, "workers", f"must be >= 0 (0: one per CPU core), got {self.workers}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class B2KDRunConfig(HetkdConfig):
+    """The run config of ``hetkd b2kd``: the data, training and MEKD settings of a run, plus ``b2kd``."""
+
+    b2kd: B2KDConfig = field(default_factory=B2KDConfig)
 
 
 # --------------------------------------------------------------------------- data and teacher
@@ -81,7 +140,7 @@ class B2KDData:
         return self.test.num_classes
 
 
-def b2kd_data(cfg: HetkdConfig) -> B2KDData:
+def b2kd_data(cfg: B2KDRunConfig) -> B2KDData:
     """Teacher data = every device's data; proxy = the reference set; test = the global test set."""
     fed = build_federation(cfg)
     pool = np.concatenate([np.concatenate([d.train.indices, d.test.indices]) for d in fed.devices])
@@ -97,7 +156,7 @@ def _build(name: str, key: str, data: B2KDData) -> nn.Module:
         raise ConfigError(key, str(err)) from None
 
 
-def train_teacher(cfg: HetkdConfig, data: B2KDData) -> nn.Module:
+def train_teacher(cfg: B2KDRunConfig, data: B2KDData) -> nn.Module:
     """Train ``b2kd.teacher`` on the pool for ``b2kd.teacher_epochs`` (``training`` settings, cosine decay)."""
     with seeded("b2kd-teacher", cfg.seed) as rng:
         model = _build(cfg.b2kd.teacher, "b2kd.teacher", data)
@@ -109,7 +168,7 @@ def train_teacher(cfg: HetkdConfig, data: B2KDData) -> nn.Module:
     return model.eval()
 
 
-def load_teacher(cfg: HetkdConfig, data: B2KDData) -> nn.Module:
+def load_teacher(cfg: B2KDRunConfig, data: B2KDData) -> nn.Module:
     """The teacher saved by an earlier run at ``b2kd.teacher_path`` (checked against the config)."""
     path = Path(cfg.b2kd.teacher_path).expanduser()
     if not path.is_file():
@@ -126,7 +185,7 @@ def load_teacher(cfg: HetkdConfig, data: B2KDData) -> nn.Module:
     return model.eval()
 
 
-def save_teacher(model: nn.Module, cfg: HetkdConfig, data: B2KDData, path: Path) -> None:
+def save_teacher(model: nn.Module, cfg: B2KDRunConfig, data: B2KDData, path: Path) -> None:
     torch.save({"architecture": cfg.b2kd.teacher, "input_shape": list(data.input_shape),
                 "num_classes": data.num_classes, "dataset": cfg.dataset.name,
                 "state_dict": model.state_dict()}, path)
@@ -145,11 +204,11 @@ def run_method(
     student: nn.Module,
     generator: Generator | None,
     proxy: DataView,
-    cfg: HetkdConfig,
+    cfg: B2KDRunConfig,
     seed: int,
 ) -> nn.Module:
     """Run one black-box method (a key of :data:`~hetkd.distill.blackbox.METHODS`)."""
-    settings = DistillSettings.from_config(cfg.mekd)
+    settings = cfg.mekd.distill
     if method in NEEDS_GENERATOR and generator is None:
         raise ValueError(f"method {method!r} needs a deprivatized generator")
     if method == "mekd":
@@ -220,7 +279,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _output_dir(cfg: HetkdConfig) -> Path:
+def _output_dir(cfg: B2KDRunConfig) -> Path:
     if cfg.output.dir:
         return Path(cfg.output.dir).expanduser().resolve()
     name = cfg.output.run_name or f"b2kd-{cfg.dataset.name}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -242,7 +301,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def run_job(
-    cfg: HetkdConfig,
+    cfg: B2KDRunConfig,
     teacher_state: dict[str, torch.Tensor],
     output_range: tuple[float, float],
     seed: int,
@@ -268,7 +327,7 @@ def run_job(
     if any(m in NEEDS_GENERATOR for m in b.methods):
         oracle = BlackBoxTeacher(teacher, response)
         t0 = time.time()
-        generator = deprivatize(oracle, data.proxy, settings=GanSettings.from_config(cfg.mekd), seed=seed,
+        generator = deprivatize(oracle, data.proxy, settings=cfg.mekd.gan, seed=seed,
                                 output_range=output_range, num_classes=data.num_classes)
         job["generation"] = {"seed": seed, "response": response, "seconds": time.time() - t0,
                              "queries": oracle.queries}
@@ -299,7 +358,7 @@ def _job_lines(job: dict[str, Any]) -> list[str]:
 
 
 def _run_jobs(
-    cfg: HetkdConfig, teacher: nn.Module, output_range: tuple[float, float], console: Any
+    cfg: B2KDRunConfig, teacher: nn.Module, output_range: tuple[float, float], console: Any
 ) -> list[dict[str, Any]]:
     """All (seed, response) jobs, in ``b2kd.workers`` processes; results in job order."""
     from rich.progress import Progress
@@ -333,7 +392,7 @@ def _run_jobs(
     return [done[spec] for spec in specs]
 
 
-def run_b2kd(cfg: HetkdConfig) -> dict[str, Any]:
+def run_b2kd(cfg: B2KDRunConfig) -> dict[str, Any]:
     """Run the whole experiment; write the folder's files; return the report (``b2kd.json``)."""
     from rich.console import Console
 
@@ -403,7 +462,7 @@ def run_b2kd(cfg: HetkdConfig) -> dict[str, Any]:
 
 
 def _cmd_b2kd(args: argparse.Namespace) -> int:
-    run_b2kd(config_from_args(args.items, args.out))
+    run_b2kd(config_from_args(args.items, args.out, B2KDRunConfig))
     return 0
 
 

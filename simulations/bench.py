@@ -18,7 +18,7 @@ Four parts (``bench.parts``), each a function that returns plain JSON rows:
    serialises them, for ``bench.byte_strategies`` with every zoo model that
    takes the data (short runs on an in-process grid, no Ray);
 4. :func:`bench_similarity` — SD-Dist's neighbour search
-   (:func:`hetkd.distill.neighbour_plan`, every device a learner) against
+   (:meth:`hetkd.distill.similarity.NeighbourSearch.plan`, every device a learner) against
    population size, exact and as configured (sampled above
    ``strategy.sd_dist.exact_search_max``).
 """
@@ -28,9 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,27 @@ import numpy as np
 import psutil
 import torch
 
-from hetkd.config import BENCH_PARTS, HetkdConfig, apply_overrides, to_yaml
+from hetkd.clients.device import DistillClient
+from hetkd.config import HetkdConfig, override, to_yaml
+from hetkd.data import build_federation
+from hetkd.distill.codec import decode_logits, encode_logits
+from hetkd.distill.exchange import mix_targets, row_sums
+from hetkd.distill.similarity import reference_quality
+from hetkd.models import ModelError, available_architectures, build_model, check_architecture, state_bytes
+from hetkd.plots import plot_bench
 from hetkd.results import read_metrics
+from hetkd.settings import require, require_choice, require_types
+from hetkd.simulations.cli import add_items_arguments, config_from_args
+from hetkd.simulations.experiment import prepare
+from hetkd.simulations.local_grid import InProcessGrid
+from hetkd.simulations.memory import GIB, TreeMemoryMonitor
+from hetkd.simulations.registry import build_strategy, initial_arrays
+from hetkd.simulations.runner import run
 
 __all__ = [
+    "BENCH_PARTS",
+    "BenchConfig",
+    "BenchRunConfig",
     "TreeMemoryMonitor",
     "bench_scale",
     "bench_overhead",
@@ -51,82 +67,77 @@ __all__ = [
     "add_parser",
 ]
 
-GIB = float(1 << 30)
+BENCH_PARTS = ("scale", "overhead", "bytes", "similarity")
 
 
-class TreeMemoryMonitor:
-    """Peak resident memory of a process and all its descendants, summed, sampled in a thread.
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """``hetkd bench``: what the scale benchmark measures.
 
-    Shared pages (e.g. Ray's object store mapped into several processes) count
-    once per process, so the sum is an upper bound on what the tree holds.
+    1. ``populations``: simulations of that many devices, ``bench_rounds``
+       rounds each, sampling ``strategy.fraction_train`` of them per round;
+       ``sampled``: devices per round tried at the largest population;
+    2. framework overhead: ``overhead_devices`` devices train
+       ``overhead_epochs`` local epochs for ``overhead_rounds`` rounds, once in
+       a plain PyTorch loop in one process and once through Flower + Ray;
+    3. bytes per device and round of ``byte_strategies`` with every zoo model
+       that takes the data;
+    4. neighbour search time for ``similarity_sizes`` devices with
+       ``similarity_reference`` reference samples each, ``similarity_learners``
+       of them learning (1.0: all; 0.1: a round sampling 10 %), exact up to
+       ``similarity_exact_max`` devices and as configured.
+    ``parts`` selects which of ``scale``, ``overhead``, ``bytes``,
+    ``similarity`` run; memory is sampled every ``memory_poll_seconds``.
     """
 
-    def __init__(self, pid: int | None = None, interval: float = 0.5) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval must be > 0, got {interval}")
-        self.process = psutil.Process(pid if pid is not None else os.getpid())
-        self.interval = interval
-        self.peak_total = 0
-        self.peak_root = 0
-        self.peak_processes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+    parts: list[str] = field(default_factory=lambda: list(BENCH_PARTS))
+    populations: list[int] = field(default_factory=lambda: [10, 100, 1000])
+    sampled: list[int] = field(default_factory=lambda: [10, 50, 100])
+    bench_rounds: int = 3
+    overhead_devices: int = 10
+    overhead_rounds: int = 3
+    overhead_epochs: int = 4
+    overhead_architecture: str = "cnn1d_m"
+    byte_strategies: list[str] = field(default_factory=lambda: ["sd-dist", "mekd", "fedavg"])
+    similarity_sizes: list[int] = field(default_factory=lambda: [100, 1000, 3000, 10000])
+    similarity_reference: int = 300
+    similarity_learners: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    similarity_exact_max: int = 3000
+    memory_poll_seconds: float = 0.5
 
-    def sample(self) -> tuple[int, int, int]:
-        """``(total RSS bytes, root RSS bytes, number of processes)`` now."""
-        root = self.process.memory_info().rss
-        total, count = root, 1
-        for child in self.process.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-                count += 1
-            except psutil.Error:  # it ended between listing and reading
-                continue
-        return total, root, count
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            total, root, count = self.sample()
-            self.peak_total = max(self.peak_total, total)
-            self.peak_root = max(self.peak_root, root)
-            self.peak_processes = max(self.peak_processes, count)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> TreeMemoryMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def as_row(self) -> dict[str, float]:
-        return {
-            "peak_rss_total_gib": self.peak_total / GIB,
-            "peak_rss_server_gib": self.peak_root / GIB,
-            "peak_rss_workers_gib": (self.peak_total - self.peak_root) / GIB if self.peak_total else 0.0,
-            "max_processes": self.peak_processes,
-        }
+    def __post_init__(self) -> None:
+        require_types(self)
+        for i, part in enumerate(self.parts):
+            require_choice(part, f"parts[{i}]", BENCH_PARTS)
+        for key in ("populations", "sampled", "similarity_sizes"):
+            values = getattr(self, key)
+            require(all(v >= 1 for v in values), key, f"must list sizes >= 1, got {list(values)}")
+        for key in ("bench_rounds", "overhead_devices", "overhead_rounds", "overhead_epochs", "similarity_reference"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(len(self.similarity_learners) > 0 and all(0 < f <= 1 for f in self.similarity_learners),
+                "similarity_learners", f"must list fractions in (0, 1], got {list(self.similarity_learners)}")
+        require(self.similarity_exact_max >= 0, "similarity_exact_max", f"must be >= 0, got {self.similarity_exact_max}")
+        require(self.memory_poll_seconds > 0, "memory_poll_seconds", f"must be > 0, got {self.memory_poll_seconds}")
+        check_architecture(self.overhead_architecture, "overhead_architecture")
 
 
-def _override(cfg: HetkdConfig, *items: str) -> HetkdConfig:
+@dataclass(frozen=True, kw_only=True)
+class BenchRunConfig(HetkdConfig):
+    """The run config of ``hetkd bench``: a run's settings plus ``bench``."""
+
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def _override(cfg: BenchRunConfig, *items: str) -> BenchRunConfig:
     """``cfg`` with dotted overrides, validated."""
-    from omegaconf import OmegaConf
-
-    from hetkd.config import validate_config
-
-    merged = apply_overrides(OmegaConf.structured(cfg), list(items))
-    result: HetkdConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate_config(result)
-    return result
+    return override(cfg, list(items))
 
 
 # --------------------------------------------------------------------------- 1. scale
 
 
-def _simulate(cfg: HetkdConfig, out: Path, interval: float) -> dict[str, Any]:
+def _simulate(cfg: BenchRunConfig, out: Path, interval: float) -> dict[str, Any]:
     """One Flower + Ray simulation under a memory monitor: round times and peak memory."""
-    from hetkd.simulations.runner import run
 
     started = time.perf_counter()
     with TreeMemoryMonitor(interval=interval) as monitor:
@@ -149,7 +160,7 @@ def _simulate(cfg: HetkdConfig, out: Path, interval: float) -> dict[str, Any]:
     }
 
 
-def bench_scale(cfg: HetkdConfig, out: Path) -> dict[str, Any]:
+def bench_scale(cfg: BenchRunConfig, out: Path) -> dict[str, Any]:
     """Round time and peak memory against population size and against devices per round."""
     b = cfg.bench
     largest = max(b.populations)
@@ -186,7 +197,7 @@ def bench_scale(cfg: HetkdConfig, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 2. overhead
 
 
-def _overhead_config(cfg: HetkdConfig, out: Path) -> HetkdConfig:
+def _overhead_config(cfg: BenchRunConfig, out: Path) -> HetkdConfig:
     b = cfg.bench
     return _override(
         cfg, f"simulation.num_devices={b.overhead_devices}", "strategy.fraction_train=1.0",
@@ -199,19 +210,14 @@ def _overhead_config(cfg: HetkdConfig, out: Path) -> HetkdConfig:
     )
 
 
-def plain_rounds(cfg: HetkdConfig) -> list[dict[str, float]]:
+def plain_rounds(cfg: BenchRunConfig) -> list[dict[str, float]]:
     """The Flower run's work as a plain PyTorch loop in this process: per round, every
     device trains (towards SD-Dist targets after the warm-up) and predicts on the
     reference set; then the server's neighbour search forms the next targets."""
-    from hetkd.clients.device import DistillClient
-    from hetkd.data import build_federation
-    from hetkd.distill.codec import decode_logits, encode_logits
-    from hetkd.distill.similarity import mix_targets, neighbour_plan
-    from hetkd.simulations.registry import build_strategy
 
     torch.set_num_threads(cfg.training.num_threads)
     federation = build_federation(cfg)
-    strategy = build_strategy(cfg, federation, to_yaml(cfg))  # for its settings only
+    labels = federation.reference.base.targets(federation.reference.indices) if federation.reference_labelled else None
     kd = cfg.strategy.kd
     clients = [DistillClient.from_config(cfg, i) for i in range(cfg.simulation.num_devices)]
     targets: dict[int, torch.Tensor] = {}
@@ -225,32 +231,25 @@ def plain_rounds(cfg: HetkdConfig) -> list[dict[str, float]]:
             if target is None:
                 metrics = client.fit(server_round)
             else:
-                metrics = client.fit_towards(
-                    server_round, target, rho=kd.rho, temperature=kd.temperature,
-                    reference_batch_size=kd.reference_batch_size,
-                    kd_scale=kd.temperature**2 if kd.t_squared else 1.0, min_steps=kd.min_steps,
-                )
-            train_seconds += metrics["train-seconds"]
+                metrics = client.fit_towards(server_round, target, kd.kd_term(), kd.kl_loss())
+            train_seconds += metrics["train_seconds"]
             # what travels: log-probabilities at the configured precision
             predictions.append(decode_logits(encode_logits(client.reference_logits(), kd.precision)).log_softmax(-1))
         if server_round + 1 > kd.warmup_rounds and cfg.strategy.name == "sd-dist":
             logits = torch.stack(predictions)
-            sd = cfg.strategy.sd_dist
-            weights, _, _ = neighbour_plan(
-                logits, list(range(len(clients))), num_neighbours=sd.num_neighbours,
-                num_candidates=sd.num_candidates, rule=sd.neighbour_rule, similarity=sd.similarity,
-                weighting=sd.weighting, temperature=kd.temperature, quality=strategy.quality(logits),  # type: ignore[attr-defined]
-                exact_search_max=sd.exact_search_max, search_sample=sd.search_sample,
+            plan = cfg.strategy.sd_dist.plan(
+                logits, list(range(len(clients))), temperature=kd.temperature,
+                quality=None if labels is None else reference_quality(logits, labels),
             )
-            mixed = mix_targets(weights, logits, kd.mix, kd.temperature)
-            targets = {i: mixed[i] for i in range(len(clients)) if float(weights[i].sum()) > 0}
+            mixed = mix_targets(plan.weights, logits, kd.mix, kd.temperature)
+            sums = row_sums(plan.weights)
+            targets = {i: mixed[i] for i in range(len(clients)) if float(sums[i]) > 0}
         rows.append({"round": server_round, "seconds": time.perf_counter() - started, "train_seconds": train_seconds})
     return rows
 
 
-def bench_overhead(cfg: HetkdConfig, out: Path) -> dict[str, Any]:
+def bench_overhead(cfg: BenchRunConfig, out: Path) -> dict[str, Any]:
     """Flower-time / plain-time per round for the same local work."""
-    from hetkd.simulations.runner import run
 
     run_dir = out / "runs" / "overhead-flower"
     ocfg = _overhead_config(cfg, run_dir)
@@ -292,7 +291,7 @@ def bench_overhead(cfg: HetkdConfig, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 3. bytes
 
 
-def _byte_config(cfg: HetkdConfig, strategy: str, architecture: str, out: Path) -> HetkdConfig:
+def _byte_config(cfg: BenchRunConfig, strategy: str, architecture: str, out: Path) -> HetkdConfig:
     """A short run that reaches the strategy's steady state with little local work."""
     items = [
         f"strategy.name={strategy}", "simulation.num_devices=2", "strategy.fraction_train=1.0",
@@ -304,8 +303,8 @@ def _byte_config(cfg: HetkdConfig, strategy: str, architecture: str, out: Path) 
         f"output.dir={out}", "output.progress=false", "output.quiet=true", "output.plots=false",
     ]
     if strategy in ("mekd", "feddf"):
-        items += ["strategy.ensemble.warmup_rounds=1", "strategy.ensemble.server_steps=1", "mekd.gan_steps=2",
-                  "mekd.distill_steps=1", "mekd.gan_batch_size=4", "mekd.distill_batch_size=4"]
+        items += ["strategy.ensemble.warmup_rounds=1", "strategy.ensemble.server_steps=1", "mekd.gan.steps=2",
+                  "mekd.distill.steps=1", "mekd.gan.batch_size=4", "mekd.distill.batch_size=4"]
         rounds = 1 + (cfg.strategy.ensemble.deprivatize_rounds if strategy == "mekd" else 0) + 2
     elif strategy == "fedavg":
         rounds = 2
@@ -314,13 +313,8 @@ def _byte_config(cfg: HetkdConfig, strategy: str, architecture: str, out: Path) 
     return _override(cfg, *items, f"simulation.num_rounds={rounds}")
 
 
-def bench_bytes(cfg: HetkdConfig, out: Path) -> dict[str, Any]:
+def bench_bytes(cfg: BenchRunConfig, out: Path) -> dict[str, Any]:
     """Bytes each way per device and round, metered on an in-process grid."""
-    from hetkd.data import build_federation
-    from hetkd.models import ModelError, available_architectures, build_model, state_bytes
-    from hetkd.simulations.experiment import prepare
-    from hetkd.simulations.local_grid import InProcessGrid
-    from hetkd.simulations.registry import build_strategy, initial_arrays
 
     federation = build_federation(cfg)
     architectures = []
@@ -359,11 +353,10 @@ def bench_bytes(cfg: HetkdConfig, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 4. similarity
 
 
-def bench_similarity(cfg: HetkdConfig) -> dict[str, Any]:
+def bench_similarity(cfg: BenchRunConfig) -> dict[str, Any]:
     """Neighbour search in populations of ``bench.similarity_sizes`` devices, for
     ``bench.similarity_learners`` of them (1.0: every device a learner; 0.1: a round
     that samples 10 %), including the quality score and the targets' mixing."""
-    from hetkd.distill.similarity import mix_targets, neighbour_plan, reference_quality
 
     b, sd, kd = cfg.bench, cfg.strategy.sd_dist, cfg.strategy.kd
     classes, reference = 10, b.similarity_reference
@@ -381,13 +374,10 @@ def bench_similarity(cfg: HetkdConfig) -> dict[str, Any]:
                 for rule in ("quality_distance", "distance"):
                     started = time.perf_counter()
                     quality = reference_quality(logits, labels)
-                    weights, _, _ = neighbour_plan(
-                        logits, learners, num_neighbours=sd.num_neighbours, num_candidates=sd.num_candidates,
-                        rule=rule, similarity=sd.similarity, weighting=sd.weighting, temperature=kd.temperature,
-                        quality=quality, generator=torch.Generator().manual_seed(1),
-                        exact_search_max=limit, search_sample=sd.search_sample,
-                    )
-                    mix_targets(weights, logits, kd.mix, kd.temperature)
+                    search = replace(sd, neighbour_rule=rule, exact_search_max=limit)
+                    plan = search.plan(logits, learners, temperature=kd.temperature, quality=quality,
+                                       generator=torch.Generator().manual_seed(1))
+                    mix_targets(plan.weights, logits, kd.mix, kd.temperature)
                     seconds = time.perf_counter() - started
                     sampled = bool(limit) and rule == "distance" and n > limit
                     rows.append({"devices": n, "learners": len(learners), "reference": reference, "classes": classes,
@@ -402,89 +392,7 @@ def bench_similarity(cfg: HetkdConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the command
 
 
-def plot_bench(result: dict[str, Any], path: Path) -> Path:
-    """``bench.png``: one panel per part that ran."""
-    from hetkd.plots import _pyplot
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    ax = axes[0, 0]
-    scale = result.get("scale")
-    if scale:
-        pop = scale["by_population"]
-        ax.plot([r["devices"] for r in pop], [r["mean_round_seconds"] for r in pop], "o-", label="round s (by devices)")
-        ax.set_xscale("log")
-        ax.set_xlabel("devices (10 % per round)")
-        ax.set_ylabel("mean round wall time (s)")
-        twin = ax.twinx()
-        twin.plot([r["devices"] for r in pop], [r["peak_rss_total_gib"] for r in pop], "s--", color="C3",
-                  label="peak RSS GiB")
-        twin.set_ylabel("peak RSS, all processes (GiB)")
-        ax.set_title("1. scale: round time and peak memory")
-        sampled = scale["by_sampled"]
-        for r in sampled:
-            ax.annotate(f"{r['sampled']}/rnd: {r['mean_round_seconds']:.0f}s, {r['peak_rss_total_gib']:.1f}GiB",
-                        (r["devices"], r["mean_round_seconds"]), fontsize=7)
-    else:
-        ax.set_axis_off()
-    ax = axes[0, 1]
-    overhead = result.get("overhead")
-    if overhead:
-        rounds = overhead["per_round"]
-        x = np.arange(len(rounds))
-        ax.bar(x - 0.2, [r["plain_seconds"] for r in rounds], 0.4, label="plain PyTorch loop")
-        ax.bar(x + 0.2, [r["flower_train_seconds"] for r in rounds], 0.4, label="Flower: training")
-        ax.bar(x + 0.2, [r["handler_extra_seconds"] for r in rounds], 0.4,
-               bottom=[r["flower_train_seconds"] for r in rounds], label="Flower: handler set-up/state")
-        ax.bar(x + 0.2, [r["outside_handler_seconds"] for r in rounds], 0.4,
-               bottom=[r["flower_handler_seconds"] for r in rounds], label="Flower: messaging/Ray/server")
-        ax.set_xticks(x, [f"round {r['round']}\n×{r['ratio']:.2f}" for r in rounds])
-        ax.set_ylabel("seconds")
-        ax.set_title(f"2. overhead: Flower/plain = {overhead['ratio']:.2f} ({overhead['devices_per_round']} devices)")
-        ax.legend(fontsize=7)
-    else:
-        ax.set_axis_off()
-    ax = axes[1, 0]
-    by = result.get("bytes")
-    if by:
-        strategies = list(dict.fromkeys(r["strategy"] for r in by["rows"]))
-        archs = list(dict.fromkeys(r["architecture"] for r in by["rows"]))
-        width = 0.8 / max(1, len(strategies))
-        for k, s in enumerate(strategies):
-            values = [next((r["steady_up"] + r["steady_down"] for r in by["rows"]
-                            if r["strategy"] == s and r["architecture"] == a), 0) for a in archs]
-            ax.bar(np.arange(len(archs)) + k * width, values, width, label=s)
-        ax.set_xticks(np.arange(len(archs)) + 0.4 - width / 2, archs, rotation=30, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("bytes per device per round (up + down)")
-        ax.set_title("3. bytes per device per round (steady state)")
-        ax.legend(fontsize=7)
-    else:
-        ax.set_axis_off()
-    ax = axes[1, 1]
-    sim = result.get("similarity")
-    if sim:
-        for key in dict.fromkeys((r["rule"], r["mode"], r["learners"] == r["devices"]) for r in sim["rows"]):
-            pts = [r for r in sim["rows"] if (r["rule"], r["mode"], r["learners"] == r["devices"]) == key]
-            who = "all learn" if key[2] else f"{pts[-1]['learners'] / pts[-1]['devices']:.0%} learn"
-            ax.plot([r["devices"] for r in pts], [r["seconds"] for r in pts], "o-" if key[2] else "x--",
-                    label=f"{key[0]}, {key[1]}, {who}")
-        ax.axhline(10, color="grey", ls=":", label="10 s target")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("devices")
-        ax.set_ylabel("seconds")
-        ax.set_title(f"4. neighbour search ({sim['rows'][0]['reference']} ref x 10 classes)")
-        ax.legend(fontsize=7)
-    else:
-        ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def run_bench(cfg: HetkdConfig, out: str | Path) -> dict[str, Any]:
+def run_bench(cfg: BenchRunConfig, out: str | Path) -> dict[str, Any]:
     """Run the parts ``bench.parts`` names; write ``bench.json`` (after each part) and ``bench.png``.
 
     Parts already in an existing ``bench.json`` under ``out`` and not run again
@@ -520,7 +428,6 @@ def run_bench(cfg: HetkdConfig, out: str | Path) -> dict[str, Any]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from hetkd.simulations.cli import config_from_args
 
     cfg = config_from_args(args.items)
     out = args.out or str(Path(cfg.output.root) / "bench")
@@ -532,7 +439,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """``hetkd bench CONFIG [key=value ...] [--out DIR]``."""
-    from hetkd.simulations.cli import add_items_arguments
 
     p = sub.add_parser("bench", help="measure scale, framework overhead, bytes and neighbour search (bench.json/png)")
     add_items_arguments(p)

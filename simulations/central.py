@@ -17,7 +17,7 @@ import numpy as np
 
 from hetkd.config import HetkdConfig, to_yaml
 from hetkd.data import build_federation
-from hetkd.models import ModelError, assign_architectures, build_model
+from hetkd.models import ModelError, build_model
 from hetkd.results import RunRecorder, accuracy_summary
 from hetkd.simulations.experiment import resolve_output, run_facts
 from hetkd.training import evaluate_accuracy, make_optimizer, resolve_device, seeded, torch_threads, train_epoch
@@ -39,14 +39,13 @@ def run_central(cfg: HetkdConfig) -> dict[str, Any]:
 
 def _train_central(cfg: HetkdConfig) -> dict[str, Any]:
     federation = build_federation(cfg)
-    archs = assign_architectures(cfg.models.assignment, cfg.models.architectures,
-                                 cfg.simulation.num_devices, cfg.models.tiers)
+    archs = cfg.models.assign(cfg.simulation.num_devices)
     pool = federation.dataset.view(np.concatenate([d.train.indices for d in federation.devices]))
     device = resolve_device(cfg.training.device)
     models, optimizers = {}, {}
     # the zoo's architectures, plus the global student's (the reference for FedDF/MEKD's student)
     student: str | None = cfg.strategy.ensemble.student
-    for arch in sorted(set(archs) | {student}):
+    for arch in sorted(set(archs) | ({student} if student else set())):
         with seeded(cfg.seed, "central-init", arch):
             try:
                 models[arch] = build_model(arch, federation.input_shape, federation.num_classes).to(device)

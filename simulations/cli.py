@@ -17,11 +17,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from hetkd.config import ConfigError, HetkdConfig, resolve_config, to_yaml
+from hetkd.config import ConfigError, HetkdConfig, pyproject_table, resolve_config, to_yaml
 from hetkd.simulations.experiment import USER_ERRORS
+from hetkd.simulations.registry import check_strategy
 
 __all__ = ["main", "config_from_args"]
+
+C = TypeVar("C", bound=HetkdConfig)
 
 
 def _split(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -37,12 +41,13 @@ def _split(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-def config_from_args(items: Sequence[str], out: str | None = None) -> HetkdConfig:
-    """Resolve ``[CONFIG] [key=value ...]`` (and ``--out``) into a checked config."""
+def config_from_args(items: Sequence[str], out: str | None = None, schema: type[C] = HetkdConfig) -> C:  # type: ignore[assignment]
+    """Resolve ``[CONFIG] [key=value ...]`` (and ``--out``) into a checked config of ``schema``
+    (a command's extension of the run config, e.g. ``hetkd b2kd``'s)."""
     config, overrides = _split(items)
     if out:
         overrides.append(f"output.dir={out}")
-    return resolve_config(config, overrides)
+    return resolve_config(config, overrides, schema)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -54,14 +59,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from hetkd.config import _pyproject_table
-
     if args.flower:
-        print(_pyproject_table())
+        print(pyproject_table())
         return 0
     cfg = config_from_args(args.items)
-    from hetkd.simulations.registry import check_strategy
-
     check_strategy(cfg)
     text = to_yaml(cfg)
     print(text, end="")

@@ -26,10 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
+import hetkd.simulations.runner as runner
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.results import read_metrics
-from hetkd.simulations.registry import CENTRAL, check_strategy
+from hetkd.simulations.cli import add_items_arguments, config_from_args
+from hetkd.simulations.experiment import resolve_data_path
+from hetkd.simulations.registry import CENTRAL, check_strategy, unread_settings
 
 __all__ = ["compare", "add_parser", "FIGURES"]
 
@@ -74,11 +78,6 @@ def finished_run(cfg: HetkdConfig) -> dict[str, Any] | None:
     summary_file, config_file = out / "summary.json", out / "config.yaml"
     if not (summary_file.is_file() and config_file.is_file()):
         return None
-    from omegaconf import OmegaConf
-
-    from hetkd.simulations.experiment import resolve_data_path
-    from hetkd.simulations.registry import unread_settings
-
     unread = unread_settings(cfg.strategy.name)
 
     def settings(text: str) -> dict[str, Any]:
@@ -123,15 +122,14 @@ def compare(
     from rich.console import Console
     from rich.progress import Progress
 
-    from hetkd.simulations.runner import backend_config, ray_environment, run
 
     console = Console(highlight=False, soft_wrap=True)
     started_ray = not ray.is_initialized()
     results: dict[str, dict[str, Any]] = {name: {"runs": [], "failed": [], "reused": []} for name in strategies}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(ray_environment(cfg))
+        stack.enter_context(runner.ray_environment(cfg))
         if started_ray:  # one Ray session for all runs
-            ray.init(**backend_config(cfg)["init_args"], include_dashboard=False)
+            ray.init(**runner.backend_config(cfg)["init_args"], include_dashboard=False)
             stack.callback(ray.shutdown)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("compare", total=len(strategies) * len(seeds))
@@ -147,7 +145,7 @@ def compare(
                     t0 = time.perf_counter()
                     try:
                         finished = finished_run(run_cfg) if resume else None
-                        summary = _with_total_bytes(finished or run(run_cfg))
+                        summary = _with_total_bytes(finished or runner.run(run_cfg))  # the module's, so tests can stand in for it
                     except Exception as err:  # one broken run must not lose the others
                         results[name]["failed"].append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
                         console.print(f"{name:>10} seed {seed}: FAILED ({type(err).__name__}: {err})")
@@ -248,7 +246,6 @@ def _plot(table: dict[str, Any], path: Path) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from hetkd.simulations.cli import config_from_args
 
     if args.seeds < 1:
         raise ConfigError("--seeds", f"must be >= 1, got {args.seeds}")
@@ -268,7 +265,6 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from hetkd.simulations.cli import add_items_arguments
 
     p = sub.add_parser("compare", help="run several strategies on identical partitions and seeds")
     add_items_arguments(p)

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from hetkd.config import CONFIG_FILE_KEY, FLOWER_ALIASES, HetkdConfig, flower_run_config
+from hetkd.simulations.cli import add_items_arguments, config_from_args
+from hetkd.simulations.experiment import prepare
 
 __all__ = ["LocalFederation", "ManagedProcess", "free_port", "run_config_overrides", "running_in_group", "add_parser"]
 
@@ -345,8 +347,6 @@ def _listening(port: int) -> bool:
 def _cmd_deploy(args: argparse.Namespace) -> int:
     import tempfile
 
-    from hetkd.simulations.cli import config_from_args
-    from hetkd.simulations.experiment import prepare
 
     items = list(args.items)
     if args.devices is not None:
@@ -379,7 +379,6 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``hetkd deploy``."""
-    from hetkd.simulations.cli import add_items_arguments
 
     p = subparsers.add_parser(
         "deploy",

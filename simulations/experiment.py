@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.data import DatasetUnavailableError, Federation, PartitionError, build_federation
-from hetkd.models import ModelError, assign_architectures, build_model, largest_architecture
+from hetkd.models import ModelError, build_model, largest_architecture
 from hetkd.results import RunRecorder, subset_accuracy
 from hetkd.simulations.registry import CENTRAL, ENSEMBLE_STRATEGIES, build_strategy, check_strategy, initial_arrays
 
@@ -78,9 +78,7 @@ def prepare(cfg: HetkdConfig) -> PreparedRun:
                           "use `hetkd run strategy=central` or `hetkd compare`, not flwr run")
     cfg = resolve_data_path(resolve_output(cfg))
     federation = build_federation(cfg)
-    archs = assign_architectures(
-        cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers
-    )
+    archs = cfg.models.assign(cfg.simulation.num_devices)
     for arch in sorted(set(archs)):
         build_model(arch, federation.input_shape, federation.num_classes)  # raises if it does not fit
     if cfg.strategy.name in ENSEMBLE_STRATEGIES:

@@ -9,7 +9,7 @@ bench`` meters each strategy's bytes on it without starting Ray.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -36,6 +36,8 @@ class InProcessGrid:
     traffic: list[Traffic] = field(default_factory=list)
     #: node id -> fault: "error", "drop" (no reply) or a function(reply) -> reply
     faults: dict[int, object] = field(default_factory=dict)
+    #: node id -> a function(message) -> message applied to what the node is sent (a malformed request)
+    tamper: dict[int, Callable[[Message], Message]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.client_app is None:
@@ -68,6 +70,8 @@ class InProcessGrid:
             return None
         if fault == "error":
             return Message(Error(code=0, reason="simulated device crash"), reply_to=message)
+        if node in self.tamper:
+            message = self.tamper[node](message)
         try:
             reply = self.client_app(message, self.contexts[node])  # type: ignore[operator]
         except Exception as err:  # what Flower's runtime does with a raising ClientApp

@@ -1,23 +1,24 @@
 """From a config to a strategy: the names ``strategy.name`` accepts.
 
-Strategies take explicit keyword arguments (so they plug into any
-``ServerApp``); this registry is the one place that maps a
-:class:`~hetkd.config.HetkdConfig` onto those arguments.
+Strategies take their settings objects (so they plug into any ``ServerApp``,
+where a constructor with no arguments runs with the same settings); this
+registry is the one place that hands a :class:`~hetkd.config.HetkdConfig`'s
+groups to them, with what the run's data forces (class count, reference set,
+public inputs, global test set).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import ArrayRecord
 
 from hetkd.config import ConfigError, HetkdConfig
 from hetkd.data import Federation
-from hetkd.distill.deprivatization import GanSettings
-from hetkd.distill.emulation import DistillSettings
-from hetkd.models import assign_architectures, build_model
+from hetkd.models import build_model
+from hetkd.settings import did_you_mean
 from hetkd.strategies import MEKD, DeviceStrategy, FedAvg, FedDF, FedMD, LocalOnly, SDDist
 from hetkd.training import seeded
 
@@ -41,91 +42,42 @@ ENSEMBLE_STRATEGIES = ("feddf", "mekd")
 STRATEGY_SETTINGS = ("strategy.kd", "strategy.sd_dist", "strategy.ensemble", "mekd")
 
 
-def _common(cfg: HetkdConfig, device_config: str) -> dict[str, object]:
+def _common(cfg: HetkdConfig, device_config: str) -> dict[str, Any]:
+    """What every strategy takes from the run: who takes part, the seed, the devices' config."""
     s = cfg.strategy
     return {
         "fraction_train": s.fraction_train,
         "fraction_evaluate": s.fraction_evaluate,
         "min_devices": s.min_devices,
-        "num_devices": cfg.simulation.num_devices,
         "evaluate_every": s.evaluate_every,
+        "wait_for_devices": s.wait_for_devices,
+        "num_devices": cfg.simulation.num_devices,
         "seed": cfg.seed,
         "device_config": device_config,
-        "wait_for_devices": cfg.simulation.wait_for_devices,
     }
 
 
-def _exchange(cfg: HetkdConfig, federation: Federation, device_config: str) -> dict[str, object]:
-    kd = cfg.strategy.kd
+def _exchange(cfg: HetkdConfig, federation: Federation, device_config: str) -> dict[str, Any]:
     labels = federation.reference.base.targets(federation.reference.indices) if federation.reference_labelled else None
     return {
         **_common(cfg, device_config),
-        "num_reference": len(federation.reference),
         "num_classes": federation.num_classes,
+        "num_reference": len(federation.reference),
         "reference_labels": labels,
-        "rho": kd.rho,
-        "temperature": kd.temperature,
-        "reference_batch_size": kd.reference_batch_size,
-        "precision": kd.precision,
-        "warmup_rounds": kd.warmup_rounds,
-        "mix": kd.mix,
-        "t_squared": kd.t_squared,
-        "min_steps": kd.min_steps,
+        "exchange": cfg.strategy.kd,
     }
 
 
-def _sd_dist(cfg: HetkdConfig, federation: Federation, device_config: str) -> SDDist:
-    sd = cfg.strategy.sd_dist
-    return SDDist(
-        num_neighbours=sd.num_neighbours,
-        num_candidates=sd.num_candidates,
-        neighbour_rule=sd.neighbour_rule,
-        similarity=sd.similarity,
-        weighting=sd.weighting,
-        neighbour_selection=sd.neighbour_selection,
-        exact_search_max=sd.exact_search_max,
-        search_sample=sd.search_sample,
-        **_exchange(cfg, federation, device_config),  # type: ignore[arg-type]
-    )
-
-
-def _ensemble(cfg: HetkdConfig, federation: Federation, device_config: str) -> dict[str, object]:
-    """The arguments FedDF and MEKD share: the student, public and test sets, the schedule."""
-    e = cfg.strategy.ensemble
-    with seeded(cfg.seed, "student-init"):
-        student = build_model(e.student, federation.input_shape, federation.num_classes)
+def _ensemble(cfg: HetkdConfig, federation: Federation, device_config: str) -> dict[str, Any]:
+    """The arguments FedDF and MEKD share: the public and test sets, the ensemble settings."""
     test = federation.global_test
     return {
         **_common(cfg, device_config),
         "num_classes": federation.num_classes,
         "public_inputs": federation.reference.base.inputs(federation.reference.indices),
-        "student": student,
         "global_test": (test.base.inputs(test.indices), test.base.targets(test.indices)),
-        "num_queries": e.num_queries,
-        "warmup_rounds": e.warmup_rounds,
-        "weighting": e.weighting,
-        "balance_classes": e.balance_classes,
-        "num_neighbours": e.num_neighbours,
-        "similarity": e.similarity,
-        "rho": e.rho,
-        "answer_model": e.answer_model,
-        "query_batch_size": e.query_batch_size,
-        "min_steps": e.min_steps,
-        "precision": e.precision,
-        "server_steps": e.server_steps,
-        "student_memory": e.student_memory,
-        "distill": DistillSettings.from_config(cfg.mekd),
+        "ensemble": cfg.strategy.ensemble,
     }
-
-
-def _mekd(cfg: HetkdConfig, federation: Federation, device_config: str) -> MEKD:
-    return MEKD(
-        input_shape=federation.input_shape,
-        deprivatize_rounds=cfg.strategy.ensemble.deprivatize_rounds,
-        gan=GanSettings.from_config(cfg.mekd),
-        response=cfg.mekd.response,
-        **_ensemble(cfg, federation, device_config),  # type: ignore[arg-type]
-    )
 
 
 def _check_ensemble(cfg: HetkdConfig) -> None:
@@ -138,8 +90,9 @@ def _check_ensemble(cfg: HetkdConfig) -> None:
         raise ConfigError("simulation.num_rounds", f"strategy '{cfg.strategy.name}' distils only after "
                           f"{before} round(s) of warm-up{' and deprivatization' if before > e.warmup_rounds else ''} "
                           f"(strategy.ensemble.*); got {cfg.simulation.num_rounds} rounds")
-    if cfg.strategy.name == "mekd" and cfg.mekd.response == "logits":
-        raise ConfigError("mekd.response", "devices answer 'soft' (probabilities) or 'hard' (labels), not 'logits'")
+    if not e.student:
+        raise ConfigError("strategy.ensemble.student", f"strategy '{cfg.strategy.name}' needs a global student "
+                          "architecture (a zoo name or package.module:factory)")
 
 
 def _check_reference(cfg: HetkdConfig) -> None:
@@ -149,9 +102,7 @@ def _check_reference(cfg: HetkdConfig) -> None:
 
 
 def _check_homogeneous(cfg: HetkdConfig) -> None:
-    archs = assign_architectures(
-        cfg.models.assignment, cfg.models.architectures, cfg.simulation.num_devices, cfg.models.tiers
-    )
+    archs = cfg.models.assign(cfg.simulation.num_devices)
     if len(set(archs)) > 1:
         raise ConfigError(
             "models.assignment",
@@ -176,7 +127,7 @@ class StrategySpec:
 
 STRATEGIES: dict[str, StrategySpec] = {
     "local": StrategySpec(
-        lambda cfg, fed, text: LocalOnly(**_common(cfg, text)),  # type: ignore[arg-type]
+        lambda cfg, fed, text: LocalOnly(**_common(cfg, text)),
         "devices train alone (lower bound)",
     ),
     "fedavg": StrategySpec(
@@ -186,25 +137,25 @@ STRATEGIES: dict[str, StrategySpec] = {
         global_model=True,
     ),
     "fedmd": StrategySpec(
-        lambda cfg, fed, text: FedMD(**_exchange(cfg, fed, text)),  # type: ignore[arg-type]
+        lambda cfg, fed, text: FedMD(**_exchange(cfg, fed, text)),
         "FedMD-style: everyone distils from the plain average of all devices' reference predictions",
         _check_reference,
         settings=("strategy.kd",),
     ),
     "sd-dist": StrategySpec(
-        _sd_dist,
+        lambda cfg, fed, text: SDDist(search=cfg.strategy.sd_dist, **_exchange(cfg, fed, text)),
         "SD-Dist: each device distils from its most similar, best-scoring neighbours",
         _check_reference,
         settings=("strategy.kd", "strategy.sd_dist"),
     ),
     "feddf": StrategySpec(
-        lambda cfg, fed, text: FedDF(**_ensemble(cfg, fed, text)),  # type: ignore[arg-type]
+        lambda cfg, fed, text: FedDF(distill=cfg.mekd.distill, **_ensemble(cfg, fed, text)),
         "FedDF-style: the server's student and the devices distil the devices' ensemble on reference rows",
         _check_ensemble,
-        settings=("strategy.ensemble", "mekd"),  # the server's student steps use mekd.distill_*
+        settings=("strategy.ensemble", "mekd"),  # the server's student steps use mekd.distill.*
     ),
     "mekd": StrategySpec(
-        _mekd,
+        lambda cfg, fed, text: MEKD(mekd=cfg.mekd, input_shape=fed.input_shape, **_ensemble(cfg, fed, text)),
         "MEKD: a generator emulates the devices' inverse mapping; student and devices distil through it",
         _check_ensemble,
         settings=("strategy.ensemble", "mekd"),
@@ -235,10 +186,8 @@ def check_strategy(cfg: HetkdConfig) -> None:
         return
     if name not in STRATEGIES:
         choices = [*STRATEGIES, CENTRAL]
-        close = difflib.get_close_matches(name, choices, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
-            "strategy.name", f"unknown strategy {name!r}{hint}; valid choices: {', '.join(choices)}"
+            "strategy.name", f"unknown strategy {name!r}{did_you_mean(name, choices)}; valid choices: {', '.join(choices)}"
         )
     spec = STRATEGIES[name]
     if spec.check is not None:
@@ -258,7 +207,7 @@ def initial_arrays(cfg: HetkdConfig, federation: Federation) -> ArrayRecord:
     """Initial global weights for weight-averaging strategies; empty otherwise."""
     if not STRATEGIES[cfg.strategy.name].global_model:
         return ArrayRecord()
-    arch = assign_architectures(cfg.models.assignment, cfg.models.architectures, 1, cfg.models.tiers)[0]
+    arch = cfg.models.assign(1)[0]
     with seeded(cfg.seed, "global-init"):
         model = build_model(arch, federation.input_shape, federation.num_classes)
     return ArrayRecord(model.state_dict())

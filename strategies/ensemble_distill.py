@@ -9,7 +9,7 @@ sampled device
    answered a query before, the *targets*: the ensemble's answers on the
    previous round's query;
 2. trains on its private data, distilling towards those targets on the
-   previous query's inputs beside its cross-entropy (``train.ensemble_distill``);
+   previous query's inputs beside its cross-entropy (:class:`~hetkd.protocol.EnsembleDistill`);
 3. answers the new query — soft probabilities, or with ``response="hard"``
    its predicted classes only — and nothing else; with
    ``answer_model="private"`` the answers come from a second model that
@@ -19,9 +19,10 @@ sampled device
 The server then forms the ensemble of the answers (a plain mean, or per device
 a similarity-weighted mix over its nearest devices, SD-Dist's neighbour
 weights computed on the answers; with ``balance_classes`` corrected to a
-uniform class prior over the query inputs), distils its student on the query inputs,
-and keeps each device's targets for the next round. Targets thus arrive one
-round after the answers they come from: one message exchange per round.
+uniform class prior over the query inputs), distils its student on the query
+inputs, and keeps the targets for the next round (:class:`EnsembleTargets`).
+Targets thus arrive one round after the answers they come from: one message
+exchange per round.
 
 Subclasses choose the queries and the loss: :class:`~hetkd.strategies.FedDF`
 asks about reference rows and distils with KL; :class:`~hetkd.strategies.MEKD`
@@ -33,33 +34,54 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord
 from torch import nn
 
 from hetkd import protocol as P
-from hetkd.distill.codec import PRECISIONS, decode_answers, encode_answers
-from hetkd.distill.emulation import (
-    DistillSettings,
-    StudentOptimizer,
-    kd_steps,
-    mapping_emulation_loss,
-    transfer_batches,
-)
-from hetkd.distill.ensemble import ensemble_responses, teacher_logits
+from hetkd.distill.codec import decode_answers, encode_answers
+from hetkd.distill.emulation import DistillSettings, StudentOptimizer, kd_steps, transfer_batches
+from hetkd.distill.ensemble import EnsembleSettings, ensemble_responses, teacher_logits
 from hetkd.distill.queries import QuerySpec, resolve_queries
-from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS, neighbour_plan
-from hetkd.strategies.base import DeviceStrategy
+from hetkd.distill.similarity import NeighbourSearch
+from hetkd.models import build_model
+from hetkd.strategies.base import DeviceStrategy, Figures, RoundPlan
 from hetkd.training import seeded
 
-__all__ = ["EnsembleDistill", "ENSEMBLE_WEIGHTINGS"]
+__all__ = ["EnsembleDistill", "EnsembleRound", "EnsembleTargets"]
 
-#: how the devices' answers are combined into targets
-ENSEMBLE_WEIGHTINGS = WEIGHTINGS  # "mean", "similarity"
+
+@dataclass(frozen=True)
+class EnsembleTargets:
+    """The ensemble's answers on one query, which the devices distil towards one round later.
+
+    ``common`` is the plain (class-balanced) ensemble ``(N, C)`` the student
+    learns from; ``own`` holds a device's similarity-weighted mix where it has
+    one. ``kind``: ``soft`` (probabilities) or ``hard`` (one-hot rows).
+    """
+
+    query: QuerySpec
+    kind: str
+    common: torch.Tensor
+    own: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def for_device(self, device_id: int) -> torch.Tensor:
+        """What device ``device_id`` distils towards."""
+        return self.own.get(device_id, self.common)
+
+
+@dataclass
+class EnsembleRound(RoundPlan):
+    """A training round of ensemble distillation: its phase, its query and the server's
+    view of the query's inputs."""
+
+    phase: str = "warmup"
+    query: QuerySpec | None = None
+    inputs: torch.Tensor | None = None
 
 
 class EnsembleDistill(DeviceStrategy):
@@ -71,84 +93,38 @@ class EnsembleDistill(DeviceStrategy):
         Number of classes C.
     public_inputs : torch.Tensor
         The server's unlabelled public inputs (the reference/proxy set).
-    student : torch.nn.Module | None
-        The server's global student (any architecture), or ``None`` for no
-        server-side model (devices still distil from the ensemble).
-    global_test : tuple[torch.Tensor, torch.Tensor] | None
-        Inputs and labels the student is evaluated on after every round.
     response : str
         What devices answer with: ``soft`` (probabilities) or ``hard`` (classes).
-    num_queries : int
-        Query inputs per distillation round.
-    warmup_rounds : int
-        Rounds of local training before the first query.
-    weighting : str
-        ``mean`` (one ensemble for all) or ``similarity`` (per device, over its
-        ``num_neighbours`` nearest devices by ``similarity`` of their answers).
-    balance_classes : bool
-        Correct every ensemble to a uniform class prior over the round's query
-        inputs (:func:`~hetkd.distill.ensemble.class_balanced`). Under label skew
-        each device answers with the classes it knows, so the plain ensemble
-        over-predicts the classes many devices know on every input; the query
-        inputs (reference rows, samples of a generator trained on the proxy
-        set) are drawn evenly from all classes, so the ensemble's own mean
-        answer over them estimates that bias. ``False``: the published plain
-        mean (or vote).
-    rho : float
-        Weight of a device's distillation term beside its cross-entropy.
-    answer_model : str
-        Which model a device answers queries with: ``private`` (the default), a
-        copy of its model that trains on the device's private data alone from
-        the first distillation round on, or ``personal``, its own model, which
-        distils from the ensemble. Private answers never echo the ensemble the
-        devices distil from, so the teachers the student learns from stay
-        independent and the targets stay sharp; the price is a second model
-        per device to keep and train in distillation rounds.
-    query_batch_size : int
-        Query inputs beside each private batch on a device (0: the private batch size).
-    min_steps : int
-        Each local epoch takes at least this many steps.
-    precision : str
-        Encoding of soft answers and targets on the wire.
-    server_steps : int
-        The student's SGD steps per distillation round.
-    student_memory : int
-        How many distillation rounds' query inputs and ensemble targets the
-        student keeps distilling on: ``1`` the round's own only, ``k`` the
-        last ``k`` rounds', ``0`` every round's so far. Nothing more crosses
-        the wire (server memory only: ``k x num_queries`` inputs and targets).
-        MEKD's rounds draw fresh samples of G, so the memory adds distinct
-        inputs; FedDF's ask about the same reference rows, so it gives each
-        row the targets of several rounds.
+    student : torch.nn.Module | None
+        The server's global student (any architecture). ``None``: the zoo
+        architecture ``ensemble.student`` for the public inputs' shape
+        (``""``: no server-side model; devices still distil from the ensemble).
+    global_test : tuple[torch.Tensor, torch.Tensor] | None
+        Inputs and labels the student is evaluated on after every round.
+    ensemble : EnsembleSettings | None
+        The schedule, the ensemble and the devices' distillation (default:
+        the run config's ``strategy.ensemble`` defaults).
     distill : DistillSettings | None
         The loss (temperatures, ``w_f``, ``w_kl``, distance) for student and
         devices, and the student's optimizer; ``steps`` is set from the
         number of distillation rounds when the run starts.
+    **kwargs
+        Sampling and set-up options of :class:`~hetkd.strategies.DeviceStrategy`.
     """
 
-    train_action = P.TRAIN_ENSEMBLE_DISTILL
+    request_type = P.EnsembleDistill
+    #: the plan of a training round (MEKD's remembers more)
+    round_type: type[EnsembleRound] = EnsembleRound
 
     def __init__(
         self,
         *,
         num_classes: int,
         public_inputs: torch.Tensor,
+        response: str,
         student: nn.Module | None = None,
         global_test: tuple[torch.Tensor, torch.Tensor] | None = None,
-        response: str = "soft",
-        num_queries: int = 256,
-        warmup_rounds: int = 1,
-        weighting: str = "mean",
-        balance_classes: bool = True,
-        num_neighbours: int = 5,
-        similarity: str = "kl",
-        rho: float = 0.5,
-        answer_model: str = "private",
-        query_batch_size: int = 0,
-        min_steps: int = 0,
-        precision: str = "float16",
-        server_steps: int = 100,
-        student_memory: int = 1,
+        ensemble: EnsembleSettings | None = None,
         distill: DistillSettings | None = None,
         **kwargs: Any,
     ) -> None:
@@ -159,67 +135,33 @@ class EnsembleDistill(DeviceStrategy):
             raise ValueError("public_inputs must be a float tensor (N, ...) holding at least 2 inputs")
         if response not in ("soft", "hard"):
             raise ValueError(f"unknown response {response!r}; valid choices: soft, hard")
-        if num_queries < 2:
-            raise ValueError(f"num_queries must be >= 2, got {num_queries}")
-        if warmup_rounds < 0:
-            raise ValueError(f"warmup_rounds must be >= 0, got {warmup_rounds}")
-        if weighting not in ENSEMBLE_WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; valid choices: {', '.join(ENSEMBLE_WEIGHTINGS)}")
-        if not isinstance(balance_classes, bool):
-            raise ValueError(f"balance_classes must be True or False, got {balance_classes!r}")
-        if num_neighbours < 1:
-            raise ValueError(f"num_neighbours must be >= 1, got {num_neighbours}")
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"unknown similarity {similarity!r}; valid choices: {', '.join(SIMILARITIES)}")
-        if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"rho must be in [0, 1], got {rho}")
-        if answer_model not in P.ANSWER_MODELS:
-            raise ValueError(f"unknown answer_model {answer_model!r}; valid choices: {', '.join(P.ANSWER_MODELS)}")
-        if query_batch_size < 0 or min_steps < 0:
-            raise ValueError(f"query_batch_size and min_steps must be >= 0, got {query_batch_size}, {min_steps}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")
-        if server_steps < 0:
-            raise ValueError(f"server_steps must be >= 0, got {server_steps}")
-        if isinstance(student_memory, bool) or not isinstance(student_memory, int) or student_memory < 0:
-            raise ValueError(f"student_memory must be an integer >= 0 (0: every round), got {student_memory!r}")
         if global_test is not None and len(global_test[0]) != len(global_test[1]):
             raise ValueError("global_test must be (inputs, labels) of equal length")
         self.num_classes = num_classes
         self.public_inputs = public_inputs.detach().float()
+        self.response = response
+        self.ensemble = ensemble if ensemble is not None else EnsembleSettings()
+        self.distill = distill if distill is not None else DistillSettings()
+        if student is None and self.ensemble.student:
+            with seeded(self.seed, "student-init"):
+                student = build_model(self.ensemble.student, tuple(self.public_inputs.shape[1:]), num_classes)
         self.student = student
         self.global_test = global_test
-        self.response = response
-        self.num_queries = num_queries
-        self.warmup_rounds = warmup_rounds
-        self.weighting = weighting
-        self.balance_classes = balance_classes
-        self.num_neighbours = num_neighbours
-        self.similarity = similarity
-        self.rho = rho
-        self.answer_model = answer_model
-        self.query_batch_size = query_batch_size
-        self.min_steps = min_steps
-        self.precision = precision
-        self.server_steps = server_steps
-        self.student_memory = student_memory
+        #: what the devices distil towards next round (``None`` before the first ensemble)
+        self.targets: EnsembleTargets | None = None
         #: the rounds' (query inputs, teacher logits) the student distils on, oldest first
-        self._student_memory: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=student_memory or None)
-        self.settings = distill or DistillSettings()
+        self.student_memory: deque[tuple[torch.Tensor, torch.Tensor]] = deque(
+            maxlen=self.ensemble.student_memory or None)
         self._student_optimizer: StudentOptimizer | None = None
-        self._query: QuerySpec | None = None  # this round's query
-        self._targets: dict[int, torch.Tensor] = {}  # device id -> its ensemble answers on _target_query
-        self._common_target: torch.Tensor | None = None  # the plain ensemble, for devices without their own
-        self._target_kind = "soft" if response == "soft" else "hard"
-        self._target_query: QuerySpec | None = None
-        self._cached_inputs: tuple[QuerySpec, torch.Tensor] | None = None
-        self._extras: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"strategy.ensemble": self.ensemble}
 
     # ------------------------------------------------------------------ what subclasses choose
 
     def phase(self, server_round: int) -> str:
         """``warmup`` or ``distill`` (MEKD adds ``deprivatize``)."""
-        return "warmup" if server_round <= self.warmup_rounds else "distill"
+        return "warmup" if server_round <= self.ensemble.warmup_rounds else "distill"
 
     def distill_rounds(self) -> int:
         """Rounds in the ``distill`` phase of the run (``num_rounds`` is set by ``start``)."""
@@ -229,104 +171,89 @@ class EnsembleDistill(DeviceStrategy):
         """The query of this round (``None``: nothing to answer)."""
         raise NotImplementedError
 
-    def query_records(
-        self, node_id: int, query: QuerySpec | None, targets: bool, config: ConfigRecord
-    ) -> dict[str, ArrayRecord]:
-        """Extra records (and ``config`` entries) a device needs to resolve this
-        round's query and, if it gets ``targets``, last round's query."""
-        return {}
-
     def query_inputs(self, query: QuerySpec) -> torch.Tensor:
         """The server's view of the query's inputs."""
         return resolve_queries(query, reference_inputs=self.public_inputs)
 
-    def round_inputs(self, query: QuerySpec) -> torch.Tensor:
-        """This round's query inputs, computed once per round."""
-        if self._cached_inputs is None or self._cached_inputs[0] != query:
-            self._cached_inputs = (query, self.query_inputs(query))
-        return self._cached_inputs[1]
+    def generator_fields(self, device_id: int, plan: EnsembleRound, targets: bool) -> dict[str, Any]:
+        """Extra request fields a device needs to resolve this round's query and, if it gets
+        ``targets``, the targets' query (MEKD: the generator)."""
+        return {}
 
     def loss_generator(self) -> nn.Module | None:
         """The generator of the mapping-emulation term (``None``: plain KL)."""
         return None
 
-    def learn(self, server_round: int, phase: str, query: QuerySpec, inputs: torch.Tensor,
-              device_ids: list[int], answers: torch.Tensor) -> None:
-        """Use the devices' answers ``(n, N, C)`` on ``inputs``: by default (the
-        ``distill`` phase) form targets and distil the student."""
-        if phase == "distill":
-            self.form_targets(query, device_ids, answers)
-            self.distill_student(server_round, inputs)
+    def learn_answers(self, server_round: int, plan: EnsembleRound, device_ids: list[int],
+                      answers: torch.Tensor) -> Figures:
+        """Use the devices' answers ``(n, N, C)`` on the query: by default (the
+        ``distill`` phase) form the targets and distil the student."""
+        if plan.phase != "distill":
+            return Figures()
+        assert plan.query is not None and plan.inputs is not None
+        self.targets, figures = self.form_targets(plan.query, device_ids, answers)
+        return figures.add(self.distill_student(server_round, plan.inputs, self.targets))
 
     # ------------------------------------------------------------------ the ensemble
 
-    def ensemble_weights(self, answers: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def ensemble_weights(self, answers: torch.Tensor) -> tuple[torch.Tensor, Figures]:
         """Per-device mixing weights ``(n, n)`` over the answering devices (similarity weighting)."""
         n = answers.shape[0]
-        logits = answers.clamp_min(1e-6).log()
-        k = min(self.num_neighbours, n - 1)
-        weights, distance, neighbours = neighbour_plan(
-            logits, list(range(n)), num_neighbours=k, num_candidates=n, rule="distance",
-            similarity=self.similarity, weighting="similarity", temperature=self.settings.temperature,
+        search = NeighbourSearch(
+            num_neighbours=min(self.ensemble.num_neighbours, n - 1), num_candidates=n, neighbour_fraction=1.0,
+            candidate_fraction=1.0, neighbour_rule="distance", similarity=self.ensemble.similarity,
+            weighting="similarity", exact_search_max=0,
         )
-        used = [float(distance[i, j]) for i, row in enumerate(neighbours) for j in row]
-        return weights.to_dense(), {"neighbour_distance_mean": float(sum(used) / len(used)) if used else math.nan}
+        plan = search.plan(answers.clamp_min(1e-6).log(), list(range(n)), temperature=self.distill.temperature)
+        used = [float(plan.distance[i, j]) for i, row in enumerate(plan.neighbours) for j in row]
+        return plan.weights.to_dense(), Figures({"neighbour_distance_mean": sum(used) / len(used) if used else math.nan})
 
     def mean_ensemble(self, answers: torch.Tensor) -> tuple[torch.Tensor, str]:
         """All devices' answers ``(n, N, C)`` weighted equally: the ensemble ``(N, C)`` and its kind
         (class-balanced with ``balance_classes``)."""
         common, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]),
-                                          balance=self.balance_classes)
+                                          balance=self.ensemble.balance_classes)
         return common[0], kind
 
-    def form_targets(self, query: QuerySpec, device_ids: list[int], answers: torch.Tensor) -> None:
+    def form_targets(self, query: QuerySpec, device_ids: list[int],
+                     answers: torch.Tensor) -> tuple[EnsembleTargets, Figures]:
         """The plain ensemble (for the student and any device) and, with similarity
         weighting, each answering device's own mix."""
-        n = answers.shape[0]
-        self._common_target, self._target_kind = self.mean_ensemble(answers)
-        self._targets = {}
-        if self.weighting == "similarity" and n >= 2:
-            weights, stats = self.ensemble_weights(answers)
-            own, _ = ensemble_responses(answers, self.response, weights, balance=self.balance_classes)
-            self._targets = {d: own[i] for i, d in enumerate(device_ids) if float(weights[i].sum()) > 0}
-            self._extras.update(stats)
-        self._target_query = query
-        if self._target_kind == "soft":
-            p = self._common_target
-            self._extras["ensemble_entropy"] = float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
-
-    def target_for(self, device_id: int) -> torch.Tensor | None:
-        """The answers a device distils towards this round (``None`` before any ensemble)."""
-        return self._targets.get(device_id, self._common_target)
+        common, kind = self.mean_ensemble(answers)
+        own: dict[int, torch.Tensor] = {}
+        figures = Figures()
+        if self.ensemble.weighting == "similarity" and answers.shape[0] >= 2:
+            weights, figures = self.ensemble_weights(answers)
+            mixed, _ = ensemble_responses(answers, self.response, weights, balance=self.ensemble.balance_classes)
+            own = {d: mixed[i] for i, d in enumerate(device_ids) if float(weights[i].sum()) > 0}
+        if kind == "soft":
+            figures.metrics["ensemble_entropy"] = float(-(common * common.clamp_min(1e-12).log()).sum(1).mean())
+        return EnsembleTargets(query, kind, common, own), figures
 
     # ------------------------------------------------------------------ the global student
 
     def student_loss(self, student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
         """``w_f · dist(G(s/T_g), G(t/T_g)) + w_kl · T · KL`` (``w_f = 0`` or no G: KL only)."""
-        s = self.settings
-        return mapping_emulation_loss(
-            student_logits, target_logits, self.loss_generator() if s.w_f > 0 else None,
-            temperature=s.temperature, generator_temperature=s.generator_temperature,
-            w_f=s.w_f, w_kl=s.w_kl, distance=s.distance,
-        )
+        return self.distill.loss().bind(self.loss_generator() if self.distill.w_f > 0 else None)(
+            student_logits, target_logits)
 
-    def distill_student(self, server_round: int, inputs: torch.Tensor) -> None:
+    def distill_student(self, server_round: int, inputs: torch.Tensor, targets: EnsembleTargets) -> Figures:
         """``server_steps`` SGD steps of the student towards the plain ensemble: on ``inputs``
         and, with ``student_memory`` other than 1, on earlier rounds' inputs and targets too."""
-        if self.student is None or self._common_target is None or self.server_steps == 0:
-            return
+        steps = self.ensemble.server_steps
+        if self.student is None or steps == 0:
+            return Figures()
         if self._student_optimizer is None:
-            total = max(1, self.server_steps * self.distill_rounds())
-            self._student_optimizer = StudentOptimizer(self.student, replace(self.settings, steps=total))
-        targets = teacher_logits(self._common_target, self._target_kind, hard_margin=self.settings.hard_margin)
-        self._student_memory.append((inputs, targets))
-        inputs = torch.cat([x for x, _ in self._student_memory])
-        targets = torch.cat([t for _, t in self._student_memory])
+            total = max(1, steps * self.distill_rounds())
+            self._student_optimizer = StudentOptimizer(self.student, replace(self.distill, steps=total))
+        logits = teacher_logits(targets.common, targets.kind, hard_margin=self.distill.hard_margin)
+        self.student_memory.append((inputs, logits))
+        inputs = torch.cat([x for x, _ in self.student_memory])
+        logits = torch.cat([t for _, t in self.student_memory])
         with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
-            losses = kd_steps(self._student_optimizer, self.server_steps,
-                              transfer_batches(inputs, targets, self.settings.batch_size, rng), self.student_loss)
-        self._extras["student_loss"] = sum(losses) / len(losses)
-        self._extras["student_inputs"] = len(inputs)
+            losses = kd_steps(self._student_optimizer, steps,
+                              transfer_batches(inputs, logits, self.distill.batch_size, rng), self.student_loss)
+        return Figures({"student_loss": sum(losses) / len(losses), "student_inputs": len(inputs)})
 
     @torch.no_grad()
     def student_accuracy(self) -> float | None:
@@ -338,84 +265,66 @@ class EnsembleDistill(DeviceStrategy):
         correct = sum(int((self.student(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(512), y.split(512)))
         return correct / max(1, len(y))
 
+    def global_arrays(self) -> ArrayRecord | None:
+        """The global student's weights: what a Flower ServerApp saves as its final model."""
+        return None if self.student is None else ArrayRecord(self.student.state_dict())
+
     # ------------------------------------------------------------------ round plumbing
 
-    def before_train(self, server_round: int, node_ids: list[int]) -> None:
-        self._extras = {"phase": self.phase(server_round)}
-        self._query = self.make_query(server_round, self.phase(server_round))
+    def request(self, server_round: int, query: QuerySpec | None) -> P.EnsembleDistill:
+        """A round's request without targets or generator: the settings every device gets."""
+        e = self.ensemble
+        return P.EnsembleDistill(
+            server_round=server_round, kd=e.kd_term(), loss=self.distill.loss(), response=self.response,
+            answer_model=e.answer_model, precision=e.precision, query=query,
+        )
 
-    def ensemble_config(self) -> dict[str, Any]:
-        """Distillation settings every training message carries."""
-        s = self.settings
-        return {
-            "response": self.response,
-            "target-kind": self._target_kind,
-            "rho": self.rho,
-            P.ANSWER_MODEL: self.answer_model,
-            "temperature": s.temperature,
-            "generator-temperature": s.generator_temperature,
-            "w-f": s.w_f,
-            "w-kl": s.w_kl,
-            "distance": s.distance,
-            "hard-margin": s.hard_margin,
-            "query-batch-size": self.query_batch_size,
-            "min-steps": self.min_steps,
-            "precision": self.precision,
-        }
+    def plan_train(self, server_round: int, device_ids: list[int], arrays: ArrayRecord) -> EnsembleRound:
+        phase = self.phase(server_round)
+        query = self.make_query(server_round, phase)
+        plan = self.round_type({}, Figures({"phase": phase}), phase, query,
+                               None if query is None else self.query_inputs(query))
+        request = self.request(server_round, query)
+        for device in device_ids:
+            targets = None
+            if self.targets is not None:
+                target = self.targets.for_device(device)
+                targets = P.Targets(query=self.targets.query, kind=self.targets.kind,
+                                    answers=encode_answers(target.clamp_min(1e-12).log(), self.targets.kind,
+                                                           self.ensemble.precision))
+            plan.requests[device] = replace(request, targets=targets,
+                                            **self.generator_fields(device, plan, targets is not None))
+        return plan
 
-    def train_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
-        for key, value in self.ensemble_config().items():
-            config[key] = value
-        if self._query is not None:
-            for key, value in self._query.to_config(P.QUERY).items():
-                config[key] = value
-        content = RecordDict({P.CONFIG: config})
-        target = self.target_for(self.device_id(node_id)) if self._target_query is not None else None
-        if target is not None:
-            for key, value in self._target_query.to_config(P.TARGET_QUERY).items():  # type: ignore[union-attr]
-                config[key] = value
-            encoded = encode_answers(target.clamp_min(1e-12).log(), self._target_kind, self.precision)
-            content[P.TARGETS] = ArrayRecord({P.TARGET_RESPONSES: Array(encoded)})
-        for key, record in self.query_records(node_id, self._query, target is not None, config).items():
-            content[key] = record
-        return content
-
-    def check_train_reply(self, reply: Message) -> str | None:
-        """A reply carries only metrics and, when queried, one answer per query input."""
-        extra = set(reply.content.keys()) - {P.METRICS, P.PREDICTIONS}
-        if extra:
-            return f"reply carries records {sorted(extra)} beyond '{P.METRICS}' and '{P.PREDICTIONS}'"
-        if self._query is None:
-            return None
-        record = reply.content.array_records.get(P.PREDICTIONS)
-        if record is None or P.RESPONSES not in record:
-            return f"reply lacks '{P.PREDICTIONS}/{P.RESPONSES}'"
-        array = record[P.RESPONSES].numpy()
+    def check_reply(self, device_id: int, request: P.Request, reply: P.Reply) -> str | None:
+        """When queried, a reply carries one answer per query input."""
+        assert isinstance(request, P.EnsembleDistill) and isinstance(reply, P.QueryAnswers)
+        if request.query is None:
+            return None if reply.answers is None else "answers to a round without a query"
+        if reply.answers is None:
+            return "no answers to the round's query"
         try:
-            answers = decode_answers(array, self.response, self.num_classes)
+            answers = decode_answers(reply.answers, self.response, self.num_classes)
         except ValueError as err:
             return str(err)
-        if len(answers) != self._query.count:
-            return f"{len(answers)} answers for {self._query.count} query inputs"
+        if len(answers) != request.query.count:
+            return f"{len(answers)} answers for {request.query.count} query inputs"
         return None
 
-    def process_train_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
-        query, phase = self._query, self.phase(server_round)
-        if query is not None and replies:
-            ids = [self.device_id(r.metadata.src_node_id) for r in replies]
+    def learn(self, server_round: int, plan: RoundPlan, replies: dict[int, P.Reply]) -> Figures:
+        assert isinstance(plan, EnsembleRound)
+        figures = Figures()
+        if plan.query is not None and replies:
             answers = torch.stack([
-                decode_answers(r.content[P.PREDICTIONS][P.RESPONSES].numpy(), self.response, self.num_classes)
-                for r in replies
+                decode_answers(r.answers, self.response, self.num_classes)  # type: ignore[attr-defined]
+                for r in replies.values()
             ])
-            self.learn(server_round, phase, query, self.round_inputs(query), ids, answers)
-            self._extras["answering_devices"] = len(ids)
+            figures.add(self.learn_answers(server_round, plan, list(replies), answers))
+            figures.metrics["answering_devices"] = len(replies)
         accuracy = self.student_accuracy()
         if accuracy is not None:
-            self._extras["student_accuracy"] = accuracy
-        return None
-
-    def round_extras(self, server_round: int) -> dict[str, Any]:
-        return dict(self._extras)
+            figures.metrics["student_accuracy"] = accuracy
+        return figures
 
     def write_artifacts(self, out_dir: Path) -> list[Path]:
         """``student.pt``: the global student's weights."""

@@ -1,20 +1,21 @@
 """FedAvg for homogeneous devices: the weight-averaging reference point.
 
 The one strategy in hetkd where weights cross the wire, kept only to compare
-against. Averaging is Flower's own (:class:`flwr.serverapp.strategy.FedAvg`,
+against. Averaging is Flower's own (:func:`flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`,
 sample-weighted); this class adds hetkd's device registry, reply checking and
 reports, and refuses federations whose devices hold different architectures.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp.exception import InconsistentMessageReplies
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from hetkd import protocol as P
-from hetkd.strategies.base import DeviceInfo, DeviceStrategy
+from hetkd.strategies.base import DeviceInfo, DeviceStrategy, Figures, RoundPlan
 
 __all__ = ["FedAvg", "HeterogeneousModelsError"]
 
@@ -26,17 +27,17 @@ class HeterogeneousModelsError(ValueError):
 class FedAvg(DeviceStrategy):
     """Federated averaging of the devices' (identical) models.
 
-    Devices receive the global weights (``train``), train locally and return
-    their weights; the server averages them weighted by ``num-examples``.
-    Evaluation sends the global weights, so personalised accuracy is that of
-    the global model on each device's test split.
+    Devices receive the global weights (:class:`~hetkd.protocol.FedAvgRequest`),
+    train locally and return their weights; the server averages them weighted
+    by ``num_examples``. Evaluation sends the global weights, so personalised
+    accuracy is that of the global model on each device's test split.
     """
 
-    train_action = P.TRAIN_FEDAVG
+    request_type = P.FedAvgRequest
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self._averaging = FlowerFedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.weights: ArrayRecord | None = None
 
     def on_devices_added(self, added: list[DeviceInfo]) -> None:
         architectures: dict[str, list[int]] = {}
@@ -49,36 +50,31 @@ class FedAvg(DeviceStrategy):
                 "Use models.assignment=homogeneous, or a distillation strategy."
             )
 
-    def train_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
-        return RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+    def plan_train(self, server_round: int, device_ids: list[int], arrays: ArrayRecord) -> RoundPlan:
+        self.weights = arrays
+        weights = arrays.to_torch_state_dict()
+        return RoundPlan({d: P.FedAvgRequest(server_round=server_round, weights=weights) for d in device_ids})
 
-    def evaluate_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
-        return RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+    def plan_evaluate(self, server_round: int, device_ids: list[int], arrays: ArrayRecord) -> dict[int, P.Request]:
+        weights = arrays.to_torch_state_dict() if len(arrays) else None
+        return {d: P.EvaluateRequest(server_round=server_round, weights=weights) for d in device_ids}
 
-    def check_train_reply(self, reply: Message) -> str | None:
-        arrays = reply.content.array_records.get(P.ARRAYS)
-        if arrays is None:
-            return f"FedAvg reply lacks its '{P.ARRAYS}' record"
-        if len(reply.content.array_records) != 1:
-            return "FedAvg reply must carry exactly one ArrayRecord"
-        for key, array in arrays.items():
-            values = array.numpy()
+    def check_reply(self, device_id: int, request: P.Request, reply: P.Reply) -> str | None:
+        assert isinstance(reply, P.FedAvgReply) and isinstance(request, P.FedAvgRequest)
+        if set(reply.weights) != set(request.weights):
+            return "FedAvg reply has different array keys"
+        for key, tensor in reply.weights.items():
+            values = tensor.numpy()
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"FedAvg reply has non-finite values in '{key}'"
         return None
 
-    def process_train_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
-        if not replies:
-            return None
-        keys = set(replies[0].content[P.ARRAYS].keys())
-        consistent = [r for r in replies if set(r.content[P.ARRAYS].keys()) == keys]
-        for r in replies:
-            if r not in consistent:
-                self._report_failure(r.metadata.src_node_id, "FedAvg reply has different array keys", "train")
-        try:
-            arrays, _ = self._averaging.aggregate_train(server_round, consistent)
-        except InconsistentMessageReplies as err:
-            for r in consistent:
-                self._report_failure(r.metadata.src_node_id, f"not averaged: {err}", "train")
-            return None
-        return arrays
+    def learn(self, server_round: int, plan: RoundPlan, replies: dict[int, P.Reply]) -> Figures:
+        records = [RecordDict({"weights": ArrayRecord(r.weights), "size": MetricRecord({"n": r.num_examples})})  # type: ignore[attr-defined]
+                   for r in replies.values()]
+        if records:
+            self.weights = aggregate_arrayrecords(records, "n")
+        return Figures()
+
+    def global_arrays(self) -> ArrayRecord | None:
+        return self.weights

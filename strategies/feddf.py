@@ -30,18 +30,24 @@ __all__ = ["FedDF"]
 class FedDF(EnsembleDistill):
     """Devices answer on reference rows; the server and the devices distil their ensemble with KL.
 
-    Takes the arguments of :class:`~hetkd.strategies.EnsembleDistill`;
-    ``public_inputs`` must be the reference set the devices hold (the same
-    rows in the same order). The mapping-emulation weight of ``distill`` is
+    Takes the arguments of :class:`~hetkd.strategies.EnsembleDistill` but
+    ``response`` (FedDF's devices answer soft); ``public_inputs`` must be the
+    reference set the devices hold (the same rows in the same order).
+    ``distill`` (default: the run config's ``mekd.distill``) sets the
+    student's optimizer and the temperature; its mapping-emulation weight is
     set to 0: FedDF's loss is ``w_kl · T · KL`` alone.
     """
 
     def __init__(self, *, distill: DistillSettings | None = None, **kwargs: Any) -> None:
-        settings = distill or DistillSettings()
-        super().__init__(distill=replace(settings, w_f=0.0, w_kl=settings.w_kl or 1.0), **kwargs)
+        self.configured = distill if distill is not None else DistillSettings()
+        kl_only = replace(self.configured, w_f=0.0, w_kl=self.configured.w_kl or 1.0)
+        super().__init__(response="soft", distill=kl_only, **kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"mekd.distill": self.configured}
 
     def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
         if phase != "distill":
             return None
-        count = min(self.num_queries, len(self.public_inputs))
-        return QuerySpec("reference", derive_seed(self.seed, "feddf-query", server_round), count)
+        count = min(self.ensemble.num_queries, len(self.public_inputs))
+        return QuerySpec(source="reference", seed=derive_seed(self.seed, "feddf-query", server_round), count=count)

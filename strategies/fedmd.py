@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from hetkd.distill.similarity import uniform_weights
+from hetkd.distill.exchange import uniform_weights
+from hetkd.strategies.base import Figures
 from hetkd.strategies.logit_exchange import LogitExchange
 
 __all__ = ["FedMD"]
@@ -20,5 +21,5 @@ class FedMD(LogitExchange):
     """Devices distil towards the mean of all devices' reference predictions."""
 
     def mixing_weights(self, server_round: int, population: list[int], logits: torch.Tensor,
-                       rows: list[int]) -> torch.Tensor:
-        return uniform_weights(len(population), include_self=True)
+                       rows: list[int]) -> tuple[torch.Tensor, Figures]:
+        return uniform_weights(len(population), include_self=True), Figures()

@@ -12,6 +12,4 @@ __all__ = ["LocalOnly"]
 
 
 class LocalOnly(DeviceStrategy):
-    """Devices train on their private data each round (``train.local``); no exchange."""
-
-    train_action = "train.local"
+    """Devices train on their private data each round (:class:`~hetkd.protocol.LocalTrainRequest`); no exchange."""

@@ -33,34 +33,31 @@ or weights.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import nn
 
 from hetkd import protocol as P
-from hetkd.distill.deprivatization import Deprivatizer, GanSettings
-from hetkd.distill.emulation import freeze
+from hetkd.distill.deprivatization import Deprivatizer
+from hetkd.distill.emulation import MEKDSettings, freeze
 from hetkd.distill.generative import Generator, default_output_range, default_width
-from hetkd.distill.queries import QuerySpec, query_latents, resolve_queries
+from hetkd.distill.queries import GeneratorSpec, QuerySpec, query_latents, resolve_queries
 from hetkd.models import state_bytes
-from hetkd.strategies.ensemble_distill import EnsembleDistill
+from hetkd.strategies.base import Figures, RoundPlan
+from hetkd.strategies.ensemble_distill import EnsembleDistill, EnsembleRound
 from hetkd.training import derive_seed, seeded
 
-__all__ = ["MEKD", "generator_config"]
+__all__ = ["MEKD", "MEKDRound"]
 
 
-def generator_config(input_shape: tuple[int, ...], settings: GanSettings,
-                     output_range: tuple[float, float] | None) -> dict[str, float | int]:
-    """What a device needs to rebuild G before loading its weights."""
-    low, high = output_range or default_output_range(input_shape)
-    return {
-        "generator-width": settings.generator_width or default_width(input_shape),
-        "generator-low": float(low),
-        "generator-high": float(high),
-    }
+@dataclass
+class MEKDRound(EnsembleRound):
+    """An MEKD round also remembers which version of G it sent to which device."""
+
+    sent_versions: dict[int, int] = field(default_factory=dict)
 
 
 class MEKD(EnsembleDistill):
@@ -68,39 +65,39 @@ class MEKD(EnsembleDistill):
 
     Parameters
     ----------
-    input_shape : tuple[int, ...]
-        Shape of one input (without the batch axis), for G and D.
-    deprivatize_rounds : int
-        Rounds of deprivatization after the warm-up; ``gan.steps`` GAN
-        updates are spread evenly over them.
-    gan : GanSettings | None
-        G and D's training (steps, batch size, Adam rates, ``w_info``, G's width).
+    mekd : MEKDSettings | None
+        What devices answer with (``response``), G and D's training (``gan``)
+        and the distillation loss and student optimizer (``distill``); default:
+        the run config's ``mekd`` defaults.
+    input_shape : tuple[int, ...] | None
+        Shape of one input (without the batch axis), for G and D (default:
+        the public inputs').
     output_range : tuple[float, float] | None
         The range of G's outputs (default: by input kind, see
         :func:`hetkd.distill.generative.default_output_range`).
     **kwargs
         The arguments of :class:`~hetkd.strategies.EnsembleDistill`
-        (``public_inputs`` is the proxy set D trains on).
+        (``public_inputs`` is the proxy set D trains on; ``ensemble`` holds
+        ``deprivatize_rounds``).
     """
+
+    round_type = MEKDRound
 
     def __init__(
         self,
         *,
-        input_shape: tuple[int, ...],
-        deprivatize_rounds: int = 5,
-        gan: GanSettings | None = None,
+        mekd: MEKDSettings | None = None,
+        input_shape: tuple[int, ...] | None = None,
         output_range: tuple[float, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        if deprivatize_rounds < 1:
-            raise ValueError(f"deprivatize_rounds must be >= 1, got {deprivatize_rounds}")
-        self.input_shape = tuple(int(d) for d in input_shape)
+        self.mekd = mekd if mekd is not None else MEKDSettings()
+        super().__init__(response=self.mekd.response, distill=self.mekd.distill, **kwargs)
+        self.input_shape = tuple(int(d) for d in (input_shape or self.public_inputs.shape[1:]))
         if tuple(self.public_inputs.shape[1:]) != self.input_shape:
             raise ValueError(f"public_inputs have shape {tuple(self.public_inputs.shape[1:])}, "
                              f"input_shape is {self.input_shape}")
-        self.deprivatize_rounds = deprivatize_rounds
-        self.gan = gan or GanSettings()
+        self.gan = self.mekd.gan
         self.output_range = output_range
         self.deprivatizer = Deprivatizer(self.input_shape, self.num_classes, self.gan, seed=self.seed,
                                          output_range=output_range)
@@ -108,29 +105,34 @@ class MEKD(EnsembleDistill):
         #: bumped whenever G's weights change; devices are sent the weights once per version
         self.generator_version = 0
         self._device_version: dict[int, int] = {}  # device id -> G version it acknowledged
-        self._sent_version: dict[int, int] = {}  # device id -> G version sent this round
         self._proxy_rng = torch.Generator().manual_seed(derive_seed(self.seed, "mekd-proxy"))
         self._proxy_order, self._proxy_cursor = torch.randperm(len(self.public_inputs), generator=self._proxy_rng), 0
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"mekd": self.mekd}
 
     # ------------------------------------------------------------------ schedule
 
     def phase(self, server_round: int) -> str:
-        if server_round <= self.warmup_rounds:
+        e = self.ensemble
+        if server_round <= e.warmup_rounds:
             return "warmup"
-        if server_round <= self.warmup_rounds + self.deprivatize_rounds:
+        if server_round <= e.warmup_rounds + e.deprivatize_rounds:
             return "deprivatize"
         return "distill"
 
     def gan_steps_per_round(self) -> int:
-        return math.ceil(self.gan.steps / self.deprivatize_rounds) if self.gan.steps else 0
+        return math.ceil(self.gan.steps / self.ensemble.deprivatize_rounds) if self.gan.steps else 0
 
     def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
         seed = derive_seed(self.seed, "mekd-query", server_round)
         if phase == "deprivatize" and self.gan_steps_per_round():
             batch = self.gan.batch_size
-            return QuerySpec("generator", seed, self.gan_steps_per_round() * batch, batch, train_mode=True)
+            return QuerySpec(source="generator", seed=seed, count=self.gan_steps_per_round() * batch,
+                             batch_size=batch, train_mode=True)
         if phase == "distill":
-            return QuerySpec("generator", seed, self.num_queries, self.gan.batch_size, train_mode=False)
+            return QuerySpec(source="generator", seed=seed, count=self.ensemble.num_queries,
+                             batch_size=self.gan.batch_size, train_mode=False)
         return None
 
     def query_inputs(self, query: QuerySpec) -> torch.Tensor:
@@ -141,43 +143,43 @@ class MEKD(EnsembleDistill):
 
     # ------------------------------------------------------------------ G on the wire
 
-    def query_records(
-        self, node_id: int, query: QuerySpec | None, targets: bool, config: ConfigRecord
-    ) -> dict[str, ArrayRecord]:
-        """G's version and shape in ``config``, and its weights unless the device
-        acknowledged this version already."""
-        device = self.device_id(node_id)
+    def generator_spec(self) -> GeneratorSpec:
+        """What a device needs to rebuild G before loading its weights, and which version."""
+        low, high = self.output_range or default_output_range(self.input_shape)
+        return GeneratorSpec(version=self.generator_version,
+                             width=self.gan.generator_width or default_width(self.input_shape),
+                             low=float(low), high=float(high))
+
+    def generator_fields(self, device_id: int, plan: EnsembleRound, targets: bool) -> dict[str, Any]:
+        """G's spec, and its weights unless the device acknowledged this version already; in
+        deprivatization, G's samples instead when they are the smaller payload."""
+        query = plan.query
         if query is None and not targets:
             return {}
-        holds_g = self._device_version.get(device) == self.generator_version
+        holds_g = self._device_version.get(device_id) == self.generator_version
         if query is not None and query.train_mode and not targets and not holds_g:
             # deprivatization: G changes every round; ship whichever is smaller, G or its samples
-            inputs = self.round_inputs(query)
+            inputs = plan.inputs
+            assert inputs is not None
             if inputs.numel() * inputs.element_size() < state_bytes(self.generator):
-                config[f"{P.QUERY}-source"] = "inputs"
-                return {P.QUERY_INPUTS: ArrayRecord({P.INPUTS: Array(inputs.numpy())})}
-        for key, value in generator_config(self.input_shape, self.gan, self.output_range).items():
-            config[key] = value
-        config["generator-version"] = self.generator_version
+                return {"query": replace(query, source="inputs"), "query_inputs": inputs.numpy()}
+        spec = self.generator_spec()
         if holds_g:
-            return {}
-        self._sent_version[device] = self.generator_version
-        return {P.GENERATOR: ArrayRecord(self.generator.state_dict())}
+            return {"generator": spec}
+        assert isinstance(plan, MEKDRound)
+        plan.sent_versions[device_id] = spec.version
+        return {"generator": spec, "generator_weights": {k: v.detach().clone() for k, v in self.generator.state_dict().items()}}
 
     def on_device_failed(self, device_id: int, reason: str, phase: str) -> None:
         """A device that failed may have lost its copy of G: send the weights again next time."""
         self._device_version.pop(device_id, None)
 
-    def before_train(self, server_round: int, node_ids: list[int]) -> None:
-        self._sent_version = {}
-        super().before_train(server_round, node_ids)
-
-    def process_train_replies(self, server_round: int, replies: list) -> ArrayRecord | None:
-        for reply in replies:  # valid replies: the device now holds the version it was sent
-            device = self.device_id(reply.metadata.src_node_id)
-            if device in self._sent_version:
-                self._device_version[device] = self._sent_version[device]
-        return super().process_train_replies(server_round, replies)
+    def learn(self, server_round: int, plan: RoundPlan, replies: dict[int, P.Reply]) -> Figures:
+        assert isinstance(plan, MEKDRound)
+        for device in replies:  # valid replies: the device now holds the version it was sent
+            if device in plan.sent_versions:
+                self._device_version[device] = plan.sent_versions[device]
+        return super().learn(server_round, plan, replies)
 
     # ------------------------------------------------------------------ learning
 
@@ -189,11 +191,12 @@ class MEKD(EnsembleDistill):
         self._proxy_cursor += size
         return self.public_inputs[idx]
 
-    def learn(self, server_round: int, phase: str, query: QuerySpec, inputs: torch.Tensor,
-              device_ids: list[int], answers: torch.Tensor) -> None:
-        if phase != "deprivatize":
-            super().learn(server_round, phase, query, inputs, device_ids, answers)
-            return
+    def learn_answers(self, server_round: int, plan: EnsembleRound, device_ids: list[int],
+                      answers: torch.Tensor) -> Figures:
+        if plan.phase != "deprivatize":
+            return super().learn_answers(server_round, plan, device_ids, answers)
+        query = plan.query
+        assert query is not None
         ensemble, kind = self.mean_ensemble(answers)
         z = query_latents(query.seed, query.count, self.num_classes)  # the codes behind this round's answers
         batch = min(query.batch_size, len(self.public_inputs))
@@ -206,8 +209,8 @@ class MEKD(EnsembleDistill):
         if self.phase(server_round + 1) != "deprivatize":
             freeze(self.generator)  # G is final: distillation uses its running statistics
             self.generator_version += 1
-        self._extras.update({"d_loss": sum(d_losses) / len(d_losses), "g_loss": sum(g_losses) / len(g_losses),
-                             "gan_steps": len(g_losses)})
+        return Figures({"d_loss": sum(d_losses) / len(d_losses), "g_loss": sum(g_losses) / len(g_losses),
+                        "gan_steps": len(g_losses)})
 
     # ------------------------------------------------------------------ outputs
 
@@ -215,8 +218,9 @@ class MEKD(EnsembleDistill):
         """``student.pt``, ``generator.pt`` and ``samples.png`` (G's samples by the student's label)."""
         paths = super().write_artifacts(out_dir)
         path = out_dir / "generator.pt"
+        spec = self.generator_spec()
         torch.save({"state_dict": self.generator.state_dict(), "input_shape": self.input_shape,
-                    **generator_config(self.input_shape, self.gan, self.output_range)}, path)
+                    "generator-width": spec.width, "generator-low": spec.low, "generator-high": spec.high}, path)
         paths.append(path)
         if self.student is not None:
             from hetkd.plots import plot_generator_samples

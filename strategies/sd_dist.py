@@ -8,13 +8,16 @@ only its predictions on it. Each round, for every sampled device ``i``:
 1. **quality** — when the reference set is labelled, every device on record is
    scored by its cross-entropy there; the best ``Q`` are candidate teachers;
 2. **similarity** — ``D[i, j] = KL(p_j ‖ p_i)`` between temperature-softened
-   reference predictions (``T = 3``);
+   reference predictions;
 3. **neighbours** — ``i``'s ``K`` nearest candidates (never ``i`` itself);
-4. **targets** — the neighbours' logits, averaged (or similarity-weighted);
+4. **targets** — the neighbours' predictions, mixed (mean or similarity-weighted);
 5. **local step** — ``(1 − ρ)·CE(private batch) + ρ·KL`` towards the targets on
-   a reference batch beside each private batch (``ρ = 0.9``).
+   a reference batch beside each private batch.
 
-Defaults are the paper's (K = 10, Q = 20, T = 3, ρ = 0.9, for 28 devices). With
+Steps 1–3 are one :class:`~hetkd.distill.similarity.NeighbourSearch`; K and Q
+follow the number of devices on record. :meth:`SDDist.paper` gives the
+paper's settings (K = 10, Q = 20, ρ = 0.9, logit mean, no T²); the defaults
+are the run config's (``hetkd run strategy=sd-dist``). With
 ``neighbour_selection="device"`` the server only relays everyone's predictions
 (and quality scores); each device runs steps 2–4 itself and never reports whom
 it chose, so no party holds the similarity graph.
@@ -22,35 +25,30 @@ it chose, so no party holds the similarity graph.
 Where we differ from the authors' code (gyed/SQMD): targets are built into a
 fresh tensor (their server accumulated into a stored neighbour's logits in
 place), the reference set lives on each device (their loss read a global one),
-and the KD term carries Hinton's T² factor (theirs rescaled by batch sizes).
+and the KD term carries Hinton's T² factor by default (theirs rescaled by batch sizes).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord
 from flwr.supercore import log
 
 from hetkd import protocol as P
 from hetkd.distill.codec import encode_logits
-from hetkd.distill.similarity import (
-    NEIGHBOUR_RULES,
-    SIMILARITIES,
-    WEIGHTINGS,
-    neighbour_plan,
-    reference_quality,
-)
+from hetkd.distill.exchange import ReferenceDistillSettings
+from hetkd.distill.similarity import NeighbourSearch, reference_quality
+from hetkd.strategies.base import Figures, RoundPlan
 from hetkd.strategies.logit_exchange import LogitExchange
 from hetkd.training import derive_seed
 
 __all__ = ["SDDist"]
-
-NEIGHBOUR_SELECTIONS = ("server", "device")
 
 
 class SDDist(LogitExchange):
@@ -58,78 +56,37 @@ class SDDist(LogitExchange):
 
     Parameters
     ----------
-    num_neighbours : int
-        K, teachers per device.
-    num_candidates : int
-        Q, devices with the best reference-set loss that may be teachers (used
-        when ``reference_labels`` are given).
-    neighbour_rule : str
-        ``quality_distance`` (the paper), ``distance``, ``quality`` or ``random``.
-    similarity : str
-        ``kl`` (the paper), ``js`` or ``cosine``.
-    weighting : str
-        ``mean`` (the paper) or ``similarity``.
-    neighbour_selection : str
-        ``server`` or ``device`` (see the module docstring).
-    exact_search_max : int
-        Above this many candidate teachers the server searches a seeded random
-        sample of ``search_sample`` of them each round (sampled neighbour
-        search, linear in the population); 0 always searches exactly.
-    search_sample : int
-        Candidates searched per round above ``exact_search_max``.
+    search : NeighbourSearch | None
+        Whom each device learns from (default: the run config's
+        ``strategy.sd_dist`` defaults).
     **kwargs
-        The exchange options of :class:`~hetkd.strategies.LogitExchange`
-        (``rho``, ``temperature``, ``precision``, ...) and sampling options.
+        ``num_classes``, ``num_reference``, ``reference_labels`` and the
+        ``exchange`` settings of :class:`~hetkd.strategies.LogitExchange`, and
+        the sampling options of :class:`~hetkd.strategies.DeviceStrategy`.
     """
 
-    def __init__(
-        self,
-        *,
-        num_neighbours: int = 10,
-        num_candidates: int = 20,
-        neighbour_rule: str = "quality_distance",
-        similarity: str = "kl",
-        weighting: str = "mean",
-        neighbour_selection: str = "server",
-        exact_search_max: int = 0,
-        search_sample: int = 1000,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, *, search: NeighbourSearch | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if exact_search_max < 0:
-            raise ValueError(f"exact_search_max must be >= 0 (0: always exact), got {exact_search_max}")
-        if search_sample < 1:
-            raise ValueError(f"search_sample must be >= 1, got {search_sample}")
-        self.exact_search_max = exact_search_max
-        self.search_sample = search_sample
-        if num_neighbours < 1:
-            raise ValueError(f"num_neighbours must be >= 1, got {num_neighbours}")
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-        for name, value, choices in (
-            ("neighbour_rule", neighbour_rule, NEIGHBOUR_RULES),
-            ("similarity", similarity, SIMILARITIES),
-            ("weighting", weighting, WEIGHTINGS),
-            ("neighbour_selection", neighbour_selection, NEIGHBOUR_SELECTIONS),
-        ):
-            if value not in choices:
-                raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
-        self.num_neighbours = num_neighbours
-        self.num_candidates = num_candidates
-        self.neighbour_rule = neighbour_rule
-        self.similarity = similarity
-        self.weighting = weighting
-        self.neighbour_selection = neighbour_selection
+        self.search = search if search is not None else NeighbourSearch()
         #: device id -> its teachers' device ids, as last chosen (server selection)
         self.neighbours: dict[int, list[int]] = {}
         #: the last similarity rows: device ids of its rows, of its columns, and the matrix
         self.last_distance: tuple[list[int], list[int], torch.Tensor] | None = None
 
+    @classmethod
+    def paper(cls, **kwargs: Any) -> SDDist:
+        """SD-Dist with the paper's settings (K = 10, Q = 20, T = 3, ρ = 0.9, logit mean, no T², float32)."""
+        return cls(exchange=ReferenceDistillSettings.paper(), search=NeighbourSearch.paper(), **kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"strategy.sd_dist": self.search}
+
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t│\t└── K=%d Q=%d rule=%s similarity=%s weighting=%s selection=%s rho=%.2f T=%.1f",
-            self.num_neighbours, self.num_candidates, self.neighbour_rule, self.similarity,
-            self.weighting, self.neighbour_selection, self.rho, self.temperature)
+        s, e = self.search, self.exchange
+        log(INFO, "\t│\t└── K<=%d Q<=%d rule=%s similarity=%s weighting=%s selection=%s rho=%.2f T=%.1f",
+            s.num_neighbours, s.num_candidates, s.neighbour_rule, s.similarity, s.weighting,
+            s.neighbour_selection, e.rho, e.temperature)
 
     def quality(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Reference-set cross-entropy of each device on record (``None`` if unlabelled)."""
@@ -140,79 +97,54 @@ class SDDist(LogitExchange):
     # ------------------------------------------------------------------ server-side selection
 
     def mixing_weights(self, server_round: int, population: list[int], logits: torch.Tensor,
-                       rows: list[int]) -> torch.Tensor:
-        weights, distance, neighbours = neighbour_plan(
-            logits,
-            rows,
-            num_neighbours=self.num_neighbours,
-            num_candidates=self.num_candidates,
-            rule=self.neighbour_rule,
-            similarity=self.similarity,
-            weighting=self.weighting,
-            temperature=self.temperature,
-            quality=self.quality(logits),
+                       rows: list[int]) -> tuple[torch.Tensor, Figures]:
+        plan = self.search.plan(
+            logits, rows, temperature=self.exchange.temperature, quality=self.quality(logits),
             generator=torch.Generator().manual_seed(derive_seed(self.seed, "neighbours", server_round)),
-            exact_search_max=self.exact_search_max,
-            search_sample=self.search_sample,
         )
-        self.last_distance = ([population[k] for k in rows], population, distance)
-        distances, changed = [], []
+        self.last_distance = ([population[k] for k in rows], population, plan.distance)
+        figures, distances, changed = Figures(), [], []
         for a, k in enumerate(rows):
-            chosen = sorted(population[j] for j in neighbours[k])
+            chosen = sorted(population[j] for j in plan.neighbours[k])
             device = population[k]
-            if neighbours[k]:
-                distances.append(float(distance[a, neighbours[k]].mean()))
+            if plan.neighbours[k]:
+                distances.append(float(plan.distance[a, plan.neighbours[k]].mean()))
             changed.append(self.neighbours.get(device) != chosen)
             self.neighbours[device] = chosen
-            self.note_device(device, neighbours=chosen)
-        self._extras["neighbour_distance_mean"] = float(np.mean(distances)) if distances else None
-        self._extras["neighbour_churn"] = float(np.mean(changed)) if changed else None
-        return weights
-
-    def before_train(self, server_round: int, node_ids: list[int]) -> None:
-        if self.neighbour_selection == "server":
-            super().before_train(server_round, node_ids)
-        else:
-            self._targets, self._extras = {}, {}
+            figures.devices[device] = {"neighbours": chosen}
+        figures.metrics["neighbour_distance_mean"] = float(np.mean(distances)) if distances else None
+        figures.metrics["neighbour_churn"] = float(np.mean(changed)) if changed else None
+        return plan.weights, figures
 
     # ------------------------------------------------------------------ device-side selection
 
-    def train_content(self, server_round: int, node_id: int, config: ConfigRecord, arrays: ArrayRecord) -> RecordDict:
-        content = super().train_content(server_round, node_id, config, arrays)
-        if self.neighbour_selection != "device" or not self.distilling(server_round):
-            return content
+    def plan_train(self, server_round: int, device_ids: list[int], arrays: ArrayRecord) -> RoundPlan:
+        if self.search.neighbour_selection == "server":
+            return super().plan_train(server_round, device_ids, arrays)
+        request = self.request(server_round)
         ids, logits = self.population()
-        if not [d for d in ids if d != self.device_id(node_id)]:
-            return content  # nobody else on record yet: local training
-        config.update(
-            {
-                "num-neighbours": self.num_neighbours,
-                "num-candidates": self.num_candidates,
-                "neighbour-rule": self.neighbour_rule,
-                "similarity": self.similarity,
-                "weighting": self.weighting,
-            }
-        )
-        population = ArrayRecord(
-            {
-                P.REFERENCE_LOGITS: Array(encode_logits(logits, self.precision)),
-                P.DEVICE_IDS: Array(np.asarray(ids, dtype=np.int64)),
-            }
-        )
+        if not self.distilling(server_round) or not ids:
+            return RoundPlan({d: request for d in device_ids})
         quality = self.quality(logits)
-        if quality is not None:
-            population[P.QUALITY] = Array(quality.numpy().astype(np.float32))
-        content[P.POPULATION] = population
-        return content
+        population = P.Population(
+            reference_logits=encode_logits(logits, self.exchange.precision),
+            device_ids=np.asarray(ids, dtype=np.int64),
+            quality=None if quality is None else quality.numpy().astype(np.float32),
+            search=self.search,
+        )
+        # a device alone on record has nobody to learn from: it trains locally
+        return RoundPlan({d: replace(request, population=population) if set(ids) - {d} else request
+                          for d in device_ids})
 
-    def process_train_replies(self, server_round: int, replies: list[Message]) -> ArrayRecord | None:
-        super().process_train_replies(server_round, replies)
-        if self.neighbour_selection == "device":
-            metrics = [r.content[P.METRICS] for r in replies if "neighbour-distance" in r.content[P.METRICS]]
-            if metrics:
-                self._extras["neighbour_distance_mean"] = float(np.nanmean([m["neighbour-distance"] for m in metrics]))
-                self._extras["neighbour_churn"] = float(np.mean([m["neighbours-changed"] for m in metrics]))
-        return None
+    def learn(self, server_round: int, plan: RoundPlan, replies: dict[int, P.Reply]) -> Figures:
+        figures = super().learn(server_round, plan, replies)
+        if self.search.neighbour_selection == "device":
+            picked = [r for r in replies.values() if isinstance(r, P.ReferencePredictions)
+                      and r.neighbour_distance is not None]
+            if picked:
+                figures.metrics["neighbour_distance_mean"] = float(np.nanmean([r.neighbour_distance for r in picked]))
+                figures.metrics["neighbour_churn"] = float(np.mean([bool(r.neighbours_changed) for r in picked]))
+        return figures
 
     # ------------------------------------------------------------------ artifacts
 
@@ -223,6 +155,6 @@ class SDDist(LogitExchange):
         from hetkd.plots import plot_matrix
 
         row_ids, column_ids, distance = self.last_distance
-        title = f"SD-Dist {self.similarity.upper()} divergence of reference predictions (row i: D[i, j])"
+        title = f"SD-Dist {self.search.similarity.upper()} divergence of reference predictions (row i: D[i, j])"
         return [plot_matrix(distance.numpy(), [str(i) for i in row_ids], Path(out_dir) / "similarity.png", title,
                             column_labels=[str(j) for j in column_ids])]

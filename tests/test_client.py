@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import signal
 import time
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
+from hetkd import protocol as P
 from hetkd.clients import ContextStateStore, DiskStateStore, DistillClient
 from hetkd.clients.app import app as client_app
 from hetkd.config import to_yaml
+from hetkd.distill.emulation import DistillSettings
+from hetkd.distill.losses import KDTerm, KLLoss
 from tests.conftest import InProcessGrid, small_config
 
 
@@ -50,9 +54,9 @@ def test_training_is_reproducible_for_a_seed(tmp_path):
     cfg = small_config(tmp_path)
     a, b = DistillClient.from_config(cfg, 0), DistillClient.from_config(cfg, 0)
     torch.manual_seed(1)  # the global RNG state must not matter
-    loss_a = a.fit(1)["train-loss"]
+    loss_a = a.fit(1)["train_loss"]
     torch.manual_seed(2)
-    loss_b = b.fit(1)["train-loss"]
+    loss_b = b.fit(1)["train_loss"]
     assert loss_a == loss_b
     assert _same_state(a.state_dict(), b.state_dict())
 
@@ -65,10 +69,11 @@ def test_the_private_model_is_the_device_trained_alone(tmp_path):
     assert distilling.private_model is None and "private_model" not in distilling.state_dict()
     distilling.fork_private_model()  # before the device's model learns from others
     inputs = distilling.reference_inputs()
-    distilling.fit_towards(2, torch.randn(len(inputs), 10), rho=0.8, temperature=2.0)
+    distilling.fit_towards(2, torch.randn(len(inputs), 10), KDTerm(rho=0.8, batch_size=0, min_steps=0),
+                           KLLoss(temperature=2.0, scale=1.0))
     metrics = distilling.fit_private(2)
     alone.fit(2)
-    assert metrics["private-train-loss"] > 0
+    assert metrics["private_train_loss"] > 0
     # the private model followed exactly the trajectory of the device training by itself ...
     assert _same_state({"model": distilling.private_model.state_dict(),
                         "optimizer": distilling.private_optimizer.state_dict()}, alone.state_dict())
@@ -126,8 +131,8 @@ def test_disk_store_survives_a_killed_writer(tmp_path):
     assert torch.equal(store.load()["model"]["w"], good["model"]["w"])
 
 
-def _message(node: int, kind: str, config: dict | None = None) -> Message:
-    return Message(RecordDict({"config": ConfigRecord(config or {})}), node, kind)
+def _setup(node: int, cfg) -> Message:
+    return P.SetupRequest(run_config=to_yaml(cfg)).message(node)
 
 
 def test_client_app_setup_train_evaluate(tmp_path):
@@ -135,16 +140,17 @@ def test_client_app_setup_train_evaluate(tmp_path):
     cfg = small_config(tmp_path, devices=3)
     node = grid.node_ids[2]
     context = grid.contexts[node]
-    reply = client_app(_message(node, "query.setup", {"hetkd-config": to_yaml(cfg)}), context)
+    reply = client_app(_setup(node, cfg), context)
     assert not reply.has_error()
-    assert reply.content["device"]["architecture"] == "resnet8"  # round robin: device 2
-    assert reply.content["metrics"]["device-id"] == 2
-    first = client_app(_message(node, "train.local", {"server-round": 1}), context)
-    second = client_app(_message(node, "train.local", {"server-round": 2}), context)
-    assert second.content["metrics"]["train-loss"] < first.content["metrics"]["train-loss"]
-    ev = client_app(Message(RecordDict({"config": ConfigRecord({})}), node, "evaluate"), context)
-    metrics = ev.content["metrics"]
-    assert 0.0 <= metrics["personalised-accuracy"] <= 1.0 and 0.0 <= metrics["global-accuracy"] <= 1.0
+    setup = P.SetupReply.from_record(reply.content)
+    assert setup.architecture == "resnet8"  # round robin: device 2
+    assert setup.device_id == 2
+    first = client_app(P.LocalTrainRequest(server_round=1).message(node), context)
+    second = client_app(P.LocalTrainRequest(server_round=2).message(node), context)
+    assert P.TrainReply.from_record(second.content).train_loss < P.TrainReply.from_record(first.content).train_loss
+    ev = client_app(P.EvaluateRequest(server_round=2).message(node), context)
+    metrics = P.EvaluateReply.from_record(ev.content)
+    assert 0.0 <= metrics.personalised_accuracy <= 1.0 and 0.0 <= metrics.global_accuracy <= 1.0
     assert set(ev.content.keys()) == {"metrics"}  # evaluation sends back numbers only
 
 
@@ -153,10 +159,15 @@ def test_an_unknown_answer_model_is_refused_by_name(tmp_path):
     cfg = small_config(tmp_path, "strategy=feddf", devices=2)
     node = grid.node_ids[0]
     context = grid.contexts[node]
-    assert not client_app(_message(node, "query.setup", {"hetkd-config": to_yaml(cfg)}), context).has_error()
-    config = {"server-round": 1, "answer-model": "shared"}
-    with pytest.raises(Exception, match="unknown answer-model 'shared'; valid choices: personal, private"):
-        client_app(_message(node, "train.ensemble_distill", config), context)
+    assert not client_app(_setup(node, cfg), context).has_error()
+    request = P.EnsembleDistill(server_round=1, kd=KDTerm(rho=0.5, batch_size=0, min_steps=0),
+                                loss=DistillSettings().loss(), response="soft", answer_model="personal",
+                                precision="float32")
+    message = request.message(node)
+    message.content["config"]["answer_model"] = "shared"  # no typed request can hold it: forge the wire form
+    reply = client_app(message, context)
+    assert reply.has_error()
+    assert re.search(r"'answer_model': unknown value 'shared'; valid choices: personal, private", reply.error.reason)
 
 
 def test_node_without_partition_id_gets_an_error_naming_the_key(tmp_path):
@@ -164,7 +175,7 @@ def test_node_without_partition_id_gets_an_error_naming_the_key(tmp_path):
     cfg = small_config(tmp_path, devices=2)
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="partition-id"):
-        client_app(_message(5, "query.setup", {"hetkd-config": to_yaml(cfg)}), context)
+        client_app(_setup(5, cfg), context)
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 9}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="partition-id'=9 is outside 0..1"):
-        client_app(_message(5, "query.setup", {"hetkd-config": to_yaml(cfg)}), context)
+        client_app(_setup(5, cfg), context)

@@ -55,7 +55,10 @@ def test_sd_dist_over_grpc_survives_a_supernode_killed_mid_round(tmp_path):
         "strategy=sd-dist", "simulation.num_devices=3", "num-server-rounds=2",
         "models.assignment=per_device", "models.architectures=[mlp_s,cnn_s,mlp_m]",
         "reference.size=100", "partition.min_samples=5", "training.local_epochs=1",
-        "simulation.round_timeout=180", "simulation.wait_for_devices=60",
+        "simulation.round_timeout=180", "strategy.wait_for_devices=60",
+        # K and Q as the test was written for (min(5, n), min(7, n)): with the two devices on record in
+        # round 2 the default fractions would leave Q = 1, so the best device would have nobody to learn from
+        "strategy.sd_dist.neighbour_fraction=1.0", "strategy.sd_dist.candidate_fraction=1.0",
         "output.plots=false", "output.progress=false", f"output.dir={out}",
     ])
     fed = LocalFederation(3, tmp_path / "flwr-home")

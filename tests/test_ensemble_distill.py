@@ -11,17 +11,16 @@ from hetkd.config import ConfigError, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.codec import decode_answers, encode_answers
 from hetkd.distill.deprivatization import GanSettings
-from hetkd.distill.emulation import freeze
-from hetkd.distill.ensemble import class_balanced, ensemble_responses, teacher_logits
+from hetkd.distill.emulation import MEKDSettings, freeze
+from hetkd.distill.ensemble import EnsembleSettings, class_balanced, ensemble_responses, teacher_logits
 from hetkd.distill.generative import make_generator
 from hetkd.distill.queries import QuerySpec, generate_queries, resolve_queries
 from hetkd.simulations.registry import build_strategy, check_strategy
-from hetkd.strategies import MEKD, FedDF
-from hetkd.strategies.mekd import generator_config
+from hetkd.strategies import MEKD, EnsembleDistill, FedDF
 from tests.conftest import InProcessGrid, small_config
 
-SMALL = ("strategy.ensemble.warmup_rounds=1", "strategy.ensemble.deprivatize_rounds=2", "mekd.gan_steps=40",
-         "mekd.gan_batch_size=16", "strategy.ensemble.server_steps=20", "strategy.ensemble.num_queries=64",
+SMALL = ("strategy.ensemble.warmup_rounds=1", "strategy.ensemble.deprivatize_rounds=2", "mekd.gan.steps=40",
+         "mekd.gan.batch_size=16", "strategy.ensemble.server_steps=20", "strategy.ensemble.num_queries=64",
          "training.local_epochs=1", "strategy.ensemble.min_steps=0", "reference.size=100", "num-server-rounds=5")
 
 
@@ -40,8 +39,9 @@ def _public(n=40):
 
 
 def test_phase_schedule_and_queries():
-    mekd = MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 8, 8), warmup_rounds=2,
-                deprivatize_rounds=3, gan=GanSettings(steps=10, batch_size=8), num_queries=32)
+    mekd = MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 8, 8),
+                ensemble=EnsembleSettings(student="", warmup_rounds=2, deprivatize_rounds=3, num_queries=32),
+                mekd=MEKDSettings(gan=GanSettings(steps=10, batch_size=8)))
     assert [mekd.phase(r) for r in range(1, 9)] == ["warmup"] * 2 + ["deprivatize"] * 3 + ["distill"] * 3
     assert mekd.gan_steps_per_round() == 4  # ceil(10 / 3): every step is run
     assert mekd.make_query(1, "warmup") is None
@@ -51,22 +51,25 @@ def test_phase_schedule_and_queries():
     assert (q.source, q.count, q.train_mode) == ("generator", 32, False)
     assert mekd.make_query(7, "distill").seed != q.seed  # a fresh batch every round
 
-    feddf = FedDF(num_classes=10, public_inputs=_public(20), warmup_rounds=1, num_queries=64)
+    feddf = FedDF(num_classes=10, public_inputs=_public(20),
+                  ensemble=EnsembleSettings(student="", warmup_rounds=1, num_queries=64))
     assert [feddf.phase(r) for r in range(1, 4)] == ["warmup", "distill", "distill"]
     q = feddf.make_query(2, "distill")
     assert (q.source, q.count) == ("reference", 20)  # never more rows than the public set holds
-    assert feddf.settings.w_f == 0.0
+    assert feddf.distill.w_f == 0.0
 
 
 def test_strategies_reject_bad_arguments_by_name():
     with pytest.raises(ValueError, match="weighting"):
-        FedDF(num_classes=10, public_inputs=_public(), weighting="closest")
-    with pytest.raises(ValueError, match="response"):
-        FedDF(num_classes=10, public_inputs=_public(), response="logits")
+        FedDF(num_classes=10, public_inputs=_public(), ensemble=EnsembleSettings(student="", weighting="closest"))
+    with pytest.raises(ValueError, match="response"):  # FedDF always answers soft: the base class takes response
+        EnsembleDistill(num_classes=10, public_inputs=_public(), response="logits",
+                        ensemble=EnsembleSettings(student=""))
     with pytest.raises(ValueError, match="deprivatize_rounds"):
-        MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 8, 8), deprivatize_rounds=0)
+        MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 8, 8),
+             ensemble=EnsembleSettings(student="", deprivatize_rounds=0))
     with pytest.raises(ValueError, match="input_shape"):
-        MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 28, 28))
+        MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 28, 28), ensemble=EnsembleSettings(student=""))
 
 
 def test_too_few_rounds_and_logit_answers_are_rejected_by_key(tmp_path):
@@ -135,9 +138,10 @@ def test_a_device_rebuilds_exactly_the_servers_queries_from_weights_and_a_seed()
     with torch.no_grad():  # move the running statistics away from their initial values
         g.train()(torch.randn(64, 10) * 3)
     stats = {k: v.clone() for k, v in g.state_dict().items()}
-    config = generator_config((1, 8, 8), gan, None)
-    device_g = make_generator((1, 8, 8), 10, (config["generator-low"], config["generator-high"]),
-                              int(config["generator-width"]))
+    server = MEKD(num_classes=10, public_inputs=_public(), input_shape=(1, 8, 8), mekd=MEKDSettings(gan=gan),
+                  ensemble=EnsembleSettings(student=""))
+    spec = server.generator_spec()
+    device_g = make_generator((1, 8, 8), 10, (spec.low, spec.high), spec.width)
     device_g.load_state_dict(g.state_dict())
     for train_mode in (True, False):
         spec = QuerySpec("generator", seed=7, count=32, batch_size=8, train_mode=train_mode)
@@ -153,7 +157,15 @@ def test_a_device_rebuilds_exactly_the_servers_queries_from_weights_and_a_seed()
 
 
 def _replies(grid):
-    return [t for t in grid.traffic if t.message.metadata.message_type == P.TRAIN_ENSEMBLE_DISTILL]
+    return [t for t in grid.traffic if t.message.metadata.message_type == P.EnsembleDistill.message_type]
+
+
+def _request(t) -> P.EnsembleDistill:
+    return P.EnsembleDistill.from_record(t.message.content)
+
+
+def _answers(t) -> P.QueryAnswers:
+    return P.QueryAnswers.from_record(t.reply.content)
 
 
 def test_only_answers_generator_weights_and_scalars_cross_the_wire(tmp_path):
@@ -165,18 +177,23 @@ def test_only_answers_generator_weights_and_scalars_cross_the_wire(tmp_path):
     generator_sends = {}
     for t in _replies(grid):
         down, up = t.message.content, t.reply.content
-        assert set(down.keys()) <= {P.CONFIG, P.TARGETS, P.GENERATOR}
-        if P.GENERATOR in down:
-            assert set(down[P.GENERATOR].keys()) == g_keys
-            generator_sends.setdefault(t.message.metadata.dst_node_id, []).append(down[P.CONFIG]["server-round"])
-        if P.TARGETS in down:
-            assert set(down[P.TARGETS].keys()) == {P.TARGET_RESPONSES}
-        assert set(up.keys()) <= {P.METRICS, P.PREDICTIONS}, "only answers and metrics leave a device"
-        if P.PREDICTIONS in up:
-            answers = up[P.PREDICTIONS]
-            assert set(answers.keys()) == {P.RESPONSES}
-            count = int(down[P.CONFIG]["query-count"])
-            assert answers[P.RESPONSES].numpy().shape == (count, 10)
+        assert set(down.keys()) <= {P.CONFIG, P.ARRAYS, "generator_weights"}
+        request = _request(t)
+        assert request.query_inputs is None
+        if request.generator_weights is not None:
+            assert set(request.generator_weights.keys()) == g_keys
+            generator_sends.setdefault(t.message.metadata.dst_node_id, []).append(request.server_round)
+        if request.targets is not None:
+            assert set(down[P.ARRAYS].keys()) == {"targets.answers"}
+        else:
+            assert P.ARRAYS not in down
+        assert P.DEVICE_TO_SERVER[P.EnsembleDistill.message_type] == {P.METRICS, P.CONFIG, P.ARRAYS}
+        assert set(up.keys()) <= {P.METRICS, P.CONFIG, P.ARRAYS}, "only answers and metrics leave a device"
+        assert set(up[P.CONFIG].keys()) == {"distilled"}
+        if P.ARRAYS in up:
+            assert set(up[P.ARRAYS].keys()) == {"answers"}
+            count = request.query.count
+            assert _answers(t).answers.shape == (count, 10)
     # G travels in each deprivatization round (it changes) and once more, frozen, for distillation
     assert all(rounds == [2, 3, 4] for rounds in generator_sends.values()) and len(generator_sends) == 3
     assert reports[-1].metrics["student_accuracy"] is not None
@@ -203,24 +220,26 @@ def test_a_device_that_drops_out_during_deprivatization_does_not_stall_the_round
     assert [f["device"] for f in round2.failures] == [1]
     # back in round 3, it is sent G again (it never acknowledged round 2's) and takes part
     back = [t for t in _replies(grid) if t.message.metadata.dst_node_id == gone
-            and t.message.content[P.CONFIG]["server-round"] == 3][0]
-    assert P.GENERATOR in back.message.content and back.reply is not None and not back.reply.has_error()
+            and _request(t).server_round == 3][0]
+    assert _request(back).generator_weights is not None and back.reply is not None and not back.reply.has_error()
     assert reports[2].metrics["answering_devices"] == 3
 
 
 def test_hard_responses_carry_no_soft_information(tmp_path):
-    cfg = small_config(tmp_path, "strategy=mekd", "mekd.response=hard", "mekd.hard_margin=4.5", *SMALL, devices=3)
+    cfg = small_config(tmp_path, "strategy=mekd", "mekd.response=hard", "mekd.distill.hard_margin=4.5", *SMALL, devices=3)
     grid = InProcessGrid(3)
     _, reports = _start(cfg, grid, rounds=5)
     answered = 0
     for t in _replies(grid):
-        assert t.message.content[P.CONFIG]["hard-margin"] == 4.5  # the devices read a label as the server does
-        if P.PREDICTIONS in t.reply.content:
-            labels = t.reply.content[P.PREDICTIONS][P.RESPONSES].numpy()
+        request = _request(t)
+        assert request.loss.hard_margin == 4.5  # the devices read a label as the server does
+        labels = _answers(t).answers
+        if labels is not None:
             assert labels.ndim == 1 and labels.dtype == np.uint8 and labels.max() < 10
             answered += 1
-        if P.TARGETS in t.message.content:
-            targets = t.message.content[P.TARGETS][P.TARGET_RESPONSES].numpy()
+        if request.targets is not None:
+            targets = request.targets.answers
+            assert request.targets.kind == "hard"
             assert targets.ndim == 1 and targets.dtype == np.uint8
     assert answered == 12  # 3 devices x 4 rounds after the warm-up
     assert reports[-1].metrics["student_accuracy"] is not None
@@ -236,11 +255,11 @@ def test_private_answers_never_echo_what_the_devices_distil(tmp_path):
         grid = InProcessGrid(3)
         strategy, reports = _start(cfg, grid, rounds=5)
         assert not any(r.failures for r in reports)
-        sent = [t for t in _replies(grid) if P.PREDICTIONS in t.reply.content]
-        assert all(t.message.content[P.CONFIG][P.ANSWER_MODEL] == answer_model for t in sent)
-        trained = {k for t in sent if P.TARGETS in t.message.content for k in t.reply.content[P.METRICS]}
-        assert ("private-train-loss" in trained) == (answer_model == "private")
-        answers = [t.reply.content[P.PREDICTIONS][P.RESPONSES].numpy() for t in sent]
+        sent = [t for t in _replies(grid) if _answers(t).answers is not None]
+        assert all(_request(t).answer_model == answer_model for t in sent)
+        trained = {k for t in sent if _request(t).targets is not None for k in t.reply.content[P.METRICS]}
+        assert ("private_train_loss" in trained) == (answer_model == "private")
+        answers = [_answers(t).answers for t in sent]
         return answers, reports[-1].metrics["student_accuracy"], strategy.student.state_dict()
 
     rounds_distilling = 1  # round 5: the devices distilled towards round 4's targets before answering
@@ -257,7 +276,7 @@ def test_private_answers_never_echo_what_the_devices_distil(tmp_path):
     with pytest.raises(ConfigError, match="strategy.ensemble.answer_model"):
         small_config(tmp_path, "strategy=mekd", "strategy.ensemble.answer_model=shared")
     with pytest.raises(ValueError, match="answer_model"):
-        FedDF(num_classes=10, public_inputs=_public(), answer_model="shared")
+        FedDF(num_classes=10, public_inputs=_public(), ensemble=EnsembleSettings(student="", answer_model="shared"))
 
 
 def test_balanced_targets_are_the_plain_ensemble_corrected_to_a_uniform_class_prior(tmp_path):
@@ -268,12 +287,12 @@ def test_balanced_targets_are_the_plain_ensemble_corrected_to_a_uniform_class_pr
         cfg = small_config(tmp_path, "strategy=feddf", f"strategy.ensemble.balance_classes={balance}", *SMALL,
                            devices=3)
         strategy, reports = _start(cfg, InProcessGrid(3), rounds=2)
-        assert not any(r.failures for r in reports) and strategy.balance_classes is balance
-        targets[balance] = strategy._common_target
+        assert not any(r.failures for r in reports) and strategy.ensemble.balance_classes is balance
+        targets[balance] = strategy.targets.common
     assert torch.allclose(targets[True], class_balanced(targets[False]), atol=1e-6)
     assert not torch.allclose(targets[True], targets[False])
     with pytest.raises(ValueError, match="balance_classes"):
-        FedDF(num_classes=10, public_inputs=_public(), balance_classes="yes")
+        FedDF(num_classes=10, public_inputs=_public(), ensemble=EnsembleSettings(student="", balance_classes="yes"))
     with pytest.raises(ValueError, match="strategy.ensemble.balance_classes"):
         small_config(tmp_path, "strategy=feddf", "strategy.ensemble.balance_classes=sometimes")
 
@@ -286,14 +305,14 @@ def test_the_student_distils_on_the_last_rounds_queries_it_remembers(tmp_path):
     strategy, reports = _start(cfg, InProcessGrid(3), rounds=6)
     assert not any(r.failures for r in reports)
     assert [r.metrics.get("student_inputs") for r in reports] == [None] * 3 + [64, 128, 128]
-    remembered = [inputs for inputs, _ in strategy._student_memory]
+    remembered = [inputs for inputs, _ in strategy.student_memory]
     assert len(remembered) == 2
     for server_round, inputs in zip((5, 6), remembered):
         assert torch.equal(inputs, strategy.query_inputs(strategy.make_query(server_round, "distill")))
-    assert torch.equal(strategy._student_memory[-1][1],
-                       teacher_logits(strategy._common_target, "soft", hard_margin=strategy.settings.hard_margin))
+    assert torch.equal(strategy.student_memory[-1][1],
+                       teacher_logits(strategy.targets.common, "soft", hard_margin=strategy.distill.hard_margin))
     with pytest.raises(ValueError, match="student_memory"):
-        FedDF(num_classes=10, public_inputs=_public(), student_memory=-1)
+        FedDF(num_classes=10, public_inputs=_public(), ensemble=EnsembleSettings(student="", student_memory=-1))
     with pytest.raises(ConfigError, match="strategy.ensemble.student_memory"):
         small_config(tmp_path, "strategy=feddf", "strategy.ensemble.student_memory=-2")
 
@@ -303,10 +322,10 @@ def test_similarity_weighting_gives_each_device_its_own_targets(tmp_path):
                        "strategy.ensemble.num_neighbours=1", *SMALL, devices=3)
     grid = InProcessGrid(3)
     strategy, reports = _start(cfg, grid, rounds=3)
-    assert set(strategy._targets) == {0, 1, 2}
-    assert not torch.equal(strategy._targets[0], strategy._targets[1])
+    assert set(strategy.targets.own) == {0, 1, 2}
+    assert not torch.equal(strategy.targets.own[0], strategy.targets.own[1])
     assert reports[-1].metrics["neighbour_distance_mean"] > 0
-    last = [t.message.content[P.TARGETS][P.TARGET_RESPONSES].numpy() for t in _replies(grid)[-3:]]
+    last = [_request(t).targets.answers for t in _replies(grid)[-3:]]
     assert not np.array_equal(last[0], last[1])
 
 
@@ -318,7 +337,7 @@ def test_mekd_global_student_beats_chance_by_a_wide_margin(tmp_path):
     from hetkd.simulations import run
 
     cfg = small_config(tmp_path, "strategy=mekd", "num-server-rounds=6", "strategy.ensemble.warmup_rounds=2",
-                       "strategy.ensemble.deprivatize_rounds=2", "mekd.gan_steps=300",
+                       "strategy.ensemble.deprivatize_rounds=2", "mekd.gan.steps=300",
                        "strategy.ensemble.server_steps=150", "strategy.ensemble.num_queries=256",
                        "training.local_epochs=3", "reference.size=300", "partition.method=iid", devices=4)
     summary = run(cfg)
@@ -331,17 +350,18 @@ def test_mekd_global_student_beats_chance_by_a_wide_margin(tmp_path):
 
 def test_deprivatization_ships_inputs_instead_of_weights_when_they_are_smaller(tmp_path):
     # 2 GAN steps of 8 per round: 16 inputs of 8x8 (4 KiB) against G's ~66 KiB of weights
-    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.gan_steps=4", "mekd.gan_batch_size=8", devices=3)
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.gan.steps=4", "mekd.gan.batch_size=8", devices=3)
     grid = InProcessGrid(3)
     strategy, reports = _start(cfg, grid, rounds=5)
     for t in _replies(grid):
-        down, phase_round = t.message.content, int(t.message.content[P.CONFIG]["server-round"])
+        down = _request(t)
+        phase_round = down.server_round
         if phase_round in (2, 3):  # deprivatization
-            assert P.GENERATOR not in down and down[P.CONFIG]["query-source"] == "inputs"
-            assert down[P.QUERY_INPUTS][P.INPUTS].numpy().shape == (16, 1, 8, 8)
-            assert t.reply.content[P.PREDICTIONS][P.RESPONSES].numpy().shape == (16, 10)
+            assert down.generator_weights is None and down.query.source == "inputs"
+            assert down.query_inputs.shape == (16, 1, 8, 8)
+            assert _answers(t).answers.shape == (16, 10)
         if phase_round == 4:  # distillation needs G itself (the mapping-emulation loss)
-            assert P.GENERATOR in down and P.QUERY_INPUTS not in down
+            assert down.generator_weights is not None and down.query_inputs is None
     assert reports[1].metrics["gan_steps"] == 2 and not any(r.failures for r in reports)
 
 
@@ -379,12 +399,12 @@ def test_the_order_replies_arrive_in_changes_nothing(tmp_path):
     for module_a, module_b in ((a.generator, b.generator), (a.student, b.student)):
         state_a, state_b = module_a.state_dict(), module_b.state_dict()
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    assert torch.equal(a._common_target, b._common_target)
+    assert torch.equal(a.targets.common, b.targets.common)
     assert [m.get("student_accuracy") for m in metrics_a] == [m.get("student_accuracy") for m in metrics_b]
 
 
 def test_a_device_that_lost_the_generator_says_so_and_is_sent_it_again(tmp_path):
-    from hetkd.clients.app import GENERATOR_STATE_KEY, GENERATOR_VERSION_STATE_KEY
+    from hetkd.clients.handlers import GENERATOR_STATE_KEY, GENERATOR_VERSION_STATE_KEY
 
     cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "num-server-rounds=6", devices=3)
     grid = InProcessGrid(3)
@@ -401,18 +421,20 @@ def test_a_device_that_lost_the_generator_says_so_and_is_sent_it_again(tmp_path)
     assert [f["device"] for f in reports[4].failures] == [0]
     assert "generator version" in reports[4].failures[0]["reason"]
     resent = [t for t in _replies(grid) if t.message.metadata.dst_node_id == node
-              and t.message.content[P.CONFIG]["server-round"] == 6][0]
-    assert P.GENERATOR in resent.message.content and not resent.reply.has_error()
+              and _request(t).server_round == 6][0]
+    assert _request(resent).generator_weights is not None and not resent.reply.has_error()
     assert not reports[5].failures
 
 
 def test_query_specs_reject_bad_values_by_name():
-    with pytest.raises(ValueError, match="query source 'disk'"):
+    with pytest.raises(ValueError, match="'source': unknown value 'disk'"):
         QuerySpec("disk", 0, 10)
     with pytest.raises(ValueError, match="count >= 1"):
         QuerySpec("reference", 0, 0)
     spec = QuerySpec("reference", 3, 50)
-    assert QuerySpec.from_config(spec.to_config("q"), "q") == spec
+    request = P.EnsembleDistill(server_round=1, kd=EnsembleSettings().kd_term(), loss=MEKDSettings().distill.loss(),
+                                response="soft", answer_model="private", precision="float16", query=spec)
+    assert P.EnsembleDistill.from_record(request.to_record()).query == spec  # the spec survives the wire
     with pytest.raises(ValueError, match="reference set has 20"):
         resolve_queries(spec, reference_inputs=_public(20))
     with pytest.raises(ValueError, match="generator's weights"):

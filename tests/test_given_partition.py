@@ -118,12 +118,12 @@ def test_max_steps_caps_a_round_and_is_validated(tmp_path):
     overrides = ["partition.method=iid", "training.local_epochs=3", "training.batch_size=8"]
     client = DistillClient.from_config(resolve_config(None, [*overrides, "training.max_steps=3"]), 0)
     assert len(client.data.train) > 3 * 8
-    assert client.fit(1)["samples-seen"] == 3 * 8
+    assert client.fit(1)["samples_seen"] == 3 * 8
     # a budget longer than an epoch carries over into the next epochs, and no further
     per_epoch = len(client.data.train)
     steps = -(-per_epoch // 8) + 2
     client = DistillClient.from_config(resolve_config(None, [*overrides, f"training.max_steps={steps}"]), 0)
-    assert client.fit(1)["samples-seen"] == per_epoch + 2 * 8
+    assert client.fit(1)["samples_seen"] == per_epoch + 2 * 8
     with pytest.raises(ConfigError, match="training.max_steps"):
         resolve_config(None, ["training.max_steps=-1"])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from hetkd.config import ConfigError, resolve_config
+from hetkd.config import ConfigError, HetkdConfig, resolve_config
 from hetkd.data import load_dataset
 from hetkd.distill.blackbox import (
     active_mixup,
@@ -39,6 +39,7 @@ from hetkd.distill.ensemble import (
 from hetkd.distill.generative import make_discriminator, make_generator
 from hetkd.distill.teacher import BlackBoxError, BlackBoxTeacher
 from hetkd.models import ModelError, build_model
+from hetkd.simulations.b2kd import B2KDRunConfig
 from hetkd.training import evaluate_accuracy, make_optimizer, seeded, torch_threads, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +297,7 @@ def test_settings_reject_bad_values_naming_them():
         DistillSettings(distance="l3")
     with pytest.raises(ValueError, match="milestones"):
         DistillSettings(milestones=(0.7, 0.3))
-    with pytest.raises(ValueError, match="w_f/w_kl"):
+    with pytest.raises(ValueError, match="'w_kl': w_f and w_kl cannot both be 0"):
         DistillSettings(w_f=0.0, w_kl=0.0)
     with pytest.raises(ValueError, match="lr_discriminator"):
         GanSettings(lr_discriminator=0.0)
@@ -387,23 +388,25 @@ def test_least_confident_picks_the_most_uncertain_pairs_and_weights():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("mekd.response=medium", "mekd.response"), ("mekd.distance=l3", "mekd.distance"),
-     ("mekd.temperature=0", "mekd.temperature"), ("mekd.lr_milestones=[0.7,0.3]", "mekd.lr_milestones"),
-     ("mekd.gan_batch_size=1", "mekd.gan_batch_size"), ("b2kd.methods=[mekd,dfme]", "b2kd.methods[1]"),
+    [("mekd.response=medium", "mekd.response"), ("mekd.distill.distance=l3", "mekd.distill.distance"),
+     ("mekd.distill.temperature=0", "mekd.distill.temperature"),
+     ("mekd.distill.milestones=[0.7,0.3]", "mekd.distill.milestones"),
+     ("mekd.gan.batch_size=1", "mekd.gan.batch_size"), ("b2kd.methods=[mekd,dfme]", "b2kd.methods[1]"),
      ("b2kd.responses=[soft,soft]", "b2kd.responses"), ("b2kd.seeds=[]", "b2kd.seeds"),
      ("b2kd.mixup_queries=5000", "b2kd.mixup_queries")],
 )
 def test_config_validation_names_the_key(override, key):
+    schema = B2KDRunConfig if override.startswith("b2kd.") else HetkdConfig  # b2kd.* belongs to `hetkd b2kd`
     with pytest.raises(ConfigError) as err:
-        resolve_config(None, [override])
+        resolve_config(None, [override], schema=schema)
     assert err.value.key == key and key in str(err.value)
 
 
 def test_config_rejects_unknown_architectures_and_lists_choices():
     with pytest.raises(ModelError, match="b2kd.teacher.*valid choices"):
-        resolve_config(None, ["b2kd.teacher=resnet99"])
+        resolve_config(None, ["b2kd.teacher=resnet99"], schema=B2KDRunConfig)
     with pytest.raises(ConfigError, match="valid choices: active_mixup, kd_generated, kd_proxy, mekd"):
-        resolve_config(None, ["b2kd.methods=[mekd,dfme]"])
+        resolve_config(None, ["b2kd.methods=[mekd,dfme]"], schema=B2KDRunConfig)
 
 
 def test_b2kd_command_writes_its_files_with_disjoint_data(tmp_path):
@@ -413,8 +416,8 @@ def test_b2kd_command_writes_its_files_with_disjoint_data(tmp_path):
     config = str(ROOT / "configs" / "experiments" / "b2kd_digits.yaml")
     out, again = tmp_path / "run", tmp_path / "again"
     args = [config, "b2kd.seeds=[0]", "b2kd.methods=[mekd,kd_proxy]", "b2kd.responses=[hard]",
-            "b2kd.teacher=cnn_s", "b2kd.student=mlp_s", "b2kd.teacher_epochs=1", "mekd.gan_steps=5",
-            "mekd.distill_steps=5", "output.progress=false"]
+            "b2kd.teacher=cnn_s", "b2kd.student=mlp_s", "b2kd.teacher_epochs=1", "mekd.gan.steps=5",
+            "mekd.distill.steps=5", "output.progress=false"]
     assert main(["b2kd", *args, "--out", str(out)]) == 0
     report = json.loads((out / "b2kd.json").read_text())
     assert {"b2kd.md", "samples.png", "teacher.pt", "config.yaml"} <= {p.name for p in out.iterdir()}
@@ -423,7 +426,7 @@ def test_b2kd_command_writes_its_files_with_disjoint_data(tmp_path):
     assert all(r["ratio"] == pytest.approx(r["accuracy"] / report["teacher"]["accuracy"]) for r in runs)
     assert report["methods"]["mekd"]["hard"]["accuracy"]["values"] == [runs[0]["accuracy"]]
     assert "| mekd |" in (out / "b2kd.md").read_text()
-    data = b2kd_data(resolve_config(config))
+    data = b2kd_data(resolve_config(config, schema=B2KDRunConfig))
     teacher_idx, proxy_idx = set(data.teacher_train.indices), set(data.proxy.indices)
     assert not teacher_idx & proxy_idx and not (teacher_idx | proxy_idx) & set(data.test.indices)
     # reloading the saved teacher skips training and gives the same teacher accuracy

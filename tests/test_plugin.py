@@ -15,6 +15,10 @@ from hetkd.clients import DeviceDataset, NodeConfigError, make_client_app, parse
 from hetkd.config import TrainingConfig, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.deprivatization import GanSettings
+from hetkd.distill.emulation import MEKDSettings
+from hetkd.distill.ensemble import EnsembleSettings
+from hetkd.distill.exchange import ReferenceDistillSettings
+from hetkd.distill.similarity import NeighbourSearch
 from hetkd.simulations.registry import build_strategy
 from hetkd.strategies import MEKD, SDDist
 from tests.conftest import InProcessGrid, small_config
@@ -118,8 +122,9 @@ def _own_app():
 
 def test_own_model_and_data_become_sd_dist_devices():
     grid = InProcessGrid(3, client_app=_own_app())
-    strategy = SDDist(num_reference=200, num_classes=10, num_devices=3, num_neighbours=2, num_candidates=3,
-                      reference_labels=Y[:200], warmup_rounds=1, wait_for_devices=5)
+    strategy = SDDist(num_classes=10, num_reference=200, reference_labels=Y[:200], num_devices=3,
+                      search=NeighbourSearch(num_neighbours=2, num_candidates=3),
+                      exchange=ReferenceDistillSettings(warmup_rounds=1), wait_for_devices=5)
     reports = []
     result = strategy.start(grid=grid, num_rounds=3, on_round_end=reports.append)
     assert sorted(d.architecture for d in strategy.devices.values()) == ["TinyNet"] * 3
@@ -128,9 +133,9 @@ def test_own_model_and_data_become_sd_dist_devices():
     assert all(r.failures == [] for r in reports) and reports[-1].trained == 3
     assert reports[-1].metrics["distilled_devices"] == 3  # targets reached every device after the warm-up
     for t in grid.traffic:
-        if t.message.metadata.message_type == P.TRAIN_REFERENCE_DISTILL:
-            assert set(t.reply.content.keys()) == {P.METRICS, P.PREDICTIONS}  # predictions, never weights
-            assert t.reply.content[P.PREDICTIONS][P.REFERENCE_LOGITS].numpy().shape == (200, 10)
+        if t.message.metadata.message_type == P.ReferenceDistill.message_type:
+            assert set(t.reply.content.keys()) == {"metrics", "config", "arrays"}  # predictions, never weights
+            assert P.ReferencePredictions.from_record(t.reply.content).reference_logits.shape == (200, 10)
     final = result.evaluate_metrics_clientapp[3]
     assert final["personalised-accuracy-mean"] > 0.6 and final["global-accuracy-mean"] > 0.3  # chance: 0.1
 
@@ -144,13 +149,15 @@ def test_own_devices_serve_mekd_without_a_global_test_set():
     grid = InProcessGrid(2, client_app=app)
     student = TinyNet(32)
     strategy = MEKD(num_classes=10, input_shape=(1, 8, 8), public_inputs=PUBLIC, student=student,
-                    global_test=(X[-300:], Y[-300:]), num_devices=2, warmup_rounds=1, deprivatize_rounds=1,
-                    gan=GanSettings(steps=4, batch_size=8), num_queries=32, server_steps=2, wait_for_devices=5)
+                    global_test=(X[-300:], Y[-300:]), num_devices=2,
+                    ensemble=EnsembleSettings(warmup_rounds=1, deprivatize_rounds=1, num_queries=32, server_steps=2),
+                    mekd=MEKDSettings(gan=GanSettings(steps=4, batch_size=8)), wait_for_devices=5)
     reports = []
     strategy.start(grid=grid, num_rounds=3, on_round_end=reports.append)
     assert all(r.failures == [] for r in reports) and [r.trained for r in reports] == [2, 2, 2]
-    evaluations = [t.reply.content[P.METRICS] for t in grid.traffic if t.message.metadata.message_type == "evaluate"]
-    assert evaluations and all("global-accuracy" not in m for m in evaluations)  # no global test set: not reported
+    evaluations = [t.reply.content for t in grid.traffic if t.message.metadata.message_type == "evaluate"]
+    assert evaluations and all("global_accuracy" not in c["metrics"]  # no global test set: not reported
+                               and P.EvaluateReply.from_record(c).global_accuracy is None for c in evaluations)
 
 
 def test_own_data_errors_name_the_part():
@@ -159,9 +166,7 @@ def test_own_data_errors_name_the_part():
 
     app = make_client_app(lambda ctx: TinyNet(8), bad_labels, num_classes=10)
     context = Context(run_id=1, node_id=3, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    from flwr.app import ConfigRecord, Message
-
-    message = Message(RecordDict({P.CONFIG: ConfigRecord()}), 3, P.SETUP)
+    message = P.SetupRequest().message(3)
     message.metadata.__dict__["_message_id"] = message.object_id
     with pytest.raises(ValueError, match="'train' has labels outside 0..9"):
         app(message, context)
@@ -191,8 +196,10 @@ def test_quickstart_server_app_with_sd_dist_in_place_of_fedavg(capsys):
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     server_app(grid, context)
     types = [t.message.metadata.message_type for t in grid.traffic]
-    assert types.count(P.TRAIN_REFERENCE_DISTILL) == 3 * run_config["num-server-rounds"]
-    assert any(P.TARGETS in t.message.content for t in grid.traffic), "SD-Dist sent targets after the warm-up"
+    assert types.count(P.ReferenceDistill.message_type) == 3 * run_config["num-server-rounds"]
+    assert any(P.ReferenceDistill.from_record(t.message.content).targets is not None for t in grid.traffic
+               if t.message.metadata.message_type == P.ReferenceDistill.message_type), \
+        "SD-Dist sent targets after the warm-up"
     assert all(not t.reply.has_error() for t in grid.traffic)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("round ")]
     assert len(lines) == run_config["num-server-rounds"]

@@ -22,7 +22,7 @@ import pytest
 
 from hetkd.config import ConfigError, resolve_config
 from hetkd.results import read_metrics
-from hetkd.simulations.bench import TreeMemoryMonitor, run_bench
+from hetkd.simulations.bench import BenchRunConfig, TreeMemoryMonitor, run_bench
 from tests.conftest import small_config
 
 GIB = float(1 << 30)
@@ -102,7 +102,8 @@ def test_tree_monitor_counts_child_processes():
 def test_bench_similarity_part_writes_json_and_plot(tmp_path):
     cfg = resolve_config(None, ["bench.parts=[similarity]", "bench.similarity_sizes=[20,200]",
                                 "bench.similarity_reference=30", "bench.similarity_exact_max=100", "bench.similarity_learners=[1.0]",
-                                "strategy.sd_dist.exact_search_max=50", "strategy.sd_dist.search_sample=40"])
+                                "strategy.sd_dist.exact_search_max=50", "strategy.sd_dist.search_sample=40"],
+                         schema=BenchRunConfig)
     result = run_bench(cfg, tmp_path)
     rows = json.loads((tmp_path / "bench.json").read_text())["similarity"]["rows"]
     assert (tmp_path / "bench.png").is_file() and result["similarity"]["rows"] == rows
@@ -119,7 +120,7 @@ def test_200_devices_stay_within_a_memory_bound(tmp_path):
         tmp_path, "strategy=sd-dist", "partition.method=iid", "partition.min_samples=4", "reference.size=100",
         "models.architectures=[mlp_s,cnn_s]", "strategy.fraction_train=0.05", "strategy.fraction_evaluate=0.05",
         "training.local_epochs=1", "simulation.state_store=disk", "strategy.kd.warmup_rounds=1",
-        "simulation.wait_for_devices=300", devices=200,
+        "strategy.wait_for_devices=300", devices=200,
     )
     with TreeMemoryMonitor(interval=0.2) as monitor:
         summary = run(cfg)

@@ -12,6 +12,8 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from hetkd import protocol as P
 from hetkd.config import to_yaml
 from hetkd.data import build_federation
+from hetkd.distill.exchange import ReferenceDistillSettings
+from hetkd.distill.similarity import NeighbourSearch
 from hetkd.simulations.registry import build_strategy
 from hetkd.strategies import FedMD, SDDist
 from tests.conftest import InProcessGrid, small_config
@@ -36,30 +38,34 @@ def test_only_reference_predictions_and_scalars_leave_a_device(tmp_path):
     fed = build_federation(cfg)
     r, c = len(fed.reference), fed.num_classes
     kinds = {t.message.metadata.message_type for t in grid.traffic}
-    assert kinds == {P.SETUP, P.TRAIN_REFERENCE_DISTILL, P.EVALUATE}
+    assert kinds == {P.SetupRequest.message_type, P.ReferenceDistill.message_type, P.EvaluateRequest.message_type}
     for t in grid.traffic:
         assert t.reply is not None and not t.reply.has_error(), t.reply.error if t.reply else "no reply"
         content = t.reply.content
         kind = t.message.metadata.message_type
-        if kind == P.SETUP:
-            assert set(content.keys()) == {P.METRICS, P.DEVICE}
-            assert set(content[P.DEVICE].keys()) == {"architecture"}
-        elif kind == P.EVALUATE:
+        assert set(content.keys()) <= P.DEVICE_TO_SERVER[kind]
+        if kind == P.SetupRequest.message_type:
+            assert set(content.keys()) == {P.METRICS, P.CONFIG}
+            assert set(content[P.CONFIG].keys()) == {"architecture"}
+        elif kind == P.EvaluateRequest.message_type:
             assert set(content.keys()) == {P.METRICS}
         else:
-            assert set(content.keys()) == {P.METRICS, P.PREDICTIONS}
-            arrays = content[P.PREDICTIONS]
-            assert list(arrays.keys()) == [P.REFERENCE_LOGITS]
-            assert tuple(arrays[P.REFERENCE_LOGITS].shape) == (r, c), "one row per reference sample, nothing else"
+            assert set(content.keys()) == {P.METRICS, P.CONFIG, P.ARRAYS}
+            arrays = content[P.ARRAYS]
+            assert list(arrays.keys()) == ["reference_logits"]
+            assert tuple(arrays["reference_logits"].shape) == (r, c), "one row per reference sample, nothing else"
+            assert set(content[P.CONFIG].keys()) == {"distilled"}
         for record in content.metric_records.values():
             assert all(isinstance(v, (int, float)) for v in record.values())
     # and what goes down: a config and, after warm-up, R x C targets
     for t in grid.traffic:
-        if t.message.metadata.message_type == P.TRAIN_REFERENCE_DISTILL:
+        if t.message.metadata.message_type == P.ReferenceDistill.message_type:
             keys = set(t.message.content.keys())
-            assert keys <= {P.CONFIG, P.TARGETS}
-            if P.TARGETS in keys:
-                assert tuple(t.message.content[P.TARGETS][P.REFERENCE_LOGITS].shape) == (r, c)
+            assert keys <= {P.CONFIG, P.ARRAYS}
+            request = P.ReferenceDistill.from_record(t.message.content)
+            assert request.population is None
+            if request.targets is not None:
+                assert tuple(request.targets.shape) == (r, c)
     # second round distils: targets went to every device
     assert reports[1].metrics["distilled_devices"] == 4
     assert reports[1].metrics["bytes_up_per_device"] < 2 * r * c + 1000
@@ -82,23 +88,23 @@ def test_distillation_rounds_report_neighbours_and_churn(tmp_path):
 
 def _replace_predictions(value):
     def fault(reply: Message) -> Message:
-        if reply.has_error() or P.PREDICTIONS not in reply.content:
+        if reply.has_error() or reply.metadata.message_type != P.ReferenceDistill.message_type:
             return reply
         content = RecordDict(dict(reply.content.items()))
-        content[P.PREDICTIONS] = ArrayRecord({P.REFERENCE_LOGITS: Array(value(reply))})
+        content[P.ARRAYS] = ArrayRecord({"reference_logits": Array(value(reply))})
         return Message(content=content, metadata=reply.metadata)
 
     return fault
 
 
 def _nan(reply):
-    a = reply.content[P.PREDICTIONS][P.REFERENCE_LOGITS].numpy().astype(np.float32)
+    a = P.ReferencePredictions.from_record(reply.content).reference_logits.astype(np.float32)
     a[0, 0] = np.nan
     return a
 
 
 def _wrong_shape(reply):
-    return reply.content[P.PREDICTIONS][P.REFERENCE_LOGITS].numpy()[:-1]
+    return P.ReferencePredictions.from_record(reply.content).reference_logits[:-1]
 
 
 @pytest.mark.parametrize(("fault", "reason"), [(_nan, "NaN"), (_wrong_shape, "shape"), ("drop", "no reply"),
@@ -118,14 +124,16 @@ def test_a_bad_device_is_left_out_and_never_corrupts_others(tmp_path, fault, rea
     for row in reports[-1].devices.values():
         assert 2 not in row.get("neighbours", []), "nobody learns from the bad device"
     for t in grid.traffic:
-        targets = t.message.content.array_records.get(P.TARGETS)
+        if t.message.metadata.message_type != P.ReferenceDistill.message_type:
+            continue
+        targets = P.ReferenceDistill.from_record(t.message.content).targets
         if targets is not None:
-            assert np.isfinite(targets[P.REFERENCE_LOGITS].numpy()).all()
+            assert np.isfinite(targets).all()
     assert not math.isnan(reports[-1].metrics["personalised_accuracy_mean"])
 
 
 def test_late_joiner_gets_targets_once_it_has_predictions_on_record(tmp_path):
-    cfg = small_config(tmp_path, *SD, "simulation.wait_for_devices=1")  # start without the late one
+    cfg = small_config(tmp_path, *SD, "strategy.wait_for_devices=1")  # start without the late one
     grid = InProcessGrid(4)
     late = grid.node_ids[3]
     grid.connected.discard(late)
@@ -141,10 +149,12 @@ def test_late_joiner_gets_targets_once_it_has_predictions_on_record(tmp_path):
 
     strategy.start(grid=grid, num_rounds=3, on_round_end=join)
     to_late = [t.message for t in grid.traffic
-               if t.message.metadata.dst_node_id == late and t.message.metadata.message_type == P.TRAIN_REFERENCE_DISTILL]
+               if t.message.metadata.dst_node_id == late and t.message.metadata.message_type == P.ReferenceDistill.message_type]
     assert len(to_late) == 2  # rounds 2 and 3
-    assert P.TARGETS not in to_late[0].content  # round 2: nothing on record yet, trains locally
-    assert P.TARGETS in to_late[1].content  # round 3: has predictions on record
+    # round 2: nothing on record yet, trains locally
+    assert P.ReferenceDistill.from_record(to_late[0].content).targets is None
+    # round 3: has predictions on record
+    assert P.ReferenceDistill.from_record(to_late[1].content).targets is not None
 
 
 def test_unsampled_devices_keep_their_predictions_on_record(tmp_path):
@@ -160,10 +170,12 @@ def test_device_side_selection_keeps_the_graph_off_the_server(tmp_path):
     strategy, reports = _start(cfg, grid, rounds=3)
     assert strategy.neighbours == {} and strategy.last_distance is None
     assert strategy.write_artifacts(tmp_path) == []
-    round3 = [t.message for t in grid.traffic if t.message.metadata.message_type == P.TRAIN_REFERENCE_DISTILL][-4:]
+    round3 = [t.message for t in grid.traffic
+              if t.message.metadata.message_type == P.ReferenceDistill.message_type][-4:]
     for message in round3:
-        assert P.TARGETS not in message.content and P.POPULATION in message.content
-        ids = message.content[P.POPULATION][P.DEVICE_IDS].numpy()
+        request = P.ReferenceDistill.from_record(message.content)
+        assert request.targets is None and request.population is not None
+        ids = request.population.device_ids
         assert sorted(ids.tolist()) == [0, 1, 2, 3]
     assert reports[-1].metrics["neighbour_distance_mean"] > 0
     assert reports[-1].metrics["distilled_devices"] == 4
@@ -176,16 +188,16 @@ def test_fedmd_targets_are_the_population_average(tmp_path):
     assert isinstance(strategy, FedMD)
     _start(cfg, grid, rounds=1, strategy=strategy)
     ids, logits = strategy.population()
-    strategy.before_train(2, list(strategy.devices))
+    targets, _ = strategy.targets(2, [strategy.device_id(n) for n in strategy.devices])
     expected = logits.mean(0)
     for device in ids:
-        assert torch.allclose(strategy._targets[device], expected, atol=1e-5)
+        assert torch.allclose(targets[device], expected, atol=1e-5)
 
 
 def test_strategy_rejects_bad_arguments_by_name():
     with pytest.raises(ValueError, match="neighbour_rule"):
-        SDDist(num_reference=10, num_classes=3, neighbour_rule="closest")
+        SDDist(num_reference=10, num_classes=3, search=NeighbourSearch(neighbour_rule="closest"))
     with pytest.raises(ValueError, match="precision"):
-        SDDist(num_reference=10, num_classes=3, precision="int4")
+        SDDist(num_reference=10, num_classes=3, exchange=ReferenceDistillSettings(precision="int4"))
     with pytest.raises(ValueError, match="reference_labels"):
         SDDist(num_reference=10, num_classes=3, reference_labels=torch.zeros(9, dtype=torch.long))

@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from hetkd.distill import (
+    KLLoss,
     ReferenceKD,
     decode_logits,
     encode_logits,
@@ -161,7 +162,8 @@ def test_reference_kd_mixes_ce_and_kd_by_rho():
     ref, targets = torch.randn(7, 4), torch.randn(7, 3)
 
     def loss(rho: float) -> float:
-        fn = ReferenceKD(ref, targets, rho, 2.0, batch_size=4, generator=torch.Generator().manual_seed(1), kd_scale=1.0)
+        fn = ReferenceKD(ref, targets, rho, batch_size=4, loss=KLLoss(temperature=2.0, scale=1.0),
+                         generator=torch.Generator().manual_seed(1))
         return fn(model, x, y).item()
 
     idx = torch.randint(7, (4,), generator=torch.Generator().manual_seed(1))

@@ -65,8 +65,8 @@ def test_sampling_takes_the_configured_fraction(tmp_path):
     [
         ("error", "simulated device crash"),
         ("drop", "no reply"),
-        (corrupt_metric("num-examples"), "non-finite"),
-        (corrupt_metric("personalised-accuracy", 0.5), None),  # a plausible value is fine
+        (corrupt_metric("num_examples"), "non-finite"),
+        (corrupt_metric("personalised_accuracy", 0.5), None),  # a plausible value is fine
     ],
 )
 def test_a_failing_device_is_left_out_reported_and_the_round_goes_on(tmp_path, fault, reason):

@@ -11,8 +11,8 @@ from flwr.app import Context
 from torch import nn
 
 from hetkd.clients import DeviceDataset, make_client_app
-from hetkd.config import TrainingConfig
 from hetkd.simulations.examples.task import NUM_CLASSES, Net, load_data, load_public
+from hetkd.training import TrainingConfig
 
 
 def model_fn(context: Context) -> nn.Module:

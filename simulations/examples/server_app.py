@@ -1,10 +1,12 @@
 """Flower's quickstart ``ServerApp``, with one line changed: ``SDDist`` in place of ``FedAvg``.
 
 Compare with ``flwr new``'s PyTorch template: the run config is read the same
-way and ``strategy.start(grid=..., ...)`` is called the same way. SD-Dist
-keeps no global model (each device keeps its own), so ``initial_arrays`` is
-ignored and ``result.arrays`` is empty; ``result`` holds every round's
-metrics instead.
+way and ``strategy.start(grid=..., ...)`` is called the same way. ``SDDist``
+with only the class count runs the settings ``hetkd run strategy=sd-dist``
+uses (``SDDist.paper(...)`` gives the paper's); the reference set's size is
+learnt from the devices at set-up. SD-Dist keeps no global model (each device
+keeps its own), so ``initial_arrays`` is not trained and ``result`` holds every
+round's metrics instead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from hetkd.simulations.examples.task import NUM_CLASSES, REFERENCE_SIZE, Net
+from hetkd.simulations.examples.task import NUM_CLASSES, Net
 from hetkd.strategies import SDDist
 
 # Create ServerApp
@@ -34,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
 
     # Initialize the strategy: the one line that differs from the quickstart's
     # `strategy = FedAvg(fraction_train=fraction_train)`
-    strategy = SDDist(fraction_train=fraction_train, num_reference=REFERENCE_SIZE, num_classes=NUM_CLASSES)
+    strategy = SDDist(fraction_train=fraction_train, num_classes=NUM_CLASSES)
 
     # Start strategy, run SD-Dist for `num_rounds`
     result = strategy.start(

@@ -6,7 +6,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_accuracy", "plot_curves", "plot_matrix", "plot_generator_samples"]
+import numpy as np
+
+__all__ = ["plot_accuracy", "plot_curves", "plot_matrix", "plot_generator_samples", "plot_bench"]
 
 
 def _pyplot():
@@ -138,5 +140,85 @@ def plot_generator_samples(
         axes[0, block * per_class].set_title(title.format(name=name), loc="left", fontsize=9)
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_bench(result: dict[str, Any], path: Path) -> Path:
+    """``bench.png`` of ``hetkd bench``: one panel per part of its ``bench.json`` that ran."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    ax = axes[0, 0]
+    scale = result.get("scale")
+    if scale:
+        pop = scale["by_population"]
+        ax.plot([r["devices"] for r in pop], [r["mean_round_seconds"] for r in pop], "o-", label="round s (by devices)")
+        ax.set_xscale("log")
+        ax.set_xlabel("devices (10 % per round)")
+        ax.set_ylabel("mean round wall time (s)")
+        twin = ax.twinx()
+        twin.plot([r["devices"] for r in pop], [r["peak_rss_total_gib"] for r in pop], "s--", color="C3",
+                  label="peak RSS GiB")
+        twin.set_ylabel("peak RSS, all processes (GiB)")
+        ax.set_title("1. scale: round time and peak memory")
+        sampled = scale["by_sampled"]
+        for r in sampled:
+            ax.annotate(f"{r['sampled']}/rnd: {r['mean_round_seconds']:.0f}s, {r['peak_rss_total_gib']:.1f}GiB",
+                        (r["devices"], r["mean_round_seconds"]), fontsize=7)
+    else:
+        ax.set_axis_off()
+    ax = axes[0, 1]
+    overhead = result.get("overhead")
+    if overhead:
+        rounds = overhead["per_round"]
+        x = np.arange(len(rounds))
+        ax.bar(x - 0.2, [r["plain_seconds"] for r in rounds], 0.4, label="plain PyTorch loop")
+        ax.bar(x + 0.2, [r["flower_train_seconds"] for r in rounds], 0.4, label="Flower: training")
+        ax.bar(x + 0.2, [r["handler_extra_seconds"] for r in rounds], 0.4,
+               bottom=[r["flower_train_seconds"] for r in rounds], label="Flower: handler set-up/state")
+        ax.bar(x + 0.2, [r["outside_handler_seconds"] for r in rounds], 0.4,
+               bottom=[r["flower_handler_seconds"] for r in rounds], label="Flower: messaging/Ray/server")
+        ax.set_xticks(x, [f"round {r['round']}\n×{r['ratio']:.2f}" for r in rounds])
+        ax.set_ylabel("seconds")
+        ax.set_title(f"2. overhead: Flower/plain = {overhead['ratio']:.2f} ({overhead['devices_per_round']} devices)")
+        ax.legend(fontsize=7)
+    else:
+        ax.set_axis_off()
+    ax = axes[1, 0]
+    by = result.get("bytes")
+    if by:
+        strategies = list(dict.fromkeys(r["strategy"] for r in by["rows"]))
+        archs = list(dict.fromkeys(r["architecture"] for r in by["rows"]))
+        width = 0.8 / max(1, len(strategies))
+        for k, s in enumerate(strategies):
+            values = [next((r["steady_up"] + r["steady_down"] for r in by["rows"]
+                            if r["strategy"] == s and r["architecture"] == a), 0) for a in archs]
+            ax.bar(np.arange(len(archs)) + k * width, values, width, label=s)
+        ax.set_xticks(np.arange(len(archs)) + 0.4 - width / 2, archs, rotation=30, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("bytes per device per round (up + down)")
+        ax.set_title("3. bytes per device per round (steady state)")
+        ax.legend(fontsize=7)
+    else:
+        ax.set_axis_off()
+    ax = axes[1, 1]
+    sim = result.get("similarity")
+    if sim:
+        for key in dict.fromkeys((r["rule"], r["mode"], r["learners"] == r["devices"]) for r in sim["rows"]):
+            pts = [r for r in sim["rows"] if (r["rule"], r["mode"], r["learners"] == r["devices"]) == key]
+            who = "all learn" if key[2] else f"{pts[-1]['learners'] / pts[-1]['devices']:.0%} learn"
+            ax.plot([r["devices"] for r in pts], [r["seconds"] for r in pts], "o-" if key[2] else "x--",
+                    label=f"{key[0]}, {key[1]}, {who}")
+        ax.axhline(10, color="grey", ls=":", label="10 s target")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("devices")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"4. neighbour search ({sim['rows'][0]['reference']} ref x 10 classes)")
+        ax.legend(fontsize=7)
+    else:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

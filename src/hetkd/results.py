@@ -21,12 +21,29 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round", "subset_accuracy"]
+__all__ = ["OutputConfig", "accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round", "subset_accuracy"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """Where results go: ``root/run_name`` unless ``dir`` is set.
+
+    ``plots`` writes figures, ``progress`` shows a progress bar on a terminal,
+    ``quiet`` prints only where results went (no per-round table).
+    """
+
+    root: str = "outputs"
+    dir: str = ""
+    run_name: str = ""
+    plots: bool = True
+    progress: bool = True
+    quiet: bool = False
 
 
 def accuracy_summary(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hetkd.settings import require
+from hetkd.settings import require, require_types
 
 __all__ = ["Sampling", "sample_devices"]
 
@@ -38,6 +38,7 @@ class Sampling:
     wait_for_devices: float = 120.0
 
     def __post_init__(self) -> None:
+        require_types(self)
         require(0.0 < self.fraction_train <= 1.0, "fraction_train", f"must be in (0, 1], got {self.fraction_train}")
         require(0.0 <= self.fraction_evaluate <= 1.0, "fraction_evaluate",
                 f"must be in [0, 1], got {self.fraction_evaluate}")

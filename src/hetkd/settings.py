@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -29,11 +30,13 @@ __all__ = [
     "SettingsError",
     "require",
     "require_choice",
+    "require_types",
     "did_you_mean",
     "build",
     "flatten",
     "unflatten",
     "field_types",
+    "optional_type",
     "with_overrides",
 ]
 
@@ -63,6 +66,14 @@ def require(condition: bool, key: str, message: str) -> None:
         raise SettingsError(key, message)
 
 
+def require_types(settings: Any) -> None:
+    """Raise :class:`SettingsError` for the first field of a settings dataclass whose value is not of
+    its annotated type (an ``int`` passes for a ``float``). Settings classes call it first in
+    ``__post_init__``, so a value of the wrong type is refused however the object is made."""
+    for name, annotation in field_types(type(settings)).items():
+        _convert(getattr(settings, name), annotation, name)
+
+
 def did_you_mean(value: str, choices: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -87,7 +98,7 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _optional(annotation: Any) -> tuple[bool, Any]:
+def optional_type(annotation: Any) -> tuple[bool, Any]:
     """``(True, X)`` for ``X | None``, else ``(False, annotation)``."""
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -102,7 +113,7 @@ def _type_name(annotation: Any) -> str:
 
 def _convert(value: Any, annotation: Any, key: str, complete: bool = False) -> Any:
     """``value`` as the type ``annotation`` names, or :class:`SettingsError` naming ``key``."""
-    optional, annotation = _optional(annotation)
+    optional, annotation = optional_type(annotation)
     if value is None:
         if optional:
             return None
@@ -140,6 +151,8 @@ def _convert(value: Any, annotation: Any, key: str, complete: bool = False) -> A
             return value
     else:
         return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingsError(key, f"must be {_type_name(annotation)}, got the non-finite value {value}")
     raise SettingsError(key, f"must be {_type_name(annotation)}, got {type(value).__name__} {value!r}"[:300])
 
 
@@ -173,7 +186,7 @@ def build(cls: type[T], values: Mapping[str, Any], path: str = "", *, complete: 
         key = _join(path, f.name)
         if f.name in values:
             kwargs[f.name] = _convert(values[f.name], types_[f.name], key, complete)
-        elif complete and not _optional(types_[f.name])[0]:
+        elif complete and not optional_type(types_[f.name])[0]:
             raise SettingsError(key, "required field is missing")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SettingsError(key, "required field is missing")

@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from hetkd.config import TrainingConfig
+from hetkd.settings import require, require_choice, require_types
 
 __all__ = [
+    "TrainingConfig",
+    "OPTIMIZERS",
     "derive_seed",
     "seeded",
     "torch_threads",
@@ -28,6 +31,47 @@ __all__ = [
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Each device's local optimisation.
+
+    ``local_epochs`` passes over the private data per round, in batches of
+    ``batch_size``, with ``optimizer`` (``sgd`` with ``momentum``, or
+    ``adam``) at learning rate ``lr`` and ``weight_decay``. ``max_steps`` > 0
+    caps the optimisation steps of one round (private batches over all
+    ``local_epochs``): with large partitions a round then trains on a seeded
+    random part of the data, so devices with 100x more samples do not set the
+    round's pace (0 = no cap, whole epochs). A device computes on
+    ``num_threads`` threads, on ``device`` (``cpu``, ``cuda``/``cuda:N``, or
+    ``auto``: CUDA when there is one).
+    """
+
+    local_epochs: int = 5
+    max_steps: int = 0
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_threads: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        require(self.local_epochs >= 0, "local_epochs", f"must be >= 0, got {self.local_epochs}")
+        require(self.max_steps >= 0, "max_steps", f"must be >= 0 (0 = no cap), got {self.max_steps}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.num_threads >= 1, "num_threads", f"must be >= 1, got {self.num_threads}")
+        require(self.device in ("cpu", "auto") or self.device.startswith("cuda"), "device",
+                f"unknown value {self.device!r}; valid choices: cpu, auto, cuda, cuda:N")
 
 
 def derive_seed(*parts: object) -> int:
@@ -97,7 +141,7 @@ def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimiz
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown training.optimizer {cfg.optimizer!r}; valid choices: sgd, adam")
+    raise ValueError(f"unknown training.optimizer {cfg.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -24,15 +24,67 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from hetkd.config import HetkdConfig
-from hetkd.data.partition import PartitionError, given_partition, make_sparse, partition_pool, split_train_test
-from hetkd.data.sources import ArrayDataset, DataView, load_dataset
+from hetkd.data.partition import (
+    PartitionConfig,
+    PartitionError,
+    given_partition,
+    make_sparse,
+    partition_pool,
+    split_train_test,
+)
+from hetkd.data.sources import DATASETS, ArrayDataset, DatasetConfig, DataView, load_dataset
+from hetkd.settings import require, require_choice, require_types
 
-__all__ = ["DeviceData", "Federation", "build_federation"]
+__all__ = ["ReferenceConfig", "DeviceData", "Federation", "FederationSpec", "build_federation"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceConfig:
+    """The public reference set (SD-Dist) / proxy set (MEKD) every party holds.
+
+    ``source`` is ``pool`` (carved out of the training pool, so it is disjoint
+    from every device's private data) or the name of another dataset with the
+    same input shape. ``size`` samples are used. ``labelled`` says whether its
+    labels may be used for the quality score (never as training targets).
+    """
+
+    source: str = "pool"
+    size: int = 300
+    labelled: bool = True
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        if self.source != "pool":
+            require_choice(self.source, "source", ["pool", *sorted(DATASETS)])
+        require(self.size >= 0, "size", f"must be >= 0, got {self.size}")
+
+
+class _Devices(Protocol):
+    @property
+    def num_devices(self) -> int: ...
+
+
+class FederationSpec(Protocol):
+    """What :func:`build_federation` reads of a run config (:class:`hetkd.config.HetkdConfig` has it)."""
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def dataset(self) -> DatasetConfig: ...
+
+    @property
+    def reference(self) -> ReferenceConfig: ...
+
+    @property
+    def partition(self) -> PartitionConfig: ...
+
+    @property
+    def simulation(self) -> _Devices: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,7 +148,7 @@ class Federation:
         }
 
 
-def _federation_key(cfg: HetkdConfig) -> str:
+def _federation_key(cfg: FederationSpec) -> str:
     return json.dumps(
         {
             "seed": cfg.seed,
@@ -109,7 +161,7 @@ def _federation_key(cfg: HetkdConfig) -> str:
     )
 
 
-def build_federation(cfg: HetkdConfig) -> Federation:
+def build_federation(cfg: FederationSpec) -> Federation:
     """The run's :class:`Federation` (computed once per process and config)."""
     return _build(_federation_key(cfg))
 

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetkd.settings import require, require_choice, require_types
+
 __all__ = [
+    "PartitionConfig",
+    "PARTITION_METHODS",
     "PartitionError",
     "iid_partition",
     "dirichlet_partition",
@@ -32,6 +36,49 @@ __all__ = [
 
 class PartitionError(ValueError):
     """A partition cannot be made with the given settings; names the setting."""
+
+
+PARTITION_METHODS = ("iid", "dirichlet", "pathological", "quantity_skew", "given")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionConfig:
+    """How the training pool is split over devices.
+
+    ``method``: ``iid``, ``dirichlet`` (label skew, concentration ``alpha``),
+    ``pathological`` (``classes_per_device`` labels each), ``quantity_skew``
+    (``sparse_fraction`` of the devices hold ``sparse_max_samples`` samples,
+    the others share the rest) or ``given`` (the partition that ships with the
+    data, e.g. an ``.npz`` with ``client`` and ``split`` arrays: client ``i``
+    becomes device ``i``, its train/test parts are kept as they are, and the
+    reference set is drawn from the clients' train parts). With a label-skew
+    method, ``sparse_fraction`` > 0 additionally cuts that fraction of devices
+    down to at most ``sparse_max_samples`` samples ("sparse users"). Each
+    device keeps ``device_test_fraction`` of its partition as its own test
+    split and holds at least ``min_samples``.
+    """
+
+    method: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_device: int = 2
+    min_samples: int = 10
+    device_test_fraction: float = 0.25
+    sparse_fraction: float = 0.0
+    sparse_max_samples: int = 20
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        require_choice(self.method, "method", PARTITION_METHODS)
+        require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        require(self.classes_per_device >= 1, "classes_per_device", f"must be >= 1, got {self.classes_per_device}")
+        require(self.min_samples >= 0, "min_samples", f"must be >= 0, got {self.min_samples}")
+        require(0.0 <= self.device_test_fraction < 1.0, "device_test_fraction",
+                f"must be in [0, 1), got {self.device_test_fraction}")
+        require(0.0 <= self.sparse_fraction <= 1.0, "sparse_fraction", f"must be in [0, 1], got {self.sparse_fraction}")
+        require(self.sparse_max_samples >= 2, "sparse_max_samples",
+                f"must be >= 2 (a train and a test sample), got {self.sparse_max_samples}")
+        require(self.method != "quantity_skew" or self.sparse_fraction > 0, "sparse_fraction",
+                "must be > 0 for partition.method=quantity_skew")
 
 
 def _run_partitioner(make: Callable[[], object], labels: np.ndarray) -> list[np.ndarray]:

@@ -26,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hetkd.settings import require, require_choice, require_types
+
 __all__ = [
+    "DatasetConfig",
     "ArrayDataset",
     "DataView",
     "DatasetUnavailableError",
@@ -167,7 +170,7 @@ def _digits(**_: object) -> ArrayDataset:
     return ArrayDataset("digits", images, bunch.target.astype(np.int64), 10, 2.0 / 16.0, -1.0)
 
 
-def _mnist1d(num_samples: int = 0, **_: object) -> ArrayDataset:
+def _mnist1d(num_samples: int, **_: object) -> ArrayDataset:
     try:
         import mnist1d.data as m1d
     except ImportError as err:  # pragma: no cover - a declared dependency
@@ -193,7 +196,7 @@ _TORCHVISION = {
 }
 
 
-def _torchvision(name: str, root: str = "~/.cache/hetkd/data", download: bool = True, **_: object) -> ArrayDataset:
+def _torchvision(name: str, root: str, download: bool, **_: object) -> ArrayDataset:
     import torchvision.datasets as tvd
 
     cls_name, num_classes = _TORCHVISION[name]
@@ -236,7 +239,7 @@ _MNIST_HINT = (
 )
 
 
-def _npz(path: str = "", **_: object) -> ArrayDataset:
+def _npz(path: str, **_: object) -> ArrayDataset:
     """A user's arrays: ``x``, ``y`` and, optionally, ``client`` and ``split``."""
     file = Path(path).expanduser()
     if not file.is_file():
@@ -273,6 +276,35 @@ DATASETS: dict[str, Callable[..., ArrayDataset]] = {
 }
 
 
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    """Where the labelled data comes from.
+
+    ``name`` is a key of :data:`DATASETS`. ``root`` is where downloadable
+    datasets live (``download`` fetches them there when missing). ``path`` is
+    the ``.npz`` file for ``name=npz`` (relative paths are taken from the
+    working directory where the run starts). ``test_fraction`` of the pool is
+    held out as the global test set, which no device trains on; with
+    ``partition.method=given`` it is that fraction of the clients' pooled
+    test parts (see :func:`hetkd.data.given_partition`). ``num_samples``
+    bounds how many samples are generated or used (0 = all).
+    """
+
+    name: str = "digits"
+    root: str = "~/.cache/hetkd/data"
+    download: bool = True
+    path: str = ""
+    test_fraction: float = 0.2
+    num_samples: int = 0
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        require_choice(self.name, "name", sorted(DATASETS))
+        require(0.0 < self.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        require(self.num_samples >= 0, "num_samples", f"must be >= 0 (0 = all), got {self.num_samples}")
+        require(self.name != "npz" or bool(self.path), "path", "must name a .npz file when dataset.name=npz")
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, root: str, download: bool, path: str, num_samples: int) -> ArrayDataset:
     ds = DATASETS[name](root=root, download=download, path=path, num_samples=num_samples)
@@ -289,10 +321,10 @@ def _load_cached(name: str, root: str, download: bool, path: str, num_samples: i
 def load_dataset(
     name: str,
     *,
-    root: str = "~/.cache/hetkd/data",
-    download: bool = True,
-    path: str = "",
-    num_samples: int = 0,
+    root: str = DatasetConfig.root,
+    download: bool = DatasetConfig.download,
+    path: str = DatasetConfig.path,
+    num_samples: int = DatasetConfig.num_samples,
 ) -> ArrayDataset:
     """Load (once per process) the dataset registered as ``name``.
 

@@ -1,40 +1,25 @@
-"""Distillation math: losses, similarity between devices, generative black-box KD."""
+"""Distillation math: losses, similarity between devices, ensembles, generative black-box KD.
 
-from hetkd.distill.blackbox import active_mixup, deprivatize, distill, kd_on_generated, kd_on_proxy
-from hetkd.distill.codec import decode_logits, encode_logits
-from hetkd.distill.emulation import mapping_emulation_loss
-from hetkd.distill.generative import make_discriminator, make_generator
-from hetkd.distill.losses import ReferenceKD, kd_kl, kd_kl_to_probs, soften
-from hetkd.distill.similarity import (
-    mix_targets,
-    neighbour_weights,
-    pairwise_distance,
-    reference_quality,
-    select_neighbours,
-    uniform_weights,
-)
-from hetkd.distill.teacher import BlackBoxTeacher
+Each module also holds the settings of what it computes: the logit exchange's
+(:class:`~hetkd.distill.exchange.ReferenceDistillSettings`), SD-Dist's
+neighbour search (:class:`~hetkd.distill.similarity.NeighbourSearch`), ensemble
+distillation's (:class:`~hetkd.distill.ensemble.EnsembleSettings`) and MEKD's
+(:class:`~hetkd.distill.emulation.MEKDSettings`). Names below are imported
+from their modules on first use (:mod:`hetkd._exports`).
+"""
 
-__all__ = [
-    "BlackBoxTeacher",
-    "ReferenceKD",
-    "active_mixup",
-    "decode_logits",
-    "deprivatize",
-    "distill",
-    "encode_logits",
-    "kd_kl",
-    "kd_kl_to_probs",
-    "kd_on_generated",
-    "kd_on_proxy",
-    "make_discriminator",
-    "make_generator",
-    "mapping_emulation_loss",
-    "mix_targets",
-    "neighbour_weights",
-    "pairwise_distance",
-    "reference_quality",
-    "select_neighbours",
-    "soften",
-    "uniform_weights",
-]
+from hetkd._exports import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "hetkd.distill.blackbox": ("active_mixup", "deprivatize", "distill", "kd_on_generated", "kd_on_proxy"),
+    "hetkd.distill.codec": ("decode_logits", "encode_logits"),
+    "hetkd.distill.deprivatization": ("GanSettings",),
+    "hetkd.distill.emulation": ("DistillSettings", "EmulationLoss", "MEKDSettings", "mapping_emulation_loss"),
+    "hetkd.distill.ensemble": ("EnsembleSettings",),
+    "hetkd.distill.exchange": ("ReferenceDistillSettings", "mix_targets", "uniform_weights"),
+    "hetkd.distill.generative": ("make_discriminator", "make_generator"),
+    "hetkd.distill.losses": ("KDTerm", "KLLoss", "ReferenceKD", "kd_kl", "kd_kl_to_probs", "soften"),
+    "hetkd.distill.similarity": ("NeighbourSearch", "neighbour_weights", "pairwise_distance", "reference_quality",
+                                 "select_neighbours"),
+    "hetkd.distill.teacher": ("BlackBoxTeacher",),
+})

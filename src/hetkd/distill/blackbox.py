@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -75,6 +74,7 @@ from hetkd.distill.ensemble import teacher_logits
 from hetkd.distill.generative import Generator
 from hetkd.distill.losses import kd_kl
 from hetkd.distill.teacher import BlackBoxTeacher, Responder, as_responder, proxy_inputs, query_teacher
+from hetkd.settings import with_overrides
 from hetkd.training import derive_seed, seeded
 
 __all__ = [
@@ -117,18 +117,6 @@ def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator
         yield lambda: bar.advance(task)
 
 
-def _settings(cls: type, settings: Any, overrides: dict[str, Any]) -> Any:
-    """``settings`` (default: ``cls()``) with the keyword ``overrides`` of a run applied, checked field by field."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"unknown {cls.__name__} field(s) {unknown}; valid: {', '.join(sorted(names))}")
-    base = settings if settings is not None else cls()
-    if not isinstance(base, cls):
-        raise TypeError(f"settings must be a {cls.__name__}, got {type(base).__name__}")
-    return replace(base, **overrides) if overrides else base
-
-
 def _num_classes(proxy_data: Any, teacher: Responder, inputs: torch.Tensor, kind: str) -> int:
     known = getattr(teacher, "num_classes", None) if isinstance(teacher, BlackBoxTeacher) else None
     if known:
@@ -158,7 +146,7 @@ def deprivatize(
     :class:`~hetkd.distill.deprivatization.GanSettings` fields (``steps=``, ``batch_size=``,
     ``lr_generator=``, ``w_info=``...). Deterministic given ``seed``.
     """
-    settings = _settings(GanSettings, settings, overrides)
+    settings = with_overrides(GanSettings, settings, overrides)
     responder, kind = as_responder(teacher, response)
     inputs = proxy_inputs(proxy_data)
     with seeded("mekd-deprivatize", seed) as rng:
@@ -199,7 +187,7 @@ def distill(
     :class:`~hetkd.distill.emulation.DistillSettings` fields (``steps=``, ``w_f=``, ``distance=``...);
     ``w_f=0`` is the KD-on-generated-inputs ablation. Deterministic given ``seed``.
     """
-    settings = _settings(DistillSettings, settings, overrides)
+    settings = with_overrides(DistillSettings, settings, overrides)
     responder, kind = as_responder(teacher, response)
     if not isinstance(student, nn.Module):
         raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
@@ -273,7 +261,7 @@ def kd_on_proxy(
     **overrides: Any,
 ) -> nn.Module:
     """KD on real unlabelled proxy inputs: one teacher query per input, ``steps`` ``T·KL`` updates."""
-    settings = _settings(DistillSettings, settings, overrides)
+    settings = with_overrides(DistillSettings, settings, overrides)
     responder, kind = as_responder(teacher, response)
     inputs = proxy_inputs(proxy_data)
     with seeded("kd-proxy", seed) as rng:
@@ -339,7 +327,7 @@ def active_mixup(
     """Active Mixup: KD on the proxy set, then ``rounds`` rounds of querying the
     ``queries`` least-confident of ``candidates`` mixup pairs and training on the
     grown transfer set. The ``steps`` budget is split evenly over ``rounds + 1`` phases."""
-    settings = _settings(DistillSettings, settings, overrides)
+    settings = with_overrides(DistillSettings, settings, overrides)
     if rounds < 0 or candidates < 1 or not 1 <= queries <= candidates:
         raise ValueError(
             f"need rounds >= 0 and 1 <= queries <= candidates, got rounds={rounds}, "

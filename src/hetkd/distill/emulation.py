@@ -33,16 +33,17 @@ optimizer step, record") that black-box distillation, the baselines of
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hetkd.distill.deprivatization import GanSettings
 from hetkd.distill.ensemble import check_responses, teacher_logits
 from hetkd.distill.generative import Generator
 from hetkd.distill.losses import kd_kl
+from hetkd.settings import require, require_choice, require_types
 from hetkd.training import derive_seed
 
 __all__ = [
@@ -51,7 +52,9 @@ __all__ = [
     "generated_distance",
     "mapping_emulation_terms",
     "mapping_emulation_loss",
+    "EmulationLoss",
     "DistillSettings",
+    "MEKDSettings",
     "StudentOptimizer",
     "MappingEmulationDistiller",
     "freeze",
@@ -145,21 +148,64 @@ def mapping_emulation_loss(
 # --------------------------------------------------------------------------- settings
 
 
-def _require(ok: bool, name: str, value: Any, what: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+@dataclass(frozen=True, kw_only=True)
+class EmulationLoss:
+    """MEKD's distillation loss with its weights: what a device needs to distil like the server.
+
+    ``w_f · dist(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)`` with ``T =
+    temperature``, ``T_g = generator_temperature`` and ``dist`` = ``distance``;
+    a hard label stands for the logit gap ``hard_margin``
+    (:func:`~hetkd.distill.ensemble.teacher_logits`). Made from
+    :meth:`DistillSettings.loss`; ``w_f = 0`` is KL alone (FedDF).
+    """
+
+    temperature: float
+    generator_temperature: float
+    w_f: float
+    w_kl: float
+    distance: str
+    hard_margin: float
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        require(self.generator_temperature > 0, "generator_temperature",
+                f"must be > 0, got {self.generator_temperature}")
+        require(self.w_f >= 0, "w_f", f"must be >= 0, got {self.w_f}")
+        require(self.w_kl >= 0, "w_kl", f"must be >= 0, got {self.w_kl}")
+        require(self.w_f + self.w_kl > 0, "w_kl", "w_f and w_kl cannot both be 0")
+        require_choice(self.distance, "distance", DISTANCES)
+        require(self.hard_margin > 0, "hard_margin", f"must be > 0, got {self.hard_margin}")
+
+    def bind(self, generator: Callable[[torch.Tensor], torch.Tensor] | None
+             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``loss(student_logits, teacher_logits)`` with ``generator`` as G (``None`` with ``w_f = 0``)."""
+
+        def loss(student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+            return mapping_emulation_loss(
+                student_logits, target_logits, generator, temperature=self.temperature,
+                generator_temperature=self.generator_temperature, w_f=self.w_f, w_kl=self.w_kl,
+                distance=self.distance,
+            )
+
+        return loss
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DistillSettings:
     """Distillation: ``steps`` SGD updates on ``batch_size`` inputs each.
 
     SGD with ``lr``, ``momentum``, ``weight_decay``; the learning rate is
     multiplied by ``gamma`` at each fraction of ``steps`` in ``milestones``
     (the reference decays 10x at epochs 80 and 160 of 240). Loss weights,
-    temperatures and the distance are those of :func:`mapping_emulation_loss`;
-    ``hard_margin`` is the logit gap a hard label stands for
-    (:func:`~hetkd.distill.ensemble.teacher_logits`; 1 as in the reference).
+    temperatures and the distance are those of :func:`mapping_emulation_loss`
+    (:meth:`loss`); ``hard_margin`` is the logit gap a hard label stands for
+    (:func:`~hetkd.distill.ensemble.teacher_logits`): 1 is the reference's
+    one-hot-as-logits, a nearly flat target at T = 5; label smoothing ε
+    corresponds to ``log(1 + (1 − ε)·C/ε)`` (4.51 for ε = 0.1, C = 10).
+
+    The reference uses T = T_g = 5, w_f = w_kl = 1, L1, SGD 0.1 decayed 10x at
+    1/3 and 2/3 of 240 epochs x 500 iterations of 128.
     """
 
     steps: int = 1000
@@ -177,40 +223,43 @@ class DistillSettings:
     hard_margin: float = 1.0
 
     def __post_init__(self) -> None:
+        require_types(self)
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-        _require(self.steps >= 1, "steps", self.steps, ">= 1")
-        _require(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2 (BatchNorm)")
-        _require(self.lr > 0, "lr", self.lr, "> 0")
-        _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        _require(all(0 < m < 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
-                 "milestones", self.milestones, "increasing fractions in (0, 1)")
-        _require(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]")
-        _require(self.temperature > 0, "temperature", self.temperature, "> 0")
-        _require(self.generator_temperature > 0, "generator_temperature", self.generator_temperature, "> 0")
-        _require(self.w_f >= 0 and self.w_kl >= 0 and self.w_f + self.w_kl > 0, "w_f/w_kl",
-                 (self.w_f, self.w_kl), ">= 0 and not both 0")
-        _require(self.distance in DISTANCES, "distance", self.distance, f"one of {', '.join(DISTANCES)}")
-        _require(self.hard_margin > 0, "hard_margin", self.hard_margin, "> 0")
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2 (BatchNorm), got {self.batch_size}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(all(0 < m < 1 for m in self.milestones) and list(self.milestones) == sorted(self.milestones),
+                "milestones", f"must be increasing fractions in (0, 1), got {list(self.milestones)}")
+        require(0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        self.loss()  # checks the loss's own settings
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> DistillSettings:
-        """From a :class:`hetkd.config.MEKDConfig`."""
-        return cls(
-            steps=cfg.distill_steps,
-            batch_size=cfg.distill_batch_size,
-            lr=cfg.distill_lr,
-            momentum=cfg.distill_momentum,
-            weight_decay=cfg.distill_weight_decay,
-            milestones=tuple(cfg.lr_milestones),
-            gamma=cfg.lr_gamma,
-            temperature=cfg.temperature,
-            generator_temperature=cfg.generator_temperature,
-            w_f=cfg.w_f,
-            w_kl=cfg.w_kl,
-            distance=cfg.distance,
-            hard_margin=cfg.hard_margin,
-        )
+    def loss(self) -> EmulationLoss:
+        """The loss these settings describe."""
+        return EmulationLoss(temperature=self.temperature, generator_temperature=self.generator_temperature,
+                             w_f=self.w_f, w_kl=self.w_kl, distance=self.distance, hard_margin=self.hard_margin)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MEKDSettings:
+    """MEKD's hyperparameters (Ma et al., CVPR 2024): the run config's ``mekd`` group.
+
+    ``response``: what devices answer with in the federated strategy, ``soft``
+    (probabilities) or ``hard`` (labels); ``gan``: deprivatization
+    (:class:`~hetkd.distill.deprivatization.GanSettings`); ``distill``: the
+    loss and the student's optimizer (:class:`DistillSettings`), which FedDF's
+    student uses too (with ``w_f = 0``). ``hetkd b2kd`` reads ``gan`` and
+    ``distill`` (its responses are ``b2kd.responses``).
+    """
+
+    response: str = "soft"
+    gan: GanSettings = field(default_factory=GanSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        require_choice(self.response, "response", ("soft", "hard"))
 
 
 # --------------------------------------------------------------------------- the student
@@ -283,17 +332,7 @@ class MappingEmulationDistiller:
 
     def loss(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """:func:`mapping_emulation_loss` with this run's G and settings."""
-        s = self.settings
-        return mapping_emulation_loss(
-            student_logits,
-            targets,
-            self.generator,
-            temperature=s.temperature,
-            generator_temperature=s.generator_temperature,
-            w_f=s.w_f,
-            w_kl=s.w_kl,
-            distance=s.distance,
-        )
+        return self.settings.loss().bind(self.generator)(student_logits, targets)
 
     def step(self, inputs: torch.Tensor, responses: torch.Tensor, kind: str) -> float:
         """One SGD update of the student with :func:`mapping_emulation_loss`; returns the loss."""

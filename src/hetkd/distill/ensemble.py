@@ -31,11 +31,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
+from hetkd.distill.codec import PRECISIONS
+from hetkd.distill.losses import KDTerm
+from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS
+from hetkd.models import check_architecture
+from hetkd.settings import require, require_choice, require_types
+
 __all__ = [
+    "ANSWER_MODELS",
+    "EnsembleSettings",
     "RESPONSE_KINDS",
     "check_kind",
     "responses_from_logits",
@@ -50,6 +59,74 @@ __all__ = [
 
 #: what a teacher may answer with
 RESPONSE_KINDS: tuple[str, ...] = ("logits", "soft", "hard")
+#: which model a device answers queries with: its own (which also distils from the
+#: ensemble), or a private one that trains on its private data alone
+ANSWER_MODELS: tuple[str, ...] = ("personal", "private")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsembleSettings:
+    """Ensemble distillation on query inputs (FedDF, MEKD): the run config's ``strategy.ensemble``.
+
+    The server keeps a global ``student`` (a zoo architecture; ``""``: none).
+    After ``warmup_rounds`` of local training (and, for MEKD,
+    ``deprivatize_rounds`` that train the generator on the devices' answers,
+    spreading ``mekd.gan.steps`` over them), every round the devices answer on
+    ``num_queries`` query inputs (reference rows for FedDF, generator samples
+    for MEKD), the server distils the ensemble into its student for
+    ``server_steps`` SGD steps on the queries and targets of the last
+    ``student_memory`` distillation rounds (1: the round's own; 0: every
+    round's so far), and each device distils towards its targets with weight
+    ``rho`` beside its cross-entropy, ``query_batch_size`` query inputs beside
+    each private batch (0: the private batch size), at least ``min_steps``
+    steps per epoch. The default 64 is what every figure in ``docs/results``
+    was measured with: the string-key protocol before typed messages let the
+    query's own batch size (64) overwrite this setting on the wire, whatever
+    it was configured to. Targets are the plain mean of the answers (``weighting=mean``) or,
+    per device, a similarity-weighted mix over its ``num_neighbours`` nearest
+    devices by ``similarity`` of their answers; ``balance_classes`` corrects
+    every ensemble to a uniform class prior over the query inputs
+    (:func:`class_balanced`; off: the published plain mean). Soft answers and
+    targets travel at ``precision``. ``answer_model`` says which model a
+    device answers with: ``private`` (a second copy of its model that trains
+    on its private data alone from the first distillation round on, so the
+    answers never echo the ensemble) or ``personal`` (its own, which distils).
+    """
+
+    student: str = "resnet8"
+    warmup_rounds: int = 2
+    deprivatize_rounds: int = 5
+    num_queries: int = 1024
+    server_steps: int = 100
+    student_memory: int = 1
+    weighting: str = "mean"
+    balance_classes: bool = True
+    num_neighbours: int = 5
+    similarity: str = "kl"
+    rho: float = 0.8
+    answer_model: str = "private"
+    query_batch_size: int = 64
+    min_steps: int = 10
+    precision: str = "float16"
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        if self.student:
+            check_architecture(self.student, "student")
+        for key in ("warmup_rounds", "server_steps", "student_memory", "query_batch_size", "min_steps"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        require(self.deprivatize_rounds >= 1, "deprivatize_rounds", f"must be >= 1, got {self.deprivatize_rounds}")
+        require(self.num_queries >= 2, "num_queries", f"must be >= 2, got {self.num_queries}")
+        require_choice(self.weighting, "weighting", WEIGHTINGS)
+        require(self.num_neighbours >= 1, "num_neighbours", f"must be >= 1, got {self.num_neighbours}")
+        require_choice(self.similarity, "similarity", SIMILARITIES)
+        require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
+        require_choice(self.answer_model, "answer_model", ANSWER_MODELS)
+        require_choice(self.precision, "precision", PRECISIONS)
+
+    def kd_term(self) -> KDTerm:
+        """How a device's distillation term sits beside its private loss."""
+        return KDTerm(rho=self.rho, batch_size=self.query_batch_size, min_steps=self.min_steps)
 
 
 def check_kind(kind: str, name: str = "response") -> str:

@@ -18,12 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from hetkd.distill.codec import PRECISIONS
 from hetkd.distill.losses import KDTerm, KLLoss
-from hetkd.settings import require, require_choice
+from hetkd.distill.similarity import check_logits
+from hetkd.settings import require, require_choice, require_types
 
-__all__ = ["MIX_SPACES", "ReferenceDistillSettings", "row_sums", "uniform_weights"]
+__all__ = ["MIX_SPACES", "ReferenceDistillSettings", "mix_targets", "row_sums", "uniform_weights"]
 
 #: how teachers' predictions combine into a target
 MIX_SPACES = ("logits", "probs")
@@ -64,6 +66,7 @@ class ReferenceDistillSettings:
     min_steps: int = 10
 
     def __post_init__(self) -> None:
+        require_types(self)
         require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
         require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         require(self.reference_batch_size >= 0, "reference_batch_size",
@@ -85,6 +88,51 @@ class ReferenceDistillSettings:
     def kl_loss(self) -> KLLoss:
         """The KD term itself: temperature-``T`` KL, scaled by ``T²`` with ``t_squared``."""
         return KLLoss(temperature=self.temperature, scale=self.temperature**2 if self.t_squared else 1.0)
+
+
+def mix_targets(
+    weights: torch.Tensor, reference_logits: torch.Tensor, space: str = "logits", temperature: float = 1.0
+) -> torch.Tensor:
+    """Targets ``(m, R, C)`` from an ``m × n`` mixing matrix ``W`` over ``n`` devices' logits.
+
+    * ``space="logits"`` (the paper): ``T_i = Σ_j W[i, j] · Z_j``, a weighted
+      mean of logits — a geometric-mean ensemble of the distributions;
+    * ``space="probs"``: the weighted mean of the softened distributions,
+      ``q_i = Σ_j W[i, j] · softmax(Z_j / T)``, returned as logits
+      ``T · log q_i`` so that ``softmax(target / T) = q_i`` exactly. Under
+      label skew, where a device puts almost no mass on classes it never saw,
+      this arithmetic mean keeps the classes that only some teachers know.
+
+    A fresh tensor is returned (stored predictions are never modified).
+    """
+    check_logits(reference_logits)
+    n = reference_logits.shape[0]
+    if weights.ndim != 2 or weights.shape[1] != n:
+        raise ValueError(f"weights must have {n} columns (one per device), got shape {tuple(weights.shape)}")
+    out_shape = (weights.shape[0], *reference_logits.shape[1:])
+    sums = row_sums(weights)
+    if ((sums > 0) & ((sums - 1.0).abs() > 1e-4)).any():
+        raise ValueError(f"each non-empty row of the weights must sum to 1, got row sums {sums.tolist()}")
+    if space not in MIX_SPACES:
+        raise ValueError(f"unknown mixing space {space!r}; valid choices: {', '.join(MIX_SPACES)}")
+    if space == "probs" and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # only the columns that teach, as one sparse product
+    w = weights.coalesce() if weights.is_sparse else weights.to_sparse()
+    teachers = torch.unique(w.indices()[1])
+    position = torch.full((n,), -1, dtype=torch.long)
+    position[teachers] = torch.arange(len(teachers))
+    w = torch.sparse_coo_tensor(
+        torch.stack([w.indices()[0], position[w.indices()[1]]]), w.values().double(), (weights.shape[0], len(teachers)),
+        check_invariants=False,
+    )
+    chosen = reference_logits[teachers].double().reshape(len(teachers), -1, reference_logits.shape[-1])
+    if space == "probs":
+        chosen = F.softmax(chosen / temperature, dim=-1)
+    mixed = torch.sparse.mm(w, chosen.reshape(len(teachers), -1)).reshape(out_shape)
+    if space == "logits":
+        return mixed.float()
+    return (temperature * mixed.clamp_min(1e-12).log()).float()
 
 
 def row_sums(weights: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from hetkd.settings import require
+from hetkd.settings import require, require_types
 
 __all__ = ["kd_kl", "kd_kl_to_probs", "soften", "KDTerm", "KLLoss", "ReferenceKD"]
 
@@ -34,6 +34,7 @@ class KDTerm:
     min_steps: int
 
     def __post_init__(self) -> None:
+        require_types(self)
         require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
         require(self.batch_size >= 0, "batch_size", f"must be >= 0 (0: the private batch size), got {self.batch_size}")
         require(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
@@ -48,6 +49,7 @@ class KLLoss:
     scale: float
 
     def __post_init__(self) -> None:
+        require_types(self)
         require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         require(self.scale > 0, "scale", f"must be > 0, got {self.scale}")
 
@@ -97,18 +99,16 @@ def kd_kl(
 
 
 class ReferenceKD:
-    """A private batch's loss plus distillation on a reference batch drawn beside it.
+    """A private batch's loss plus distillation on a public batch drawn beside it.
 
-    ``(1 - rho) · CE(student(x), y) + rho · s · KL(softmax(t/T) ‖ softmax(student(x_ref)/T))``
-    where ``x_ref`` are ``batch_size`` reference inputs drawn (with
-    replacement, from ``generator``) for every private batch, ``t`` their
-    target logits, and ``s = kd_scale`` (1 as in SD-Dist's local step; Hinton's
-    T² is the other common choice). Both batches go through the model in one
-    forward pass. Use it as the ``loss_fn`` of :func:`hetkd.training.train_epoch`.
-
-    ``distill_loss(student_logits, target_logits)`` replaces the KL term when
-    given (MEKD's mapping-emulation loss on generated inputs, for instance);
-    ``temperature`` and ``kd_scale`` are then unused.
+    ``(1 - rho) · CE(student(x), y) + rho · loss(student(x_ref), t)`` where
+    ``x_ref`` are ``batch_size`` public inputs drawn (with replacement, from
+    ``generator``) for every private batch and ``t`` their target logits.
+    ``loss`` is the KD term: :class:`KLLoss` (FedMD, SD-Dist), or MEKD's
+    mapping-emulation loss on generated inputs
+    (:meth:`hetkd.distill.emulation.EmulationLoss.bind`). Both batches go
+    through the model in one forward pass. Use it as the ``loss_fn`` of
+    :func:`hetkd.training.train_epoch`.
     """
 
     def __init__(
@@ -116,11 +116,9 @@ class ReferenceKD:
         reference_inputs: torch.Tensor,
         target_logits: torch.Tensor,
         rho: float,
-        temperature: float,
         batch_size: int,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         generator: torch.Generator | None = None,
-        kd_scale: float = 1.0,
-        distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if len(reference_inputs) != len(target_logits):
             raise ValueError(
@@ -137,20 +135,14 @@ class ReferenceKD:
         self.inputs = reference_inputs
         self.targets = target_logits.float()
         self.rho = rho
-        self.temperature = temperature
         self.batch_size = batch_size
+        self.loss = loss
         self.generator = generator
-        self.kd_scale = kd_scale
-        self.distill_loss = distill_loss
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         idx = torch.randint(len(self.inputs), (self.batch_size,), generator=self.generator)
         ref_x = self.inputs[idx].to(x.device)
         logits = model(torch.cat([x, ref_x]))
         ce = F.cross_entropy(logits[: len(x)], y)
-        student, target = logits[len(x) :], self.targets[idx].to(x.device)
-        if self.distill_loss is not None:
-            kd = self.distill_loss(student, target)
-        else:
-            kd = kd_kl(student, target, self.temperature, scale=self.kd_scale)
+        kd = self.loss(logits[len(x) :], self.targets[idx].to(x.device))
         return (1.0 - self.rho) * ce + self.rho * kd

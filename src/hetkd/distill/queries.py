@@ -27,15 +27,17 @@ from dataclasses import dataclass
 import torch
 
 from hetkd.distill.generative import Generator
+from hetkd.settings import require, require_choice, require_types
 
-__all__ = ["QUERY_SOURCES", "QuerySpec", "query_latents", "generate_queries", "resolve_queries"]
+__all__ = ["QUERY_SOURCES", "QuerySpec", "GeneratorSpec", "query_latents", "generate_queries", "resolve_queries"]
 
 QUERY_SOURCES: tuple[str, ...] = ("reference", "generator", "inputs")
 
 
 @dataclass(frozen=True)
 class QuerySpec:
-    """Which public inputs to answer on (see the module docstring)."""
+    """Which public inputs to answer on (see the module docstring); it travels in
+    :class:`hetkd.protocol.EnsembleDistill` as its fields."""
 
     source: str
     seed: int
@@ -44,38 +46,28 @@ class QuerySpec:
     train_mode: bool = False
 
     def __post_init__(self) -> None:
-        if self.source not in QUERY_SOURCES:
-            raise ValueError(f"unknown query source {self.source!r}; valid choices: {', '.join(QUERY_SOURCES)}")
-        if self.count < 1:
-            raise ValueError(f"a query needs count >= 1, got {self.count}")
-        if self.batch_size < 2:
-            raise ValueError(f"query batch_size must be >= 2, got {self.batch_size}")
+        require_types(self)
+        require_choice(self.source, "source", QUERY_SOURCES)
+        require(self.count >= 1, "count", f"a query needs count >= 1, got {self.count}")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
 
-    def to_config(self, prefix: str = "query") -> dict[str, int | str | bool]:
-        """Flat config entries (``<prefix>-source``, ...) for a Flower ConfigRecord."""
-        return {
-            f"{prefix}-source": self.source,
-            f"{prefix}-seed": int(self.seed),
-            f"{prefix}-count": int(self.count),
-            f"{prefix}-batch-size": int(self.batch_size),
-            f"{prefix}-train-mode": bool(self.train_mode),
-        }
 
-    @classmethod
-    def from_config(cls, config: dict, prefix: str = "query") -> QuerySpec | None:
-        """The spec stored by :meth:`to_config`, or ``None`` when there is none."""
-        if f"{prefix}-source" not in config:
-            return None
-        try:
-            return cls(
-                source=str(config[f"{prefix}-source"]),
-                seed=int(config[f"{prefix}-seed"]),
-                count=int(config[f"{prefix}-count"]),
-                batch_size=int(config.get(f"{prefix}-batch-size", 64)),
-                train_mode=bool(config.get(f"{prefix}-train-mode", False)),
-            )
-        except KeyError as err:
-            raise ValueError(f"query config lacks {err.args[0]!r}") from None
+@dataclass(frozen=True, kw_only=True)
+class GeneratorSpec:
+    """What a device needs to rebuild the server's generator before loading its weights:
+    G's first feature-map ``width``, its output range ``(low, high)``, and the
+    ``version`` of the weights (bumped whenever they change)."""
+
+    version: int
+    width: int
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        require(self.version >= 0, "version", f"must be >= 0, got {self.version}")
+        require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        require(self.low < self.high, "high", f"must exceed low ({self.low}), got {self.high}")
 
 
 def query_latents(seed: int, count: int, latent_dim: int) -> torch.Tensor:

@@ -13,11 +13,13 @@ and distil from those. This module is its math, as pure functions of tensors:
 * :func:`select_neighbours` — each device's ``K`` teachers by a rule
   (quality+distance, distance, quality, random); never itself.
 * :func:`neighbour_weights` — a row-stochastic ``n × n`` matrix ``W`` (zero
-  diagonal for SD-Dist) so that everyone's targets are one product ``W @ Z``.
-* :func:`mix_targets` — that product, on logits, as a sparse product over the
-  teaching columns (``W`` may be sparse), so each learner costs its ``K`` teachers.
+  diagonal for SD-Dist) so that everyone's targets are one product ``W @ Z``
+  (:func:`hetkd.distill.exchange.mix_targets`).
+* :class:`NeighbourSearch` — all of it as one settings object with one
+  :meth:`~NeighbourSearch.plan`, which the server, a device choosing its own
+  neighbours and ``hetkd bench`` all run; K and Q follow the population.
 
-Scale: :func:`neighbour_plan` computes only the distance rows of the devices
+Scale: the search (:func:`neighbour_plan`) computes only the distance rows of the devices
 that need targets, against the candidate columns, in one matrix product. Above
 ``exact_search_max`` candidates it searches a seeded random sample of
 ``search_sample`` of them (a *sampled* neighbour search), so a round costs
@@ -34,37 +36,33 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from hetkd.settings import require, require_choice
+from hetkd.settings import require, require_choice, require_types
 
 __all__ = [
     "NeighbourSearch",
     "NeighbourPlan",
     "NEIGHBOUR_SELECTIONS",
     "SIMILARITIES",
+    "check_logits",
     "NEIGHBOUR_RULES",
     "WEIGHTINGS",
-    "MIX_SPACES",
     "pairwise_distance",
     "reference_quality",
     "select_neighbours",
     "neighbour_weights",
-    "mix_targets",
-    "uniform_weights",
     "neighbour_plan",
     "candidate_pool",
     "nearest_in_block",
-    "row_sums",
 ]
 
 SIMILARITIES = ("kl", "js", "cosine")
 NEIGHBOUR_RULES = ("quality_distance", "distance", "quality", "random")
 WEIGHTINGS = ("mean", "similarity")
-MIX_SPACES = ("logits", "probs")
 #: who searches for neighbours: the server, or each device from the predictions the server relays
 NEIGHBOUR_SELECTIONS = ("server", "device")
 
 
-def _check_logits(logits: torch.Tensor) -> None:
+def check_logits(logits: torch.Tensor) -> None:
     if logits.ndim != 3:
         raise ValueError(f"expected reference logits of shape (devices, samples, classes), got {tuple(logits.shape)}")
     if not torch.isfinite(logits).all():
@@ -97,7 +95,7 @@ def pairwise_distance(
     learn or only some may teach. Entries where a row and a column are the
     same device are zero.
     """
-    _check_logits(reference_logits)
+    check_logits(reference_logits)
     return _pairwise(reference_logits, temperature, kind, chunk, rows, cols)
 
 
@@ -155,7 +153,7 @@ def _indices(values: Sequence[int] | None, n: int, name: str) -> torch.Tensor:
 
 def reference_quality(reference_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each device's mean cross-entropy on the labelled reference set (lower is better)."""
-    _check_logits(reference_logits)
+    check_logits(reference_logits)
     n, r, c = reference_logits.shape
     if labels.shape != (r,):
         raise ValueError(f"expected {r} reference labels, got shape {tuple(labels.shape)}")
@@ -286,7 +284,7 @@ def neighbour_weights(
     without neighbours gets an all-zero row. ``distance`` is ``n × n``, or
     ``len(rows) × n`` with row ``a`` belonging to device ``rows[a]``. With
     ``sparse`` the matrix is a sparse COO tensor (``n·K`` entries instead of
-    ``n²``), which :func:`mix_targets` takes as it is.
+    ``n²``), which :func:`~hetkd.distill.exchange.mix_targets` takes as it is.
     """
     n = len(neighbours)
     if weighting not in WEIGHTINGS:
@@ -319,69 +317,6 @@ def neighbour_weights(
     return w
 
 
-def row_sums(weights: torch.Tensor) -> torch.Tensor:
-    """Each row's total weight, for a dense or a sparse mixing matrix."""
-    if weights.is_sparse:
-        return torch.sparse.sum(weights, dim=1).to_dense() if weights._nnz() else torch.zeros(weights.shape[0])
-    return weights.sum(1)
-
-
-def uniform_weights(n: int, include_self: bool = True) -> torch.Tensor:
-    """Everyone learns from the plain average of all devices (FedMD's consensus)."""
-    if n < 1:
-        raise ValueError(f"need at least one device, got {n}")
-    if include_self or n == 1:
-        return torch.full((n, n), 1.0 / n)
-    w = torch.full((n, n), 1.0 / (n - 1))
-    w.fill_diagonal_(0.0)
-    return w
-
-
-def mix_targets(
-    weights: torch.Tensor, reference_logits: torch.Tensor, space: str = "logits", temperature: float = 1.0
-) -> torch.Tensor:
-    """Targets ``(m, R, C)`` from an ``m × n`` mixing matrix ``W`` over ``n`` devices' logits.
-
-    * ``space="logits"`` (the paper): ``T_i = Σ_j W[i, j] · Z_j``, a weighted
-      mean of logits — a geometric-mean ensemble of the distributions;
-    * ``space="probs"``: the weighted mean of the softened distributions,
-      ``q_i = Σ_j W[i, j] · softmax(Z_j / T)``, returned as logits
-      ``T · log q_i`` so that ``softmax(target / T) = q_i`` exactly. Under
-      label skew, where a device puts almost no mass on classes it never saw,
-      this arithmetic mean keeps the classes that only some teachers know.
-
-    A fresh tensor is returned (stored predictions are never modified).
-    """
-    _check_logits(reference_logits)
-    n = reference_logits.shape[0]
-    if weights.ndim != 2 or weights.shape[1] != n:
-        raise ValueError(f"weights must have {n} columns (one per device), got shape {tuple(weights.shape)}")
-    out_shape = (weights.shape[0], *reference_logits.shape[1:])
-    sums = row_sums(weights)
-    if ((sums > 0) & ((sums - 1.0).abs() > 1e-4)).any():
-        raise ValueError(f"each non-empty row of the weights must sum to 1, got row sums {sums.tolist()}")
-    if space not in MIX_SPACES:
-        raise ValueError(f"unknown mixing space {space!r}; valid choices: {', '.join(MIX_SPACES)}")
-    if space == "probs" and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    # only the columns that teach, as one sparse product
-    w = weights.coalesce() if weights.is_sparse else weights.to_sparse()
-    teachers = torch.unique(w.indices()[1])
-    position = torch.full((n,), -1, dtype=torch.long)
-    position[teachers] = torch.arange(len(teachers))
-    w = torch.sparse_coo_tensor(
-        torch.stack([w.indices()[0], position[w.indices()[1]]]), w.values().double(), (weights.shape[0], len(teachers)),
-        check_invariants=False,
-    )
-    chosen = reference_logits[teachers].double().reshape(len(teachers), -1, reference_logits.shape[-1])
-    if space == "probs":
-        chosen = F.softmax(chosen / temperature, dim=-1)
-    mixed = torch.sparse.mm(w, chosen.reshape(len(teachers), -1)).reshape(out_shape)
-    if space == "logits":
-        return mixed.float()
-    return (temperature * mixed.clamp_min(1e-12).log()).float()
-
-
 def neighbour_plan(
     reference_logits: torch.Tensor,
     rows: list[int],
@@ -400,7 +335,7 @@ def neighbour_plan(
     """SD-Dist's whole selection step for the devices in ``rows``.
 
     Returns the mixing matrix ``W`` (``n × n``, sparse COO; rows outside
-    ``rows`` are empty; see :func:`row_sums`), the distances ``D`` of the devices in ``rows`` (``len(rows) × n``,
+    ``rows`` are empty; see :func:`~hetkd.distill.exchange.row_sums`), the distances ``D`` of the devices in ``rows`` (``len(rows) × n``,
     row ``a`` is device ``rows[a]``; columns that were not searched are NaN)
     and each device's neighbour list. Only ``D[rows][:, candidates]`` is
     computed, in one matrix product.
@@ -413,7 +348,7 @@ def neighbour_plan(
     device runs it with itself as row 0 (``neighbour_selection=device``), so
     both choose neighbours by exactly the same rule.
     """
-    _check_logits(reference_logits)
+    check_logits(reference_logits)
     n = reference_logits.shape[0]
     _check_selection(n, num_neighbours, rule, quality)
     if weighting not in WEIGHTINGS:
@@ -443,7 +378,7 @@ class NeighbourPlan:
     """The outcome of one neighbour search (see :meth:`NeighbourSearch.plan`).
 
     ``weights``: the ``n × n`` mixing matrix (sparse COO; rows outside the
-    searched ones are empty, see :func:`row_sums`); ``distance``: the searched
+    searched ones are empty, see :func:`~hetkd.distill.exchange.row_sums`); ``distance``: the searched
     rows' distances (``len(rows) × n``, NaN where not searched);
     ``neighbours``: every device's teachers (empty outside the searched rows).
     """
@@ -492,6 +427,7 @@ class NeighbourSearch:
     search_sample: int = 1000
 
     def __post_init__(self) -> None:
+        require_types(self)
         require(self.num_neighbours >= 1, "num_neighbours", f"must be >= 1, got {self.num_neighbours}")
         require(self.num_candidates >= 1, "num_candidates", f"must be >= 1, got {self.num_candidates}")
         for key in ("neighbour_fraction", "candidate_fraction"):

@@ -1,27 +1,14 @@
-"""The model zoo and the per-device architecture assignment."""
+"""The model zoo and the per-device architecture assignment.
+"""
 
-from hetkd.models.zoo import (
-    ARCHITECTURES,
-    MODEL_GROUPS,
-    ModelError,
-    assign_architectures,
-    available_architectures,
-    build_model,
-    check_architecture,
-    count_parameters,
-    largest_architecture,
-    state_bytes,
-)
+from hetkd._exports import lazy_exports
 
-__all__ = [
-    "ARCHITECTURES",
-    "MODEL_GROUPS",
-    "ModelError",
-    "assign_architectures",
-    "available_architectures",
-    "build_model",
-    "check_architecture",
-    "count_parameters",
-    "largest_architecture",
-    "state_bytes",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "hetkd.models.assignment": (
+        "ASSIGNMENTS", "ModelsConfig", "assign_architectures",
+    ),
+    "hetkd.models.zoo": (
+        "ARCHITECTURES", "MODEL_GROUPS", "ModelError", "available_architectures", "build_model",
+        "check_architecture", "count_parameters", "largest_architecture", "state_bytes",
+    ),
+})

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hetkd.settings import SettingsError, did_you_mean
+
 __all__ = [
     "ModelError",
     "ARCHITECTURES",
@@ -29,15 +31,25 @@ __all__ = [
     "available_architectures",
     "check_architecture",
     "build_model",
-    "assign_architectures",
     "count_parameters",
     "largest_architecture",
     "state_bytes",
 ]
 
 
-class ModelError(ValueError):
-    """An architecture name, path or input shape is unusable; the message says which."""
+class ModelError(SettingsError):
+    """An architecture name, path or input shape is unusable; the message says which,
+    and names the config key when one chose the architecture."""
+
+    kind = "config key"
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        self.key = key or ""
+        self.message = message
+        ValueError.__init__(self, f"{self.kind} '{key}': {message}" if key else message)
+
+    def within(self, prefix: str, kind: type[SettingsError] | None = None) -> ModelError:
+        return ModelError(self.message, f"{prefix}.{self.key}" if prefix and self.key else (self.key or prefix))
 
 
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -358,32 +370,29 @@ def available_architectures(input_kind: str | None = None) -> list[str]:
     )
 
 
-def _load_factory(path: str, key: str = "architecture") -> ModelFactory:
+def _load_factory(path: str, key: str | None = None) -> ModelFactory:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ModelError(f"{key}: cannot import module '{module_name}' of '{path}' ({err})") from None
+        raise ModelError(f"cannot import module '{module_name}' of '{path}' ({err})", key) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ModelError(f"{key}: '{path}' does not name a callable factory(input_shape, num_classes)")
+        raise ModelError(f"'{path}' does not name a callable factory(input_shape, num_classes)", key)
     return factory
 
 
-def check_architecture(name: str, key: str = "architecture") -> None:
+def check_architecture(name: str, key: str | None = None) -> None:
     """Raise :class:`ModelError` naming ``key`` unless ``name`` is usable."""
     if ":" in name:
         _load_factory(name, key)
         return
     if name not in ARCHITECTURES and name not in MODEL_GROUPS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(ARCHITECTURES), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ModelError(
-            f"config key '{key}': unknown architecture {name!r}{hint}; valid choices: "
+            f"unknown architecture {name!r}{did_you_mean(name, list(ARCHITECTURES))}; valid choices: "
             f"{', '.join(sorted(ARCHITECTURES))}; groups: {', '.join(sorted(MODEL_GROUPS))}; "
-            "or a dotted path 'package.module:factory'"
+            "or a dotted path 'package.module:factory'",
+            key,
         )
 
 
@@ -411,42 +420,6 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int) -> nn.M
             f"got {input_shape[1]}x{input_shape[2]}"
         )
     return arch.factory(input_shape, num_classes)
-
-
-def assign_architectures(
-    assignment: str, architectures: Sequence[str], num_devices: int, tiers: Sequence[float] = ()
-) -> list[str]:
-    """Which architecture each device holds, by the ``models.assignment`` policy.
-
-    A single entry naming a group of :data:`MODEL_GROUPS` expands to its list.
-    """
-    archs = list(architectures)
-    if len(archs) == 1 and archs[0] in MODEL_GROUPS:
-        archs = MODEL_GROUPS[archs[0]]
-    if not archs:
-        raise ModelError("models.architectures must list at least one architecture")
-    if assignment == "homogeneous":
-        return [archs[0]] * num_devices
-    if assignment == "round_robin":
-        return [archs[i % len(archs)] for i in range(num_devices)]
-    if assignment == "per_device":
-        if len(archs) != num_devices:
-            raise ModelError(
-                f"models.assignment=per_device needs {num_devices} architectures, got {len(archs)}"
-            )
-        return archs
-    if assignment == "tiers":
-        if len(tiers) != len(archs):
-            raise ModelError(f"models.tiers needs {len(archs)} fractions, got {len(tiers)}")
-        out: list[str] = []
-        bounds = torch.tensor(list(tiers), dtype=torch.float64).cumsum(0) * num_devices
-        for i in range(num_devices):
-            tier = int((bounds <= i + 1e-9).sum().item())
-            out.append(archs[min(tier, len(archs) - 1)])
-        return out
-    raise ModelError(
-        f"unknown models.assignment {assignment!r}; valid choices: homogeneous, round_robin, per_device, tiers"
-    )
 
 
 def count_parameters(model: nn.Module) -> int:

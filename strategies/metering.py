@@ -1,0 +1,90 @@
+"""Metering: how many bytes each device sends and receives, as Flower serialises them.
+
+:class:`MeteredGrid` wraps any Flower :class:`~flwr.serverapp.Grid`, books the
+protobuf payload size of every message under the phase it belongs to
+(``setup``, ``train``, ``evaluate``), and notes the nodes that did not answer
+in time. An error the SuperLink returns for a node that left is re-addressed
+from that node (:func:`addressed`), so the right device is reported.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+__all__ = ["MeteredGrid", "payload_bytes", "addressed"]
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Size of a message's content as Flower serialises it (protobuf bytes)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+class MeteredGrid:
+    """A :class:`~flwr.serverapp.Grid` wrapper that counts payload bytes per node.
+
+    Traffic is booked under the current ``phase`` (``"train"`` for the
+    algorithm's exchange, ``"evaluate"`` for measurement).
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.phase = "train"
+        self.reset()
+
+    def reset(self) -> None:
+        self.down: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.up: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.unanswered: dict[int, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        for m in messages:
+            self.down[self.phase][m.metadata.dst_node_id] += payload_bytes(m.content)
+        if not messages:
+            return []
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sent = {m.metadata.message_id: m for m in messages if m.metadata.message_id}  # ids are set on sending
+        replies = [addressed(r, sent) for r in replies]
+        answered = set()
+        for r in replies:
+            answered.add(r.metadata.src_node_id)
+            if not r.has_error():
+                self.up[self.phase][r.metadata.src_node_id] += payload_bytes(r.content)
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                self.unanswered[m.metadata.dst_node_id] = f"no reply within {timeout}s ({m.metadata.message_type})"
+        return replies
+
+    def per_device(self, phase: str) -> tuple[float | None, float | None]:
+        """Mean bytes (up, down) per device that took part in ``phase``."""
+        nodes = set(self.down[phase]) | set(self.up[phase])
+        if not nodes:
+            return None, None
+        n = len(nodes)
+        return sum(self.up[phase].values()) / n, sum(self.down[phase].values()) / n
+
+
+def addressed(reply: Message, sent: dict[str, Message]) -> Message:
+    """``reply`` as coming from the node it answers for.
+
+    An error the SuperLink returns itself (e.g. "node unavailable" for a
+    SuperNode that left mid-round) comes from the SuperLink's own node id;
+    it is re-addressed from the node the message was sent to, so that node
+    is the one reported and left out.
+    """
+    original = sent.get(reply.metadata.reply_to_message_id)
+    if original is None or not reply.has_error() or reply.metadata.src_node_id == original.metadata.dst_node_id:
+        return reply
+    return Message(reply.error, reply_to=original)

@@ -1,0 +1,76 @@
+"""What a round is made of: the devices on record, the server's plan, and the report.
+
+* :class:`DeviceInfo` — what a node said about itself at set-up (public facts only);
+* :class:`RoundPlan` — the requests a strategy decided to send, one per sampled device,
+  and the :class:`Figures` the decision produced;
+* :class:`RoundReport` — everything measured in one round, one ``metrics.jsonl`` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hetkd import protocol as P
+
+__all__ = ["DeviceInfo", "Figures", "RoundPlan", "RoundReport"]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a node said about itself at set-up (public facts only)."""
+
+    node_id: int
+    device_id: int
+    architecture: str
+    num_train: int
+    num_test: int
+    num_params: int
+    model_bytes: int
+    num_reference: int
+
+
+@dataclass
+class Figures:
+    """Figures for a round's report: round-level ``metrics`` and per-device rows."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    devices: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, other: Figures) -> Figures:
+        """Fold ``other`` into these figures (its values win); returns ``self``."""
+        self.metrics.update(other.metrics)
+        for device, row in other.devices.items():
+            self.devices.setdefault(device, {}).update(row)
+        return self
+
+
+@dataclass
+class RoundPlan:
+    """What the server decided for a training round: one request per sampled device
+    (by device id), and the figures the decision produced. Strategies that need more
+    of the round when the replies come back subclass it."""
+
+    requests: dict[int, P.Request]
+    figures: Figures = field(default_factory=Figures)
+
+
+@dataclass
+class RoundReport:
+    """Everything measured in one round; flattened into one ``metrics.jsonl`` line."""
+
+    round: int
+    seconds: float
+    sampled: int
+    trained: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    devices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"round": self.round, "seconds": self.seconds, "sampled": self.sampled,
+                               "trained": self.trained}
+        row.update(self.metrics)
+        row["failures"] = self.failures
+        row["devices"] = {str(k): v for k, v in sorted(self.devices.items())}
+        return row
