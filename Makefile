@@ -2,20 +2,24 @@
 #
 #   make run                       default simulation with `flwr run .` (10 devices, digits)
 #   make run RUN_CONFIG="strategy='fedavg' models.assignment='homogeneous' num-server-rounds=5"
-#   make test                      the whole test suite (what CI runs)
+#   make test                      the whole test suite (what CI runs, on the newest supported Flower)
 #   make test-fast                 the quick subset (no end-to-end simulations)
+#   make test-lowest-flower        the quick subset and the deployment test on Flower 1.39 (CI runs it too)
 #   make stop                      stop the local SuperLink that `flwr run` leaves running
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# the lowest Flower release hetkd supports (pyproject: flwr[simulation]>=1.39,<1.43), in a venv of its own
+LOWEST_FLOWER ?= 1.39.0
+LOWEST_VENV ?= .venv-flwr$(LOWEST_FLOWER)
 DEVICES ?= 10
 RUN_CONFIG ?=
 # `flwr run` would otherwise install the app's dependencies with uv for every run
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO := 0
 
-.PHONY: install run test test-fast stop clean
+.PHONY: install run test test-fast test-lowest-flower stop clean
 
 install: $(VENV)/.installed
 
@@ -37,9 +41,20 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+$(LOWEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --upgrade pip "setuptools>=68" wheel
+	$(LOWEST_VENV)/bin/python -m pip install -e ".[dev]" "flwr[simulation]==$(LOWEST_FLOWER)"
+	touch $@
+
+test-lowest-flower: $(LOWEST_VENV)/.installed
+	$(LOWEST_VENV)/bin/python -c "import flwr; assert flwr.__version__ == '$(LOWEST_FLOWER)', flwr.__version__"
+	$(LOWEST_VENV)/bin/python -m pytest -m "not slow"
+	$(LOWEST_VENV)/bin/python -m pytest -m slow tests/test_deploy.py
+
 stop:
 	@pid=$$(pgrep -f "flower-superlink.*--simulation" | head -n 1); \
 	if [ -n "$$pid" ]; then kill $$pid && echo "stopped local SuperLink (pid $$pid)"; else echo "no local SuperLink running"; fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LOWEST_VENV) build *.egg-info src/*.egg-info

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -49,7 +50,7 @@ from hetkd.clients.device import DistillClient
 from hetkd.clients.node_config import parse_node_config
 from hetkd.clients.state import ContextStateStore, DiskStateStore, StateStore
 from hetkd.data import ArrayDataset, DataView, DeviceData
-from hetkd.training import TrainingConfig, seeded
+from hetkd.training import TrainingConfig, TrainingUpdate, seeded
 
 __all__ = ["DataLike", "DeviceDataset", "OwnDevices", "make_client_app", "to_array_dataset"]
 
@@ -153,6 +154,7 @@ class OwnDevices:
         num_classes: int,
         training: TrainingConfig | None = None,
         seed: int = 0,
+        state_dir: str | Path | None = None,
     ) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn must be callable (context -> torch.nn.Module), got {type(model_fn).__name__}")
@@ -165,6 +167,13 @@ class OwnDevices:
         self.num_classes = num_classes
         self.training = training if training is not None else TrainingConfig()
         self.seed = seed
+        self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
+
+    def training_for(self, context: Context) -> TrainingConfig:
+        """The device's training settings: ``make_client_app``'s, with the run config's ``lr``,
+        ``local-epochs`` and ``batch-size`` (Flower's template keys) over them."""
+        update, _ = TrainingUpdate.from_flower(context.run_config)
+        return update.apply(self.training) if update is not None else self.training
 
     def open(self, context: Context) -> tuple[DistillClient, StateStore]:
         node = parse_node_config(context.node_config, strict=False)
@@ -193,13 +202,12 @@ class OwnDevices:
             model=model,
             data=DeviceData(device_id, _view(train), _view(test)),
             global_test=global_test,
-            training=self.training,
+            training=self.training_for(context),
             seed=self.seed,
             reference=reference,
         )
-        store: StateStore = (
-            DiskStateStore(node.state_dir, device_id) if node.state_dir is not None else ContextStateStore(context)
-        )
+        state_dir = node.state_dir or self.state_dir
+        store: StateStore = DiskStateStore(state_dir, device_id) if state_dir is not None else ContextStateStore(context)
         return client, store
 
 
@@ -210,6 +218,7 @@ def make_client_app(
     num_classes: int,
     training: TrainingConfig | None = None,
     seed: int = 0,
+    state_dir: str | Path | None = None,
 ) -> ClientApp:
     """A Flower ``ClientApp`` whose devices hold your model and your data.
 
@@ -227,8 +236,17 @@ def make_client_app(
         Number of classes; every device and the server must agree on it.
     training : TrainingConfig | None
         Local optimisation (epochs, batch size, optimizer, learning rate);
-        default :class:`hetkd.training.TrainingConfig`'s.
+        default :class:`hetkd.training.TrainingConfig`'s. These are defaults:
+        the run config's ``lr``, ``local-epochs`` and ``batch-size`` (the keys
+        of Flower's templates) replace them, and the ServerApp's
+        ``train_config`` entries of those names replace both.
     seed : int
         Seeds initial weights, shuffling and dropout, per device and round.
+    state_dir : str | Path | None
+        Keep every device's model and optimizer on disk, in
+        ``state_dir/device-<partition-id>.pt`` (a node config ``state-dir``
+        wins), instead of Flower's ``Context.state``: the personalised models
+        then outlive the run, and ``hetkd.clients.DiskStateStore(state_dir,
+        device_id).load()["model"]`` reads one back.
     """
-    return build_client_app(OwnDevices(model_fn, data_fn, num_classes, training, seed))
+    return build_client_app(OwnDevices(model_fn, data_fn, num_classes, training, seed, state_dir))

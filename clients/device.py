@@ -145,7 +145,8 @@ class DistillClient:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (the learning rate stays ``training.lr``:
+        the settings the device runs with now win over the ones it was saved with)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rounds_trained = int(state.get("rounds_trained", 0))
@@ -153,6 +154,15 @@ class DistillClient:
             self.fork_private_model()
             self.private_model.load_state_dict(state["private_model"])  # type: ignore[union-attr]
             self.private_optimizer.load_state_dict(state["private_optimizer"])  # type: ignore[union-attr]
+        self.set_training(self.training)
+
+    def set_training(self, training: TrainingConfig) -> None:
+        """Train with ``training`` from now on; the optimizers' learning rate follows it."""
+        self.training = training
+        for optimizer in (self.optimizer, self.private_optimizer):
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = training.lr
 
     def fork_private_model(self) -> nn.Module:
         """The private model, forked from the device's model (weights and optimizer

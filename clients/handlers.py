@@ -98,14 +98,14 @@ def setup(request: P.SetupRequest, context: Context, devices: DeviceSource) -> P
 @handles(P.LocalTrainRequest)
 def train_local(request: P.LocalTrainRequest, context: Context, devices: DeviceSource) -> P.TrainReply:
     """Local-only training: cross-entropy on the private data."""
-    with device_session(context, devices) as client:
+    with device_session(context, devices, training=request.training) as client:
         return P.TrainReply(**client.fit(request.server_round))
 
 
 @handles(P.FedAvgRequest)
 def train_fedavg(request: P.FedAvgRequest, context: Context, devices: DeviceSource) -> P.FedAvgReply:
     """FedAvg baseline: start from the global weights, train, send the weights back."""
-    with device_session(context, devices) as client:
+    with device_session(context, devices, training=request.training) as client:
         client.set_weights(request.weights)
         metrics = client.fit(request.server_round)
         return P.FedAvgReply(**metrics, weights=client.get_weights())
@@ -168,7 +168,7 @@ def train_reference_distill(
 ) -> P.ReferencePredictions:
     """Logit exchange (FedMD, SD-Dist): distil towards targets on the reference set,
     then send back predictions on the reference set and nothing else."""
-    with device_session(context, devices) as client:
+    with device_session(context, devices, training=request.training) as client:
         target, picked = None, {}
         if request.targets is not None:
             target = decode_logits(request.targets)
@@ -220,7 +220,7 @@ def train_ensemble_distill(request: P.EnsembleDistill, context: Context, devices
     """Ensemble distillation (FedDF, MEKD): distil towards the ensemble's answers on an
     earlier query, then answer this round's query, and send back those answers only."""
     round_ = request.server_round
-    with device_session(context, devices) as client:
+    with device_session(context, devices, training=request.training) as client:
         generator = held_generator(request, context, client)
         held = {"reference_inputs": client.reference_inputs() if client.reference is not None else None,
                 "generator": generator}

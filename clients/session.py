@@ -27,7 +27,7 @@ from hetkd.clients.node_config import MODEL, NodeConfigError, parse_node_config
 from hetkd.clients.state import DiskStateStore, StateStore, make_store
 from hetkd.config import HetkdConfig, from_yaml, resolve_config
 from hetkd.models import ModelError
-from hetkd.training import torch_threads
+from hetkd.training import TrainingUpdate, torch_threads
 
 __all__ = ["CONFIG_STATE_KEY", "DeviceSource", "ZooDevices", "ZOO_DEVICES", "cached_config", "device_config",
            "device_id_of", "device_session"]
@@ -98,14 +98,19 @@ ZOO_DEVICES = ZooDevices()
 
 
 @contextmanager
-def device_session(context: Context, devices: DeviceSource, save: bool = True) -> Iterator[DistillClient]:
+def device_session(
+    context: Context, devices: DeviceSource, save: bool = True, training: TrainingUpdate | None = None
+) -> Iterator[DistillClient]:
     """Open this node's device with its stored state, on its own thread count; save it back afterwards.
 
-    The thread count is the device's ``training.num_threads``, restored when
-    the session ends, so a device served in the server's process (the
-    in-process test grid) leaves the process as it found it.
+    ``training`` (a request's) updates the device's training settings for this
+    message. The thread count is the device's ``training.num_threads``,
+    restored when the session ends, so a device served in the server's process
+    (the in-process test grid) leaves the process as it found it.
     """
     client, store = devices.open(context)
+    if training is not None:
+        client.set_training(training.apply(client.training))
     with torch_threads(client.training.num_threads):
         state = store.load()
         if state is not None:

@@ -3,7 +3,7 @@
     hetkd run [CONFIG] [key=value ...] [--out DIR]     one simulation, in-process
     hetkd config [CONFIG] [key=value ...] [--flower]   print the resolved config (--out: also save it)
     hetkd compare CONFIG --strategies a,b --seeds N    strategies side by side
-    hetkd deploy [CONFIG] [key=value ...] [--devices N]  one run on a local SuperLink + SuperNodes (gRPC)
+    hetkd deploy [CONFIG] [key=value ...] [--devices N]  one run on a local SuperLink + SuperNodes (real processes)
 
 ``CONFIG`` is a YAML file (none: the defaults); ``key=value`` are dotted
 overrides (``partition.alpha=0.1``, ``models.architectures=[cnn_s,mlp_m]``,

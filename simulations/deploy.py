@@ -1,8 +1,10 @@
 """A whole federation on this machine's loopback: Flower's Deployment Engine for trying it out.
 
-:class:`LocalFederation` starts, as real processes talking gRPC over
+:class:`LocalFederation` starts, as real processes talking over
 ``127.0.0.1``, one ``flower-superlink`` and one ``flower-supernode`` per device
-(``--node-config "partition-id=i num-partitions=N"``), writes a SuperLink
+(``--node-config "partition-id=i num-partitions=N"``; the Fleet API on the
+SuperLink's HTTP port from Flower 1.40, on a gRPC port of its own up to 1.39,
+see :mod:`hetkd.simulations.fleet`), writes a SuperLink
 connection to ``$FLWR_HOME/config.toml`` and submits the app with
 ``flwr run APP CONNECTION``: the same commands one runs on real machines (see
 the README's "Deployment" section). Ports are picked free, ``FLWR_HOME`` is a
@@ -34,6 +36,7 @@ from typing import IO, Any
 from hetkd.config import CONFIG_FILE_KEY, FLOWER_ALIASES, HetkdConfig, flower_run_config
 from hetkd.simulations.cli import add_items_arguments, config_from_args
 from hetkd.simulations.experiment import prepare
+from hetkd.simulations.fleet import FLEET_ON_SUPERLINK_PORT, FLOWER_VERSION, fleet_address, superlink_address_args
 
 __all__ = ["LocalFederation", "ManagedProcess", "free_port", "run_config_overrides", "running_in_group", "add_parser"]
 
@@ -186,7 +189,9 @@ class LocalFederation:
         self.home = Path(home).expanduser().resolve()
         self.node_configs = [dict(c) for c in node_configs] if node_configs else [{} for _ in range(num_devices)]
         self.ready_timeout = ready_timeout
-        self.http_port = self.fleet_port = 0
+        self.http_port = 0
+        #: the Fleet API's own port (Flower up to 1.39; from 1.40 it is the SuperLink's HTTP port)
+        self.fleet_port: int | None = None
         self.superlink: ManagedProcess | None = None
         self.supernodes: dict[int, ManagedProcess] = {}
         #: every process ever started (restarted SuperNodes included), for stop() and for tests
@@ -230,8 +235,7 @@ class LocalFederation:
 
     def superlink_command(self) -> list[str]:
         return [
-            _executable("flower-superlink"), "--insecure", "--host", HOST, "--port", str(self.http_port),
-            "--fleet-api-address", f"{HOST}:{self.fleet_port}",
+            _executable("flower-superlink"), "--insecure", *superlink_address_args(HOST, self.http_port, self.fleet_port),
             # a file database: flwr 1.39's in-memory one races between threads
             "--database", str(self.home / "superlink.db"),
         ]
@@ -243,7 +247,7 @@ class LocalFederation:
 
     def supernode_command(self, device: int, port: int) -> list[str]:
         return [
-            _executable("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{self.fleet_port}",
+            _executable("flower-supernode"), "--insecure", "--superlink", fleet_address(HOST, self.http_port, self.fleet_port),
             "--host", HOST, "--port", str(port), "--node-config", self.node_config_text(device),
         ]
 
@@ -267,11 +271,13 @@ class LocalFederation:
     def start(self) -> LocalFederation:
         """Start the SuperLink, then every SuperNode; return once all are connected."""
         self.home.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.fleet_port = free_port(), free_port()
+        self.http_port = free_port()
+        self.fleet_port = None if FLEET_ON_SUPERLINK_PORT else free_port()
+        ports = [p for p in (self.http_port, self.fleet_port) if p is not None]
         self.write_connection()
         try:
             self.superlink = self._spawn("superlink", self.superlink_command())
-            self._wait("Fleet API", lambda: _listening(self.fleet_port) and _listening(self.http_port), self.superlink)
+            self._wait("Fleet API", lambda: all(_listening(p) for p in ports), self.superlink)
             for device in range(self.num_devices):
                 self.start_supernode(device, wait=False)
             for device in range(self.num_devices):
@@ -359,8 +365,9 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     code = 1
     try:
         federation.start()
-        print(f"SuperLink on {HOST}:{federation.http_port} (Fleet API gRPC {HOST}:{federation.fleet_port}); "
-              f"{cfg.simulation.num_devices} SuperNodes connected", flush=True)
+        fleet = fleet_address(HOST, federation.http_port, federation.fleet_port)
+        print(f"SuperLink on {HOST}:{federation.http_port} (Fleet API {'HTTP' if FLEET_ON_SUPERLINK_PORT else 'gRPC'} "
+              f"{fleet}, Flower {FLOWER_VERSION}); {cfg.simulation.num_devices} SuperNodes connected", flush=True)
         command = federation.run_command(args.app, run_config)
         print("$ FLWR_HOME=" + shlex.quote(str(federation.home)) + " " + shlex.join(command), flush=True)
         code = subprocess.run(command, env=federation.env, cwd=Path(args.app).resolve()).returncode

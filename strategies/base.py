@@ -33,7 +33,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -49,23 +49,10 @@ from hetkd.results import accuracy_summary
 from hetkd.sampling import Sampling, sample_devices
 from hetkd.settings import with_overrides
 from hetkd.strategies.metering import MeteredGrid
-from hetkd.strategies.rounds import DeviceInfo, Figures, RoundPlan, RoundReport
+from hetkd.strategies.rounds import DeviceInfo, Figures, RoundLog, RoundPlan, RoundReport, finite, sum_finite
+from hetkd.training import TrainingUpdate
 
 __all__ = ["DeviceInfo", "DeviceStrategy", "Figures", "RoundPlan", "RoundReport"]
-
-
-@dataclass
-class _RoundLog:
-    """The round in flight: its plan, the figures so far, and who failed."""
-
-    plan: RoundPlan | None = None
-    evaluating: dict[int, P.Request] = field(default_factory=dict)
-    figures: Figures = field(default_factory=Figures)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class DeviceStrategy(Strategy):
@@ -116,7 +103,7 @@ class DeviceStrategy(Strategy):
         self.rejected: dict[int, str] = {}  # node id -> why its set-up failed
         self.timeout: float = 3600.0
         self.num_rounds = 0  # the running start()'s, for strategies with phases
-        self._round = _RoundLog()
+        self._round = RoundLog()
 
     # ------------------------------------------------------------------ settings
 
@@ -142,9 +129,11 @@ class DeviceStrategy(Strategy):
         node_of = {info.device_id: node for node, info in self.devices.items()}
         return [request.message(node_of[device]) for device, request in requests.items()]
 
-    def report_failure(self, node_id: int, reason: str, phase: str) -> None:
-        """Leave ``node_id`` out of ``phase``, log why, and note it in the round's report."""
-        device = self.devices[node_id].device_id if node_id in self.devices else None
+    def report_failure(self, node_id: int, reason: str, phase: str, device: int | None = None) -> None:
+        """Leave ``node_id`` (serving ``device``, when known) out of ``phase``, log why, and note it
+        in the round's report."""
+        if device is None and node_id in self.devices:
+            device = self.devices[node_id].device_id
         self._round.failures.append({"device": device, "node": node_id, "phase": phase, "reason": reason})
         log(WARNING, "device %s (node %d) left out of %s: %s", device, node_id, phase, reason)
         if device is not None:
@@ -190,7 +179,7 @@ class DeviceStrategy(Strategy):
                               decoded.num_params, decoded.model_bytes, decoded.num_reference)
             refused = self.admit(info)
             if refused is not None:
-                self.report_failure(node, refused, "setup")
+                self.report_failure(node, refused, "setup", device=info.device_id)
                 self.rejected[node] = refused
                 continue
             # a device that rejoined under a new node id replaces its old entry
@@ -237,6 +226,11 @@ class DeviceStrategy(Strategy):
         """Use the round's valid training replies (by device id, in device order); return figures."""
         return Figures()
 
+    def initial_global(self, initial_arrays: ArrayRecord) -> ArrayRecord | None:
+        """Hook: take the ``initial_arrays`` handed to :meth:`start` as the global model's starting
+        weights, and return the global model (``None``: the strategy keeps none)."""
+        return None
+
     def global_arrays(self) -> ArrayRecord | None:
         """The global model after the latest round, for Flower's ``Result.arrays`` (``None``: none)."""
         return None
@@ -257,8 +251,11 @@ class DeviceStrategy(Strategy):
         """One request per sampled device, as :meth:`plan_train` decides."""
         nodes = self.sample(grid, server_round, self.sampling.fraction_train, "train")
         log(DEBUG, "configure_train: %d of %d devices", len(nodes), len(self.devices))
-        _ignore_flower_config(config, "train_config")
+        training, unknown = TrainingUpdate.from_flower(config)
+        _ignore_flower_config(unknown, "train_config")
         plan = self.plan_train(server_round, [self.device_id(n) for n in nodes], arrays)
+        if training is not None:  # the ServerApp's training settings (lr, local epochs, batch size) go to every device
+            plan.requests = {d: replace(r, training=training) for d, r in plan.requests.items()}
         self._round.plan = plan
         self._round.figures.add(plan.figures)
         return self._messages(plan.requests)
@@ -307,8 +304,8 @@ class DeviceStrategy(Strategy):
         train = [r for r in valid.values() if isinstance(r, P.TrainReply)]
         metrics = self._round.figures.metrics
         # where the devices' time went (summed): their handlers, and training within them
-        metrics["devices_handler_seconds"] = _sum_finite(r.handler_seconds for r in train)
-        metrics["devices_train_seconds"] = _sum_finite(r.train_seconds for r in train)
+        metrics["devices_handler_seconds"] = sum_finite(r.handler_seconds for r in train)
+        metrics["devices_train_seconds"] = sum_finite(r.train_seconds for r in train)
         self._note_peak(valid.values())
         record = MetricRecord({"num-devices": len(valid)})
         if losses and sum(weights) > 0:
@@ -321,7 +318,7 @@ class DeviceStrategy(Strategy):
     ) -> Iterable[Message]:
         """Ask sampled devices to evaluate their model, personalised and global."""
         nodes = self.sample(grid, server_round, self.sampling.fraction_evaluate, "evaluate")
-        _ignore_flower_config(config, "evaluate_config")
+        _ignore_flower_config(list(config.keys()), "evaluate_config")
         requests = self.plan_evaluate(server_round, [self.device_id(n) for n in nodes], arrays)
         self._round.evaluating = requests
         return self._messages(requests)
@@ -352,11 +349,11 @@ class DeviceStrategy(Strategy):
             summary["global_accuracy_mean"] = g["global_accuracy_mean"]
             summary["global_accuracy_std"] = g["global_accuracy_std"]
         self._round.figures.metrics.update(summary)
-        return MetricRecord({k.replace("_", "-"): v for k, v in summary.items() if _finite(v)}
+        return MetricRecord({k.replace("_", "-"): v for k, v in summary.items() if finite(v)}
                             | {"num-devices": len(valid)})
 
     def _note_peak(self, replies: Iterable[P.Reply]) -> None:
-        peaks = [r.peak_rss_mb for r in replies if _finite(r.peak_rss_mb)]
+        peaks = [r.peak_rss_mb for r in replies if finite(r.peak_rss_mb)]
         if peaks:
             metrics = self._round.figures.metrics
             metrics["device_peak_rss_mb"] = max([metrics.get("device_peak_rss_mb") or 0.0, *peaks])
@@ -388,10 +385,11 @@ class DeviceStrategy(Strategy):
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         arrays = ArrayRecord() if initial_arrays is None else initial_arrays
-        result = Result(arrays=arrays)
+        global_model = self.initial_global(arrays)
+        result = Result(arrays=global_model if global_model is not None else ArrayRecord())
         log(INFO, "Starting %s for %d rounds", type(self).__name__, num_rounds)
         self.summary()
-        self._round = _RoundLog()
+        self._round = RoundLog()
         meter.phase = "setup"
         self.setup_devices(meter, block=True)  # type: ignore[arg-type]
         if evaluate_fn is not None:
@@ -428,11 +426,27 @@ class DeviceStrategy(Strategy):
                 self.report_failure(node, reason, "round")
             report = self._report(server_round, time.perf_counter() - started, meter, sampled)
             log(INFO, "round %d: %s", server_round,
-                {k: v for k, v in report.metrics.items() if "accuracy_mean" in k and _finite(v)})
-            self._round = _RoundLog()
+                {k: v for k, v in report.metrics.items()
+                 if (k.endswith("accuracy_mean") or k == "student_accuracy") and finite(v)})
+            self._round = RoundLog()
             if on_round_end is not None:
                 on_round_end(report)
+        if global_model is None:
+            self._say_where_the_models_are(handed=len(arrays) > 0)
         return result
+
+    def _say_where_the_models_are(self, handed: bool) -> None:
+        """Once, at the end: there is no global model in ``result.arrays``; the devices hold theirs.
+
+        A warning when the caller handed ``initial_arrays`` (a Flower quickstart
+        saves ``result.arrays`` as its final model), a note otherwise.
+        """
+        log(WARNING if handed else INFO,
+            "%s keeps no global model: result.arrays is empty%s. Every device keeps its own personalised "
+            "model on its node: in Flower's Context.state, or on disk with make_client_app(..., state_dir=DIR) or "
+            "the node config state-dir=DIR (hetkd run: simulation.state_store=disk, DIR=<out>/device-state), from "
+            "where hetkd.clients.DiskStateStore(DIR, device_id).load()['model'] reads its weights",
+            type(self).__name__, " (the initial_arrays handed to start() were not trained)" if handed else "")
 
     def _report(self, server_round: int, seconds: float, meter: MeteredGrid, sampled: int) -> RoundReport:
         up, down = meter.per_device("train")
@@ -453,11 +467,6 @@ class DeviceStrategy(Strategy):
                            list(self._round.failures))
 
 
-def _sum_finite(values: Iterable[float]) -> float | None:
-    kept = [v for v in values if _finite(v)]
-    return sum(kept) if kept else None
-
-
 def _decode(reply: Message, reply_type: type[P.Reply]) -> tuple[P.Reply | None, str | None]:
     """The reply decoded as ``reply_type``, or why it cannot be used."""
     if reply.has_error():
@@ -471,11 +480,11 @@ def _decode(reply: Message, reply_type: type[P.Reply]) -> tuple[P.Reply | None, 
 _IGNORED_WARNED: set[str] = set()
 
 
-def _ignore_flower_config(config: ConfigRecord, name: str) -> None:
-    """Flower's ``train_config`` / ``evaluate_config`` entries are not hetkd's typed settings: say so once."""
-    if len(config) and name not in _IGNORED_WARNED:
+def _ignore_flower_config(keys: list[str], name: str) -> None:
+    """Flower ``train_config`` / ``evaluate_config`` entries that are not training settings: say once they stay here."""
+    if keys and name not in _IGNORED_WARNED:
         _IGNORED_WARNED.add(name)
-        log(WARNING, "%s keys %s are not sent to devices: hetkd's messages carry typed settings "
-            "(see hetkd.protocol); configure devices through the strategy's settings or the run config",
-            name, sorted(config.keys()))
+        log(WARNING, "%s keys %s are not sent to devices: hetkd's messages are typed (hetkd.protocol) and carry "
+            "from Flower's config only lr, local-epochs and batch-size; configure the rest through the strategy's "
+            "settings", name, sorted(keys))
 

@@ -265,6 +265,23 @@ class EnsembleDistill(DeviceStrategy):
         correct = sum(int((self.student(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(512), y.split(512)))
         return correct / max(1, len(y))
 
+    def initial_global(self, initial_arrays: ArrayRecord) -> ArrayRecord | None:
+        """The student starts from ``initial_arrays`` when they are given (a quickstart's ``Net()``
+        weights, with ``student=Net()``); they must fit it."""
+        if self.student is None:
+            if len(initial_arrays):
+                raise ValueError(f"{type(self).__name__} was given initial_arrays but keeps no global student "
+                                 "(ensemble.student is empty); pass student=<your nn.Module>")
+            return None
+        if len(initial_arrays):
+            try:
+                self.student.load_state_dict(initial_arrays.to_torch_state_dict())
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()[0:2]
+                raise ValueError(f"initial_arrays do not fit the global student ({type(self.student).__name__}): "
+                                 f"{' '.join(first)}; pass the module they belong to as student=") from None
+        return self.global_arrays()
+
     def global_arrays(self) -> ArrayRecord | None:
         """The global student's weights: what a Flower ServerApp saves as its final model."""
         return None if self.student is None else ArrayRecord(self.student.state_dict())

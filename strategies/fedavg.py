@@ -50,6 +50,10 @@ class FedAvg(DeviceStrategy):
                 "Use models.assignment=homogeneous, or a distillation strategy."
             )
 
+    def initial_global(self, initial_arrays: ArrayRecord) -> ArrayRecord | None:
+        self.weights = initial_arrays
+        return initial_arrays
+
     def plan_train(self, server_round: int, device_ids: list[int], arrays: ArrayRecord) -> RoundPlan:
         self.weights = arrays
         weights = arrays.to_torch_state_dict()

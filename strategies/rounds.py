@@ -3,17 +3,20 @@
 * :class:`DeviceInfo` — what a node said about itself at set-up (public facts only);
 * :class:`RoundPlan` — the requests a strategy decided to send, one per sampled device,
   and the :class:`Figures` the decision produced;
-* :class:`RoundReport` — everything measured in one round, one ``metrics.jsonl`` line.
+* :class:`RoundReport` — everything measured in one round, one ``metrics.jsonl`` line;
+* :class:`RoundLog` — the round in flight while the base strategy builds its report.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hetkd import protocol as P
 
-__all__ = ["DeviceInfo", "Figures", "RoundPlan", "RoundReport"]
+__all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "finite", "sum_finite"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +77,24 @@ class RoundReport:
         row["failures"] = self.failures
         row["devices"] = {str(k): v for k, v in sorted(self.devices.items())}
         return row
+
+
+@dataclass
+class RoundLog:
+    """The round in flight: its plan, the figures so far, and who failed."""
+
+    plan: RoundPlan | None = None
+    evaluating: dict[int, P.Request] = field(default_factory=dict)
+    figures: Figures = field(default_factory=Figures)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+def finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def sum_finite(values: Iterable[float]) -> float | None:
+    """The sum of the finite ``values`` (``None``: there are none)."""
+    kept = [v for v in values if finite(v)]
+    return sum(kept) if kept else None

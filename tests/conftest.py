@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from hetkd.config import HetkdConfig, resolve_config
+from hetkd.simulations.fleet import superlink_address_args
 from hetkd.simulations.local_grid import InProcessGrid, Traffic  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -66,3 +74,53 @@ def _with_content(reply: Message, content: RecordDict) -> Message:
 @pytest.fixture
 def in_process_grid() -> Callable[..., InProcessGrid]:
     return InProcessGrid
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def simulation_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A SuperLink in simulation mode for ``flwr run`` (its own FLWR_HOME, free ports, stopped by PID).
+
+    Yields the environment ``flwr run`` needs; the connection ``hetkd-test`` is its default.
+    """
+    bin_dir = Path(sys.executable).parent
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    http_port, fleet_port = free_port(), free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "hetkd-test"\n\n[superlink.hetkd-test]\naddress = "127.0.0.1:{http_port}"\n'
+        "insecure = true\n"
+    )
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+    log_path = tmp_path / "superlink.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    link = subprocess.Popen(
+        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         *superlink_address_args("127.0.0.1", http_port, fleet_port),
+         # a file database: flwr 1.39's ':memory:' one races between threads (sqlite "no transaction")
+         "--database", str(tmp_path / "state.db")],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", http_port)) == 0:
+                    break
+            assert link.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        os.killpg(link.pid, signal.SIGTERM)
+        try:
+            link.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(link.pid, signal.SIGKILL)
+            link.wait(10)
+        log.close()

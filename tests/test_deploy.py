@@ -1,4 +1,8 @@
-"""Deployment over gRPC: a SuperLink and SuperNodes on 127.0.0.1 as real processes (Flower's Deployment Engine).
+"""Deployment: a SuperLink and SuperNodes on 127.0.0.1 as real processes (Flower's Deployment Engine).
+
+The Fleet API is gRPC on a port of its own up to Flower 1.39 and HTTP on the
+SuperLink's port from 1.40 (:mod:`hetkd.simulations.fleet`); CI runs these tests
+on the newest supported Flower and on 1.39.
 
 Marked ``slow``; CI runs it. Every process has its own ``FLWR_HOME`` (a temporary
 folder) and free ports, and is stopped by its process group, also when the test fails.
@@ -15,8 +19,21 @@ import pytest
 from hetkd.config import resolve_config
 from hetkd.results import read_metrics
 from hetkd.simulations.deploy import LocalFederation, run_config_overrides, running_in_group
+from hetkd.simulations.fleet import FLEET_ON_SUPERLINK_PORT, FLOWER_VERSION, fleet_address, superlink_address_args
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_fleet_api_layout_follows_the_installed_flower():
+    assert FLEET_ON_SUPERLINK_PORT == (FLOWER_VERSION.release[:2] >= (1, 40))
+    if FLEET_ON_SUPERLINK_PORT:
+        assert fleet_address("h", 8000, None) == "h:8000"
+        assert superlink_address_args("h", 8000, None) == ["--host", "h", "--port", "8000"]
+    else:
+        assert fleet_address("h", 8000, 9092) == "h:9092"
+        assert superlink_address_args("h", 8000, 9092)[-2:] == ["--fleet-api-address", "h:9092"]
+        with pytest.raises(ValueError, match="fleet_port"):
+            fleet_address("h", 8000, None)
 
 
 def test_run_config_overrides_name_only_what_differs_from_the_defaults(tmp_path):
@@ -36,8 +53,13 @@ def test_federation_commands_use_the_chosen_ports_and_node_configs(tmp_path):
     fed.http_port, fed.fleet_port = 1234, 5678
     assert fed.node_config_text(1) == 'partition-id=1 num-partitions=2 model="mlp_s" state-dir="/tmp/s"'
     command = fed.supernode_command(1, 9999)
-    assert command[command.index("--superlink") + 1] == "127.0.0.1:5678"
+    # the Fleet API: the SuperLink's own port from Flower 1.40, a port of its own up to 1.39
+    assert command[command.index("--superlink") + 1] == ("127.0.0.1:1234" if FLEET_ON_SUPERLINK_PORT
+                                                         else "127.0.0.1:5678")
     assert command[command.index("--port") + 1] == "9999"
+    superlink = fed.superlink_command()
+    assert superlink[superlink.index("--port") + 1] == "1234"
+    assert ("--fleet-api-address" in superlink) is not FLEET_ON_SUPERLINK_PORT
     assert 'address = "127.0.0.1:1234"' in fed.write_connection().read_text()
     with pytest.raises(ValueError, match="node_configs"):
         LocalFederation(3, tmp_path, node_configs=[{}])

@@ -9,18 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from hetkd.results import read_metrics
 from hetkd.simulations import run
-from tests.conftest import small_config
+from tests.conftest import simulation_superlink, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -60,44 +57,14 @@ def test_two_round_simulation_writes_results_and_learns(tmp_path, overrides):
     assert json.loads((out / "summary.json").read_text())["strategy"] == cfg.strategy.name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_flwr_run_drives_the_same_apps(tmp_path):
     """`flwr run .` against a SuperLink this test starts (and stops, by PID)."""
-    bin_dir = Path(sys.executable).parent
-    flwr, superlink = bin_dir / "flwr", bin_dir / "flower-superlink"
-    if not flwr.exists() or not superlink.exists():
+    flwr = Path(sys.executable).parent / "flwr"
+    if not flwr.exists():
         pytest.skip("flwr CLI not installed beside this Python")
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    http_port, fleet_port = _free_port(), _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "hetkd-test"\n\n[superlink.hetkd-test]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
-    )
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
     app_dir = tmp_path / "app"
-    shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", "*.egg-info"))
-    log = open(tmp_path / "superlink.log", "w")
-    link = subprocess.Popen(
-        [str(superlink), "--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
-         "--port", str(http_port), "--fleet-api-address", f"127.0.0.1:{fleet_port}",
-         # a file database: flwr 1.39's ':memory:' one races between threads (sqlite "no transaction")
-         "--database", str(tmp_path / "state.db")],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", http_port)) == 0:
-                    break
-            assert link.poll() is None, (tmp_path / "superlink.log").read_text()[-2000:]
-            time.sleep(0.5)
+    shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(".git", ".venv*", "outputs", "__pycache__", "*.egg-info"))
+    with simulation_superlink(tmp_path) as env:
         out = tmp_path / "out"
         result = subprocess.run(
             [str(flwr), "run", str(app_dir), "--stream",
@@ -111,14 +78,6 @@ def test_flwr_run_drives_the_same_apps(tmp_path):
         _check_run_folder(out, 2)
         # the [tool.flwr.federations] rule: flwr must not have rewritten our pyproject
         assert "[tool.flwr.app.config]" in (app_dir / "pyproject.toml").read_text()
-    finally:
-        os.killpg(link.pid, signal.SIGTERM)
-        try:
-            link.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
-            link.wait(10)
-        log.close()
 
 
 def test_sd_dist_beats_local_only_on_global_accuracy(tmp_path):

@@ -4,9 +4,12 @@ Compare with ``flwr new``'s PyTorch template: the run config is read the same
 way and ``strategy.start(grid=..., ...)`` is called the same way. ``SDDist``
 with only the class count runs the settings ``hetkd run strategy=sd-dist``
 uses (``SDDist.paper(...)`` gives the paper's); the reference set's size is
-learnt from the devices at set-up. SD-Dist keeps no global model (each device
-keeps its own), so ``initial_arrays`` is not trained and ``result`` holds every
-round's metrics instead.
+learnt from the devices at set-up, and ``train_config``'s ``lr`` reaches every
+device's optimizer. SD-Dist keeps no global model (each device keeps its own
+personalised one), so ``result.arrays`` comes back empty, not as the untrained
+``initial_arrays``, and the strategy's last log line says where the devices'
+models are; ``result`` holds every round's metrics. With ``FedDF`` or ``MEKD``
+(``student=Net()``), ``result.arrays`` is the trained global student.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from hetkd.settings import require, require_choice, require_types
 
 __all__ = [
     "TrainingConfig",
+    "TrainingUpdate",
     "OPTIMIZERS",
     "derive_seed",
     "seeded",
@@ -72,6 +74,46 @@ class TrainingConfig:
         require(self.num_threads >= 1, "num_threads", f"must be >= 1, got {self.num_threads}")
         require(self.device in ("cpu", "auto") or self.device.startswith("cuda"), "device",
                 f"unknown value {self.device!r}; valid choices: cpu, auto, cuda, cuda:N")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingUpdate:
+    """Training settings a run sets for its devices, over what each device was built with.
+
+    A Flower ServerApp passes ``train_config=ConfigRecord({"lr": lr})`` and a
+    Flower App's run config holds ``local-epochs``; :meth:`from_flower` reads
+    those names (Flower's templates use ``lr``, ``local-epochs`` and
+    ``batch-size``; underscores work too). ``None`` keeps the device's value.
+    """
+
+    lr: float | None = None
+    local_epochs: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        require_types(self)
+        require(self.lr is None or self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.local_epochs is None or self.local_epochs >= 0, "local_epochs",
+                f"must be >= 0, got {self.local_epochs}")
+        require(self.batch_size is None or self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_flower(cls, config: Mapping[str, Any]) -> tuple[TrainingUpdate | None, list[str]]:
+        """The update a Flower config's training keys ask for (``None``: none), and the keys it does not know."""
+        found, unknown = {}, []
+        for key, value in config.items():
+            name = str(key).replace("-", "_")
+            if name in ("lr", "local_epochs", "batch_size"):
+                found[name] = float(value) if name == "lr" and isinstance(value, int) else value
+            else:
+                unknown.append(str(key))
+        return (cls(**found) if found else None), unknown
+
+    def apply(self, training: TrainingConfig) -> TrainingConfig:
+        """``training`` with the fields this update sets replaced."""
+        changes = {k: v for k, v in (("lr", self.lr), ("local_epochs", self.local_epochs),
+                                     ("batch_size", self.batch_size)) if v is not None}
+        return replace(training, **changes) if changes else training
 
 
 def derive_seed(*parts: object) -> int:

@@ -16,7 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "hetkd.protocol.messages": (
         "ANSWER_MODELS", "DEVICE_TO_SERVER", "REQUESTS", "EnsembleDistill", "EvaluateReply", "EvaluateRequest",
         "FedAvgReply", "FedAvgRequest", "LocalTrainRequest", "Population", "QueryAnswers", "ReferenceDistill",
-        "ReferencePredictions", "SetupReply", "SetupRequest", "Targets", "TrainReply",
+        "ReferencePredictions", "SetupReply", "SetupRequest", "Targets", "TrainReply", "TrainRequest",
     ),
     "hetkd.protocol.wire": (
         "ARRAYS", "CONFIG", "METRICS", "ProtocolError", "Reply", "Request", "StateDict", "WireMessage",

@@ -34,11 +34,13 @@ from hetkd.distill.queries import GeneratorSpec, QuerySpec
 from hetkd.distill.similarity import NeighbourSearch
 from hetkd.protocol.wire import Reply, Request, StateDict
 from hetkd.settings import require_choice
+from hetkd.training import TrainingUpdate
 
 __all__ = [
     "ANSWER_MODELS",
     "SetupRequest",
     "SetupReply",
+    "TrainRequest",
     "LocalTrainRequest",
     "TrainReply",
     "ReferenceDistill",
@@ -100,13 +102,20 @@ class TrainReply(Reply):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class LocalTrainRequest(Request):
+class TrainRequest(Request):
+    """What every training request carries: the round, and the training settings the run sets
+    over the device's own (``training``: from the ServerApp's ``train_config``, e.g. ``lr``)."""
+
+    server_round: int
+    training: TrainingUpdate | None = None
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LocalTrainRequest(TrainRequest):
     """Train on the private data alone (local-only)."""
 
     message_type: ClassVar[str] = "train.local"
     reply_type: ClassVar[type[Reply]] = TrainReply
-
-    server_round: int
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -135,7 +144,7 @@ class ReferencePredictions(TrainReply):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class ReferenceDistill(Request):
+class ReferenceDistill(TrainRequest):
     """FedMD / SD-Dist: train on the private data, distilling towards ``targets``
     (log-probabilities ``(R, C)`` on the reference set) when there are any, or towards
     the mix of neighbours the device picks from ``population``; reply with predictions
@@ -144,7 +153,6 @@ class ReferenceDistill(Request):
     message_type: ClassVar[str] = "train.reference_distill"
     reply_type: ClassVar[type[Reply]] = ReferencePredictions
 
-    server_round: int
     kd: KDTerm
     kl: KLLoss
     mix: str
@@ -178,7 +186,7 @@ class QueryAnswers(TrainReply):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class EnsembleDistill(Request):
+class EnsembleDistill(TrainRequest):
     """FedDF / MEKD: distil towards ``targets`` on the inputs of their query beside the
     private loss (``loss``: MEKD's mapping-emulation loss, or KL alone with ``w_f = 0``),
     then answer this round's ``query`` with the model ``answer_model`` names, as
@@ -192,7 +200,6 @@ class EnsembleDistill(Request):
     message_type: ClassVar[str] = "train.ensemble_distill"
     reply_type: ClassVar[type[Reply]] = QueryAnswers
 
-    server_round: int
     kd: KDTerm
     loss: EmulationLoss
     response: str
@@ -217,13 +224,12 @@ class FedAvgReply(TrainReply):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class FedAvgRequest(Request):
+class FedAvgRequest(TrainRequest):
     """FedAvg baseline: start from the global ``weights``, train, send the weights back."""
 
     message_type: ClassVar[str] = "train"
     reply_type: ClassVar[type[Reply]] = FedAvgReply
 
-    server_round: int
     weights: StateDict
 
 
