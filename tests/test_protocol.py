@@ -169,6 +169,7 @@ def test_the_server_books_a_malformed_request_as_that_devices_failure(tmp_path):
         (lambda c: c["metrics"].__setitem__("lr", 0.1), "'lr': unknown field"),
         (lambda c: c.__setitem__("weights", ArrayRecord({"w": torch.ones(2)})), "'weights': unexpected record"),
         (lambda c: c["config"].__setitem__("distilled", "yes"), "'distilled': must be bool"),
+        (lambda c: c["config"].__setitem__("num_examples", 5), "'num_examples': travels in the 'metrics' record"),
     ],
 )
 def test_the_server_books_a_malformed_reply_as_that_devices_failure(tmp_path, corrupt, fragment):

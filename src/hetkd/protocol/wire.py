@@ -121,17 +121,22 @@ class WireMessage:
     # ------------------------------------------------------------------ decode
 
     @classmethod
-    def record_names(cls) -> frozenset[str]:
-        """The records a message of this type may hold: the allow-list of its wire form."""
-        names = {cls.numbers_in}
+    def _places(cls) -> dict[str, str]:
+        """``{field path: the record it travels in}`` for every leaf field."""
+        places = {}
         for kind, annotation, path in _fields(cls, ""):
             if kind == "array":
-                names.add(ARRAYS)
+                places[path] = ARRAYS
             elif kind == "state":
-                names.add(path)
-            elif kind == "scalar" and not (cls.numbers_in == METRICS and _numeric(annotation)):
-                names.add(CONFIG)
-        return frozenset(names)
+                places[path] = path
+            else:
+                places[path] = METRICS if cls.numbers_in == METRICS and _numeric(annotation) else CONFIG
+        return places
+
+    @classmethod
+    def record_names(cls) -> frozenset[str]:
+        """The records a message of this type may hold: the allow-list of its wire form."""
+        return frozenset({cls.numbers_in, *cls._places().values()})
 
     @classmethod
     def from_record(cls: type[M], content: RecordDict) -> M:
@@ -140,16 +145,20 @@ class WireMessage:
         extra = sorted(set(content.keys()) - allowed)
         if extra:
             raise ProtocolError(extra[0], f"unexpected record for {cls.__name__}; it may hold {sorted(allowed)}")
-        flat: dict[str, Any] = {}
+        places, flat = cls._places(), {}
         for name, record in content.items():
             if isinstance(record, (ConfigRecord, MetricRecord)) and name in (CONFIG, METRICS):
-                flat.update(dict(record))
+                entries = dict(record)
             elif isinstance(record, ArrayRecord) and name == ARRAYS:
-                flat.update({k: a.numpy() for k, a in record.items()})
+                entries = {k: a.numpy() for k, a in record.items()}
             elif isinstance(record, ArrayRecord):
-                flat[name] = record.to_torch_state_dict()
+                entries = {name: record.to_torch_state_dict()}
             else:
                 raise ProtocolError(name, f"is a {type(record).__name__}, not the record {cls.__name__} expects")
+            for key in entries:
+                if places.get(key, name) != name:  # unknown keys are named by build() below
+                    raise ProtocolError(key, f"travels in the '{places[key]}' record, not in '{name}'")
+            flat.update(entries)
         try:
             values = unflatten(flat)
             return build(cls, values, complete=True)
