@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hetkd.adversary import poison_logits
 from hetkd.config import HetkdConfig
 from hetkd.data import DataView, DeviceData, build_federation
 from hetkd.distill.losses import KDTerm, ReferenceKD
@@ -65,6 +66,11 @@ class DistillClient:
         The run seed; every random choice derives from (seed, device, round).
     reference : DataView | None
         The public reference set every device holds (logit-exchange strategies).
+    adversary : str | None
+        For measurements only: the kind of adversary this device is
+        (:mod:`hetkd.adversary`; ``None``, the default: honest). Zoo devices
+        take it from the run's data picture; ``random_predictions`` and
+        ``inverted_predictions`` poison what :meth:`outgoing` lets out.
 
     A device may also keep a **private model** (:meth:`fork_private_model`): a
     copy of its architecture that only ever trains on its private data, so its
@@ -83,6 +89,7 @@ class DistillClient:
         training: TrainingConfig,
         seed: int = 0,
         reference: DataView | None = None,
+        adversary: str | None = None,
     ) -> None:
         self.device_id = device_id
         self.architecture = architecture
@@ -93,6 +100,7 @@ class DistillClient:
         self.training = training
         self.seed = seed
         self.reference = reference
+        self.adversary = adversary
         self.optimizer = make_optimizer(self.model, training)
         self.rounds_trained = 0
         self.private_model: nn.Module | None = None
@@ -114,7 +122,8 @@ class DistillClient:
         with seeded(cfg.seed, "init", device_id):
             model = build_model(architecture, federation.input_shape, federation.num_classes)
         return cls(
-            device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed, federation.reference
+            device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed, federation.reference,
+            adversary=data.adversary,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -307,6 +316,13 @@ class DistillClient:
             g_acc, g_loss, g_n = evaluate_accuracy(self.model, self.global_test.batches(bs), self.torch_device)
             out.update({"global_accuracy": g_acc, "global_loss": g_loss, "num_global_test": g_n})
         return out
+
+    def outgoing(self, logits: torch.Tensor, server_round: int) -> torch.Tensor:
+        """What the device sends of its ``logits`` (reference predictions, answers): the logits,
+        or an adversary's poison (:func:`hetkd.adversary.poison_logits`, seeded by device and round)."""
+        if self.adversary is None:
+            return logits
+        return poison_logits(logits, self.adversary, derive_seed(self.seed, "poison", self.device_id, server_round))
 
     def predict(self, inputs: torch.Tensor, private: bool = False) -> torch.Tensor:
         """Logits of the device's model on ``inputs`` (e.g. the reference set), or

@@ -44,7 +44,7 @@ from hetkd.clients.session import CONFIG_STATE_KEY, DeviceSource, cached_config,
 from hetkd.distill.codec import decode_answers, decode_logits, encode_answers, encode_logits
 from hetkd.distill.emulation import freeze
 from hetkd.distill.ensemble import teacher_logits
-from hetkd.distill.exchange import mix_targets
+from hetkd.distill.exchange import mix_targets, robust_targets
 from hetkd.distill.generative import Generator, make_generator
 from hetkd.distill.queries import resolve_queries
 from hetkd.training import derive_seed
@@ -98,14 +98,16 @@ def setup(request: P.SetupRequest, context: Context, devices: DeviceSource) -> P
 @handles(P.LocalTrainRequest)
 def train_local(request: P.LocalTrainRequest, context: Context, devices: DeviceSource) -> P.TrainReply:
     """Local-only training: cross-entropy on the private data."""
-    with device_session(context, devices, training=request.training) as client:
+    with device_session(context, devices, training=request.training,
+                        server_round=request.server_round) as client:
         return P.TrainReply(**client.fit(request.server_round))
 
 
 @handles(P.FedAvgRequest)
 def train_fedavg(request: P.FedAvgRequest, context: Context, devices: DeviceSource) -> P.FedAvgReply:
     """FedAvg baseline: start from the global weights, train, send the weights back."""
-    with device_session(context, devices, training=request.training) as client:
+    with device_session(context, devices, training=request.training,
+                        server_round=request.server_round) as client:
         client.set_weights(request.weights)
         metrics = client.fit(request.server_round)
         return P.FedAvgReply(**metrics, weights=client.get_weights())
@@ -157,7 +159,11 @@ def pick_own_target(
     previous = context.state.get(NEIGHBOURS_STATE_KEY)
     changed = previous is None or list(previous["ids"]) != chosen  # type: ignore[index]
     context.state[NEIGHBOURS_STATE_KEY] = ConfigRecord({"ids": chosen or [-1]})
-    target = mix_targets(plan.weights, logits, request.mix, request.kl.temperature)[0]
+    if population.aggregate == "mean":
+        target = mix_targets(plan.weights, logits, request.mix, request.kl.temperature)[0]
+    else:
+        target = robust_targets(plan.weights, logits, request.mix, request.kl.temperature, population.aggregate,
+                                population.trim_fraction)[0]
     distance = float(plan.distance[0, plan.neighbours[0]].mean()) if plan.neighbours[0] else float("nan")
     return target, {"neighbour_distance": distance, "neighbours_changed": changed}
 
@@ -168,7 +174,8 @@ def train_reference_distill(
 ) -> P.ReferencePredictions:
     """Logit exchange (FedMD, SD-Dist): distil towards targets on the reference set,
     then send back predictions on the reference set and nothing else."""
-    with device_session(context, devices, training=request.training) as client:
+    with device_session(context, devices, training=request.training,
+                        server_round=request.server_round) as client:
         target, picked = None, {}
         if request.targets is not None:
             target = decode_logits(request.targets)
@@ -178,7 +185,7 @@ def train_reference_distill(
             metrics = client.fit(request.server_round)
         else:
             metrics = client.fit_towards(request.server_round, target, request.kd, request.kl)
-        predictions = encode_logits(client.reference_logits(), request.precision)
+        predictions = encode_logits(client.outgoing(client.reference_logits(), request.server_round), request.precision)
         return P.ReferencePredictions(**metrics, reference_logits=predictions, distilled=target is not None,
                                       **picked)  # type: ignore[arg-type]
 
@@ -220,7 +227,8 @@ def train_ensemble_distill(request: P.EnsembleDistill, context: Context, devices
     """Ensemble distillation (FedDF, MEKD): distil towards the ensemble's answers on an
     earlier query, then answer this round's query, and send back those answers only."""
     round_ = request.server_round
-    with device_session(context, devices, training=request.training) as client:
+    with device_session(context, devices, training=request.training,
+                        server_round=request.server_round) as client:
         generator = held_generator(request, context, client)
         held = {"reference_inputs": client.reference_inputs() if client.reference is not None else None,
                 "generator": generator}
@@ -242,7 +250,8 @@ def train_ensemble_distill(request: P.EnsembleDistill, context: Context, devices
         if request.query is not None:
             shipped = None if request.query_inputs is None else torch.from_numpy(request.query_inputs.copy())
             inputs = resolve_queries(request.query, inputs=shipped, **held)
-            answers_now = encode_answers(client.predict(inputs, private=private), request.response, request.precision)
+            mine = client.outgoing(client.predict(inputs, private=private), round_)
+            answers_now = encode_answers(mine, request.response, request.precision)
         return P.QueryAnswers(**metrics, **extra, answers=answers_now, distilled=targets is not None)
 
 

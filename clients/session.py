@@ -30,7 +30,7 @@ from hetkd.models import ModelError
 from hetkd.training import TrainingUpdate, torch_threads
 
 __all__ = ["CONFIG_STATE_KEY", "DeviceSource", "ZooDevices", "ZOO_DEVICES", "cached_config", "device_config",
-           "device_id_of", "device_session"]
+           "device_id_of", "device_session", "device_state_dir"]
 
 #: where a node keeps the run config the server sent at set-up
 CONFIG_STATE_KEY = "hetkd.config"
@@ -60,7 +60,8 @@ def device_id_of(context: Context, cfg: HetkdConfig) -> int:
     return parse_node_config(context.node_config, cfg.simulation.num_devices).partition_id
 
 
-def _state_root(cfg: HetkdConfig) -> Path:
+def device_state_dir(cfg: HetkdConfig) -> Path:
+    """Where the devices of a run with ``simulation.state_store=disk`` keep their state."""
     return Path(cfg.output.dir or cfg.output.root).expanduser() / "device-state"
 
 
@@ -91,7 +92,7 @@ class ZooDevices:
             raise NodeConfigError(MODEL, f": {err}") from None
         if node.state_dir is not None:
             return client, DiskStateStore(node.state_dir, node.partition_id)
-        return client, make_store(cfg.simulation.state_store, context, node.partition_id, _state_root(cfg))
+        return client, make_store(cfg.simulation.state_store, context, node.partition_id, device_state_dir(cfg))
 
 
 ZOO_DEVICES = ZooDevices()
@@ -99,12 +100,14 @@ ZOO_DEVICES = ZooDevices()
 
 @contextmanager
 def device_session(
-    context: Context, devices: DeviceSource, save: bool = True, training: TrainingUpdate | None = None
+    context: Context, devices: DeviceSource, save: bool = True, training: TrainingUpdate | None = None,
+    server_round: int | None = None,
 ) -> Iterator[DistillClient]:
     """Open this node's device with its stored state, on its own thread count; save it back afterwards.
 
     ``training`` (a request's) updates the device's training settings for this
-    message. The thread count is the device's ``training.num_threads``,
+    message; ``server_round`` (a training request's) is the round the saved
+    state belongs to. The thread count is the device's ``training.num_threads``,
     restored when the session ends, so a device served in the server's process
     (the in-process test grid) leaves the process as it found it.
     """
@@ -117,4 +120,4 @@ def device_session(
             client.load_state_dict(state)
         yield client
         if save:
-            store.save(client.state_dict())
+            store.save(client.state_dict(), server_round)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from hetkd.config import ConfigError, HetkdConfig, pyproject_table, resolve_config, to_yaml
-from hetkd.simulations.experiment import USER_ERRORS
+from hetkd.interrupt import RunInterrupted
+from hetkd.simulations.experiment import USER_ERRORS, RunFailedError
 from hetkd.simulations.registry import check_strategy
 
 __all__ = ["main", "config_from_args"]
@@ -51,11 +52,27 @@ def config_from_args(items: Sequence[str], out: str | None = None, schema: type[
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from hetkd.simulations.checkpoint import resumed_config
     from hetkd.simulations.runner import run
 
-    cfg = config_from_args(args.items, args.out)
-    run(cfg, verbose=args.verbose)
+    if args.resume:
+        if args.out:
+            raise ConfigError("--out", "not with --resume: a resumed run goes on in its own folder")
+        cfg = resumed_config(args.resume, _split(args.items))
+    else:
+        cfg = config_from_args(args.items, args.out)
+        if cfg.output.dir:
+            _refuse_to_overwrite(Path(cfg.output.dir))
+    run(cfg, verbose=args.verbose, resume=bool(args.resume))
     return 0
+
+
+def _refuse_to_overwrite(out: Path) -> None:
+    """A folder that holds a run's rounds is not started over by accident."""
+    metrics = out.expanduser() / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        raise ConfigError("output.dir", f"'{out}' holds a run already (its metrics.jsonl): `hetkd run --resume {out}` "
+                          "goes on with it; remove it or choose another folder to start over")
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -100,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one simulation in this process (Flower + Ray)")
     add_items_arguments(p)
     p.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    p.add_argument("--resume", metavar="DIR", help="go on with the interrupted run in DIR from its last completed round")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("config", help="print the resolved config (or the pyproject run-config table)")
@@ -119,6 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"hetkd: error: {err}", file=sys.stderr)
         return 2
+    except RunFailedError as err:
+        print(f"hetkd: error: the run failed: {err}", file=sys.stderr)
+        return 1
+    except RunInterrupted as err:
+        print(f"hetkd: stopped: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

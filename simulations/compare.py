@@ -30,7 +30,9 @@ from omegaconf import OmegaConf
 
 import hetkd.simulations.runner as runner
 from hetkd.config import ConfigError, HetkdConfig, to_yaml
+from hetkd.interrupt import RunInterrupted, stop_on_signals
 from hetkd.results import read_metrics
+from hetkd.simulations.checkpoint import CHECKPOINT_FILE
 from hetkd.simulations.cli import add_items_arguments, config_from_args
 from hetkd.simulations.experiment import resolve_data_path
 from hetkd.simulations.registry import CENTRAL, check_strategy, unread_settings
@@ -45,6 +47,8 @@ FIGURES = (
     ("best_personalised_accuracy_weighted", "pers. sample-weighted, best round", True),
     ("best_personalised_accuracy_mean", "pers. best round", True),
     ("final_global_accuracy_mean", "global", True),
+    ("final_honest_personalised_accuracy_mean", "personalised, honest devices", True),
+    ("final_honest_global_accuracy_mean", "global, honest devices", True),
     ("final_student_accuracy", "global student", True),
     ("final_personalised_accuracy_sparse", "sparse devices", True),
     ("bytes_per_device_per_round", "bytes/device/round", False),
@@ -70,19 +74,33 @@ def finished_run(cfg: HetkdConfig) -> dict[str, Any] | None:
     """The summary of a run of exactly ``cfg`` already complete in ``cfg.output.dir``, if any.
 
     Complete means ``summary.json`` records every round, and the ``config.yaml``
-    beside it equals ``cfg`` in everything but the ``output`` settings and the
-    sections the strategy never reads (:func:`~hetkd.simulations.registry.unread_settings`:
-    a change to ``strategy.sd_dist`` reruns SD-Dist, not local-only).
+    beside it is :func:`the same run <same_run>`.
     """
-    out = Path(cfg.output.dir)
-    summary_file, config_file = out / "summary.json", out / "config.yaml"
-    if not (summary_file.is_file() and config_file.is_file()):
+    summary_file = Path(cfg.output.dir) / "summary.json"
+    if not (summary_file.is_file() and same_run(cfg)):
         return None
+    summary = json.loads(summary_file.read_text())
+    if summary.get("failed") or summary.get("interrupted"):
+        return None
+    if summary.get("rounds") != cfg.simulation.num_rounds and cfg.strategy.name != CENTRAL:
+        return None
+    return summary
+
+
+def same_run(cfg: HetkdConfig) -> bool:
+    """Whether the ``config.yaml`` in ``cfg.output.dir`` equals ``cfg`` in everything but the
+    ``output`` settings, where devices keep their state, and the sections the strategy never
+    reads (:func:`~hetkd.simulations.registry.unread_settings`: a change to
+    ``strategy.sd_dist`` reruns SD-Dist, not local-only)."""
+    config_file = Path(cfg.output.dir) / "config.yaml"
+    if not config_file.is_file():
+        return False
     unread = unread_settings(cfg.strategy.name)
 
     def settings(text: str) -> dict[str, Any]:
         values: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(text))  # type: ignore[assignment]
         values.pop("output", None)
+        (values.get("simulation") or {}).pop("state_store", None)
         for section in unread:
             *parents, key = section.split(".")
             holder = values
@@ -91,12 +109,21 @@ def finished_run(cfg: HetkdConfig) -> dict[str, Any] | None:
             holder.pop(key, None)
         return values
 
-    if settings(config_file.read_text()) != settings(to_yaml(resolve_data_path(cfg))):
-        return None
-    summary = json.loads(summary_file.read_text())
-    if summary.get("rounds") != cfg.simulation.num_rounds and cfg.strategy.name != CENTRAL:
-        return None
-    return summary
+    return settings(config_file.read_text()) == settings(to_yaml(resolve_data_path(cfg)))
+
+
+def _run(cfg: HetkdConfig, resume: bool) -> dict[str, Any]:
+    """``cfg``'s summary: read back when complete in its folder (with ``resume``), the interrupted
+    run there gone on with when it can be, run from the start otherwise."""
+    finished = finished_run(cfg) if resume else None
+    if finished is not None:
+        return finished | {"reused": True}
+    if resume and (Path(cfg.output.dir) / CHECKPOINT_FILE).is_file() and same_run(cfg):
+        try:
+            return runner.run(cfg, resume=True)  # the module's, so tests can stand in for it
+        except ConfigError:  # another config, or the devices' state is gone: start over
+            pass
+    return runner.run(cfg)
 
 
 def compare(
@@ -109,7 +136,10 @@ def compare(
     (the command line that asked for the comparison) is written beside the table.
     With ``resume``, runs already complete in ``out`` with the same config
     (:func:`finished_run`) are read back instead of run again, so an
-    interrupted comparison goes on where it stopped.
+    interrupted comparison goes on where it stopped. SIGINT / SIGTERM stop
+    the comparison after the current run's last completed round: the table is
+    written for the runs finished before, then
+    :class:`~hetkd.interrupt.RunInterrupted` is raised.
     """
     if not strategies:
         raise ConfigError("--strategies", "name at least one strategy")
@@ -124,16 +154,18 @@ def compare(
 
 
     console = Console(highlight=False, soft_wrap=True)
-    started_ray = not ray.is_initialized()
     results: dict[str, dict[str, Any]] = {name: {"runs": [], "failed": [], "reused": []} for name in strategies}
+    interrupted: RunInterrupted | None = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(runner.ray_environment(cfg))
-        if started_ray:  # one Ray session for all runs
-            ray.init(**runner.backend_config(cfg)["init_args"], include_dashboard=False)
+        if runner.start_ray(cfg):  # one Ray session for all runs
             stack.callback(ray.shutdown)
+        stack.enter_context(stop_on_signals())  # one request stops the comparison, not just its current run
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("compare", total=len(strategies) * len(seeds))
             for seed in seeds:
+                if interrupted is not None:
+                    break
                 for name in strategies:
                     run_cfg = replace(
                         cfg,
@@ -144,8 +176,12 @@ def compare(
                     )
                     t0 = time.perf_counter()
                     try:
-                        finished = finished_run(run_cfg) if resume else None
-                        summary = _with_total_bytes(finished or runner.run(run_cfg))  # the module's, so tests can stand in for it
+                        summary = _with_total_bytes(_run(run_cfg, resume))
+                        finished = summary.pop("reused", False)
+                    except RunInterrupted as err:
+                        interrupted = err
+                        console.print(f"{name:>10} seed {seed}: stopped ({err}); `--resume` goes on from here")
+                        break
                     except Exception as err:  # one broken run must not lose the others
                         results[name]["failed"].append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
                         console.print(f"{name:>10} seed {seed}: FAILED ({type(err).__name__}: {err})")
@@ -175,11 +211,16 @@ def compare(
         table[name]["bytes_fraction_of_fedavg_zoo_largest"] = sent / (2 * zoo["bytes"]) if sent and zoo else None
     payload = {"seeds": seeds, "strategies": table, "command": command,
                "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if interrupted is not None:
+        payload["interrupted"] = str(interrupted)
     (out / "compare.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (out / "compare.md").write_text(_markdown(table, seeds, command))
+    stopped = f"\nStopped early ({interrupted}): the same command with `--resume` finishes it.\n" if interrupted else ""
+    (out / "compare.md").write_text(_markdown(table, seeds, command) + stopped)
     _plot(table, out / "compare.png")
     console.print(_markdown(table, seeds, command))
     console.print(f"comparison written to {out}")
+    if interrupted is not None:  # the table holds the runs finished before the stop
+        raise interrupted
     return payload
 
 
@@ -192,12 +233,15 @@ def _cell(stat: dict[str, Any], fraction: bool) -> str:
 
 
 def _markdown(table: dict[str, Any], seeds: list[int], command: str = "") -> str:
-    head = "| strategy | " + " | ".join(title for _, title, _ in FIGURES) + " |"
-    rule = "|" + "---|" * (len(FIGURES) + 1)
+    # the honest devices' columns only where some run had adversarial devices (adversary.fraction)
+    figures = [f for f in FIGURES if "_honest_" not in f[0] or any(row[f[0]]["mean"] is not None
+                                                                 for row in table.values())]
+    head = "| strategy | " + " | ".join(title for _, title, _ in figures) + " |"
+    rule = "|" + "---|" * (len(figures) + 1)
     lines = [f"Made with `{command}`.", ""] if command else []
     lines += [f"Accuracy in %, mean ± std over seeds {seeds} (final round unless noted).", "", head, rule]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row[key], frac) for key, _, frac in FIGURES) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(row[key], frac) for key, _, frac in figures) + " |")
     for name, row in table.items():
         for failure in row.get("failed_runs", []):
             lines.append(f"\n{name}, seed {failure['seed']} failed and is left out: {failure['error']}")

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from hetkd.config import HetkdConfig
+from hetkd.interrupt import stop_on_signals
 from hetkd.simulations.experiment import prepare
 from hetkd.simulations.registry import CENTRAL
 from hetkd.simulations.server_app import make_server_app
 
-__all__ = ["run", "backend_config", "ray_environment", "WORKER_NICENESS"]
+__all__ = ["run", "backend_config", "ray_environment", "start_ray", "WORKER_NICENESS"]
 
 #: Ray's setting for its workers' scheduling priority (Ray's default: 15, lower than the driver)
 WORKER_NICENESS = "RAY_worker_niceness"
@@ -71,6 +72,21 @@ def ray_environment(cfg: HetkdConfig) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def start_ray(cfg: HetkdConfig) -> bool:
+    """Start (or join, with ``simulation.ray_address``) Ray for ``cfg`` unless it runs; say whether it was started.
+
+    Flower's Ray backend would start it too, but ``ray.init`` replaces the
+    process's SIGTERM handler: started here first, the run's own handler
+    (:func:`hetkd.interrupt.stop_on_signals`) is the one that stays.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(**backend_config(cfg)["init_args"], include_dashboard=False)
+    return True
+
+
 class _DropDeprecationNotice(logging.Filter):
     """Hide Flower's notice that ``run_simulation`` is deprecated: we use it on purpose
     (it is the in-process Simulation Runtime; ``flwr run`` drives the same apps)."""
@@ -79,11 +95,15 @@ class _DropDeprecationNotice(logging.Filter):
         return "run_simulation" not in record.getMessage()
 
 
-def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
+def run(cfg: HetkdConfig, verbose: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` to the end; return its summary (also in ``<out>/summary.json``).
 
     Raises before any device starts if the config cannot run; re-raises what
-    the ServerApp raised.
+    the ServerApp raised. SIGINT / SIGTERM stop the run after its last
+    completed round (:mod:`hetkd.interrupt`): the devices are stopped, the
+    rounds done are kept in ``<out>`` and :class:`~hetkd.interrupt.RunInterrupted` is raised.
+    ``resume`` goes on with the interrupted run in ``output.dir`` from its last
+    completed round (:mod:`hetkd.simulations.checkpoint`).
     """
     if cfg.strategy.name == CENTRAL:
         from hetkd.simulations.central import run_central
@@ -94,10 +114,11 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
 
     from hetkd.clients.app import app as client_app
 
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, shared_output=True, resume=resume)
     summaries: list[dict[str, Any]] = []
-    server_app = make_server_app(prepared.cfg, on_finish=summaries.append)
-    started_ray = not ray.is_initialized()
+    failures: list[BaseException] = []
+    server_app = make_server_app(prepared.cfg, on_finish=summaries.append, on_failure=failures.append,
+                                 shared_output=True, resume=resume)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     notice_filter = _DropDeprecationNotice()
@@ -105,6 +126,9 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
     with ray_environment(prepared.cfg):
+        started_ray = start_ray(prepared.cfg)  # before stop_on_signals: ray.init sets its own SIGTERM handler
+        stack = contextlib.ExitStack()
+        stack.enter_context(stop_on_signals())
         try:
             run_simulation(
                 server_app=server_app,
@@ -114,10 +138,13 @@ def run(cfg: HetkdConfig, verbose: bool = False) -> dict[str, Any]:
                 verbose_logging=verbose,
             )
         finally:
+            stack.close()
             flwr_logger.setLevel(level)
             flwr_logger.removeFilter(notice_filter)
             if started_ray and ray.is_initialized():
                 ray.shutdown()
+    if failures:
+        raise failures[0]
     if not summaries:
         raise RuntimeError(f"the simulation ended without a summary; see {prepared.cfg.output.dir}")
     return summaries[0]

@@ -10,7 +10,7 @@ app around a config they already resolved.
 from __future__ import annotations
 
 from collections.abc import Callable
-from logging import ERROR
+from logging import ERROR, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from hetkd.config import CONFIG_FILE_KEY, HetkdConfig, flower_run_config, resolve_config
-from hetkd.simulations.experiment import USER_ERRORS, prepare, run_on_grid
+from hetkd.interrupt import RunInterrupted
+from hetkd.simulations.experiment import USER_ERRORS, RunFailedError, prepare, run_on_grid
 
 __all__ = ["app", "make_server_app", "config_from_flower"]
 
@@ -56,11 +57,18 @@ def config_from_flower(grid: Grid, context: Context) -> HetkdConfig:
 
 
 def make_server_app(
-    cfg: HetkdConfig | None = None, on_finish: Callable[[dict[str, Any]], None] | None = None
+    cfg: HetkdConfig | None = None,
+    on_finish: Callable[[dict[str, Any]], None] | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
+    shared_output: bool = False,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp running ``cfg`` (or the config Flower passes when ``None``).
 
-    ``on_finish`` receives the run summary (in-process runs use it).
+    ``on_finish`` receives the run summary, ``on_failure`` the error a run that
+    started could not go on with (in-process runs use both: Flower's runtime
+    only logs what a ServerApp raises). ``shared_output`` and ``resume`` are
+    :func:`~hetkd.simulations.experiment.prepare`'s.
     """
     app = ServerApp()
 
@@ -68,11 +76,18 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         try:
             run_cfg = cfg if cfg is not None else config_from_flower(grid, context)
-            prepared = prepare(run_cfg)
+            prepared = prepare(run_cfg, shared_output=shared_output, resume=resume)
         except USER_ERRORS as err:  # one clear line before Flower's traceback
             log(ERROR, "hetkd: the run cannot start: %s", err)
             raise
-        summary = run_on_grid(grid, prepared)
+        try:
+            summary = run_on_grid(grid, prepared)
+        except (RunFailedError, RunInterrupted) as err:
+            stopped = isinstance(err, RunInterrupted)
+            log(WARNING if stopped else ERROR, "hetkd: the run %s: %s", "stopped" if stopped else "failed", err)
+            if on_failure is not None:
+                on_failure(err)
+            raise
         if on_finish is not None:
             on_finish(summary)
 

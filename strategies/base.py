@@ -45,11 +45,22 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from hetkd import protocol as P
+from hetkd.interrupt import raise_if_stopped
 from hetkd.results import accuracy_summary
 from hetkd.sampling import Sampling, sample_devices
 from hetkd.settings import with_overrides
 from hetkd.strategies.metering import MeteredGrid
-from hetkd.strategies.rounds import DeviceInfo, Figures, RoundLog, RoundPlan, RoundReport, finite, sum_finite
+from hetkd.strategies.rounds import (
+    DeviceInfo,
+    Figures,
+    RoundLog,
+    RoundPlan,
+    RoundReport,
+    decode_reply,
+    finite,
+    sum_finite,
+    warn_ignored_flower_config,
+)
 from hetkd.training import TrainingUpdate
 
 __all__ = ["DeviceInfo", "DeviceStrategy", "Figures", "RoundPlan", "RoundReport"]
@@ -169,7 +180,7 @@ class DeviceStrategy(Strategy):
         added = []
         for reply in grid.send_and_receive([request.message(n) for n in new], timeout=self.timeout):
             node = reply.metadata.src_node_id
-            decoded, problem = _decode(reply, P.SetupReply)
+            decoded, problem = decode_reply(reply, P.SetupReply)
             if problem is not None:
                 self.report_failure(node, problem, "setup")
                 self.rejected[node] = problem  # not asked again: its answer would not change
@@ -243,6 +254,14 @@ class DeviceStrategy(Strategy):
         """Hook: write strategy-specific files (e.g. plots) after the run; returns them."""
         return []
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy has learnt so far, for a checkpoint: tensors and plain values (not its
+        settings, and not the devices on record, which set-up learns again). Learning strategies extend it."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned (a resumed run)."""
+
     # ------------------------------------------------------------------ Flower's Strategy interface
 
     def configure_train(
@@ -252,7 +271,7 @@ class DeviceStrategy(Strategy):
         nodes = self.sample(grid, server_round, self.sampling.fraction_train, "train")
         log(DEBUG, "configure_train: %d of %d devices", len(nodes), len(self.devices))
         training, unknown = TrainingUpdate.from_flower(config)
-        _ignore_flower_config(unknown, "train_config")
+        warn_ignored_flower_config(unknown, "train_config")
         plan = self.plan_train(server_round, [self.device_id(n) for n in nodes], arrays)
         if training is not None:  # the ServerApp's training settings (lr, local epochs, batch size) go to every device
             plan.requests = {d: replace(r, training=training) for d, r in plan.requests.items()}
@@ -278,7 +297,7 @@ class DeviceStrategy(Strategy):
             if request is None:
                 self.report_failure(node, "reply to a request this round never sent it", phase)
                 continue
-            decoded, problem = _decode(reply, request.reply_type)
+            decoded, problem = decode_reply(reply, request.reply_type)
             if problem is None and phase == "train":
                 problem = self.check_reply(device, request, decoded)  # type: ignore[arg-type]
             if problem:
@@ -316,10 +335,14 @@ class DeviceStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask sampled devices to evaluate their model, personalised and global."""
+        """Ask sampled devices to evaluate their model, personalised and global (not those that
+        failed earlier in the round)."""
         nodes = self.sample(grid, server_round, self.sampling.fraction_evaluate, "evaluate")
-        _ignore_flower_config(list(config.keys()), "evaluate_config")
-        requests = self.plan_evaluate(server_round, [self.device_id(n) for n in nodes], arrays)
+        warn_ignored_flower_config(list(config.keys()), "evaluate_config")
+        # a device that failed this round (its training, say) is reported among the failures,
+        # not averaged into the round's figures
+        failed = {f["device"] for f in self._round.failures}
+        requests = self.plan_evaluate(server_round, [d for d in map(self.device_id, nodes) if d not in failed], arrays)
         self._round.evaluating = requests
         return self._messages(requests)
 
@@ -370,15 +393,21 @@ class DeviceStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         on_round_end: Callable[[RoundReport], None] | None = None,
+        first_round: int = 1,
     ) -> Result:
         """Flower's round loop (train, evaluate, ``evaluate_fn``) plus device set-up,
         metering and a :class:`RoundReport` per round for ``on_round_end``.
 
         Takes the same arguments as :meth:`flwr.serverapp.strategy.Strategy.start`
-        and returns the same :class:`~flwr.serverapp.strategy.Result`.
+        and returns the same :class:`~flwr.serverapp.strategy.Result`. A resumed
+        run (its state taken back with :meth:`load_state_dict`) starts at
+        ``first_round``; the loop stops at a requested interrupt
+        (:mod:`hetkd.interrupt`), abandoning the round under way.
         """
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        if not 1 <= first_round <= num_rounds:
+            raise ValueError(f"first_round must be in [1, num_rounds={num_rounds}], got {first_round}")
         self.timeout = timeout
         self.num_rounds = num_rounds
         meter = MeteredGrid(grid)
@@ -392,11 +421,12 @@ class DeviceStrategy(Strategy):
         self._round = RoundLog()
         meter.phase = "setup"
         self.setup_devices(meter, block=True)  # type: ignore[arg-type]
-        if evaluate_fn is not None:
+        if evaluate_fn is not None and first_round == 1:
             res = evaluate_fn(0, arrays)
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(first_round, num_rounds + 1):
+            raise_if_stopped(f"before round {server_round}")
             started = time.perf_counter()
             meter.reset()
             meter.phase = "setup"
@@ -465,26 +495,4 @@ class DeviceStrategy(Strategy):
         trained = sum(1 for row in devices.values() if row.get("trained"))
         return RoundReport(server_round, seconds, sampled, trained, metrics, dict(devices),
                            list(self._round.failures))
-
-
-def _decode(reply: Message, reply_type: type[P.Reply]) -> tuple[P.Reply | None, str | None]:
-    """The reply decoded as ``reply_type``, or why it cannot be used."""
-    if reply.has_error():
-        return None, f"device error: {reply.error.reason}"
-    try:
-        return reply_type.from_record(reply.content), None
-    except P.ProtocolError as err:
-        return None, f"malformed {reply_type.__name__}: {err}"
-
-
-_IGNORED_WARNED: set[str] = set()
-
-
-def _ignore_flower_config(keys: list[str], name: str) -> None:
-    """Flower ``train_config`` / ``evaluate_config`` entries that are not training settings: say once they stay here."""
-    if keys and name not in _IGNORED_WARNED:
-        _IGNORED_WARNED.add(name)
-        log(WARNING, "%s keys %s are not sent to devices: hetkd's messages are typed (hetkd.protocol) and carry "
-            "from Flower's config only lr, local-epochs and batch-size; configure the rest through the strategy's "
-            "settings", name, sorted(keys))
 

@@ -18,7 +18,8 @@ sampled device
 
 The server then forms the ensemble of the answers (a plain mean, or per device
 a similarity-weighted mix over its nearest devices, SD-Dist's neighbour
-weights computed on the answers; with ``balance_classes`` corrected to a
+weights computed on the answers; with ``aggregate`` a coordinate-wise median
+or trimmed mean instead of the mean; with ``balance_classes`` corrected to a
 uniform class prior over the query inputs), distils its student on the query
 inputs, and keeps the targets for the next round (:class:`EnsembleTargets`).
 Targets thus arrive one round after the answers they come from: one message
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +211,14 @@ class EnsembleDistill(DeviceStrategy):
 
     def mean_ensemble(self, answers: torch.Tensor) -> tuple[torch.Tensor, str]:
         """All devices' answers ``(n, N, C)`` weighted equally: the ensemble ``(N, C)`` and its kind
-        (class-balanced with ``balance_classes``)."""
-        common, kind = ensemble_responses(answers, self.response, torch.ones(1, answers.shape[0]),
-                                          balance=self.ensemble.balance_classes)
+        (their mean, or with ``aggregate`` a robust aggregate; class-balanced with ``balance_classes``)."""
+        common, kind = self._ensemble(answers, torch.ones(1, answers.shape[0]))
         return common[0], kind
+
+    def _ensemble(self, answers: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, str]:
+        e = self.ensemble
+        return ensemble_responses(answers, self.response, weights, balance=e.balance_classes, aggregate=e.aggregate,
+                                  trim_fraction=e.trim_fraction)
 
     def form_targets(self, query: QuerySpec, device_ids: list[int],
                      answers: torch.Tensor) -> tuple[EnsembleTargets, Figures]:
@@ -224,7 +229,7 @@ class EnsembleDistill(DeviceStrategy):
         figures = Figures()
         if self.ensemble.weighting == "similarity" and answers.shape[0] >= 2:
             weights, figures = self.ensemble_weights(answers)
-            mixed, _ = ensemble_responses(answers, self.response, weights, balance=self.ensemble.balance_classes)
+            mixed, _ = self._ensemble(answers, weights)
             own = {d: mixed[i] for i, d in enumerate(device_ids) if float(weights[i].sum()) > 0}
         if kind == "soft":
             figures.metrics["ensemble_entropy"] = float(-(common * common.clamp_min(1e-12).log()).sum(1).mean())
@@ -244,8 +249,7 @@ class EnsembleDistill(DeviceStrategy):
         if self.student is None or steps == 0:
             return Figures()
         if self._student_optimizer is None:
-            total = max(1, steps * self.distill_rounds())
-            self._student_optimizer = StudentOptimizer(self.student, replace(self.distill, steps=total))
+            self._student_optimizer = self._new_student_optimizer()
         logits = teacher_logits(targets.common, targets.kind, hard_margin=self.distill.hard_margin)
         self.student_memory.append((inputs, logits))
         inputs = torch.cat([x for x, _ in self.student_memory])
@@ -254,6 +258,37 @@ class EnsembleDistill(DeviceStrategy):
             losses = kd_steps(self._student_optimizer, steps,
                               transfer_batches(inputs, logits, self.distill.batch_size, rng), self.student_loss)
         return Figures({"student_loss": sum(losses) / len(losses), "student_inputs": len(inputs)})
+
+    def _new_student_optimizer(self) -> StudentOptimizer:
+        """The student's optimizer, its schedule spread over every distillation round of the run."""
+        assert self.student is not None
+        total = max(1, self.ensemble.server_steps * self.distill_rounds())
+        return StudentOptimizer(self.student, replace(self.distill, steps=total))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The student and its optimizer, the targets the devices distil towards next, the student's memory."""
+        t = self.targets
+        optimizer = self._student_optimizer
+        return super().state_dict() | {
+            "student": None if self.student is None else self.student.state_dict(),
+            "student_optimizer": None if optimizer is None else optimizer.state_dict(),
+            "targets": None if t is None else {"query": asdict(t.query), "kind": t.kind, "common": t.common,
+                                               "own": dict(t.own)},
+            "student_memory": list(self.student_memory),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.student is not None and state["student"] is not None:
+            self.student.load_state_dict(state["student"])
+        if self.student is not None and state["student_optimizer"] is not None:
+            self._student_optimizer = self._new_student_optimizer()
+            self._student_optimizer.load_state_dict(state["student_optimizer"])
+        t = state["targets"]
+        self.targets = None if t is None else EnsembleTargets(
+            QuerySpec(**t["query"]), t["kind"], t["common"], {int(d): v for d, v in t["own"].items()})
+        self.student_memory.clear()
+        self.student_memory.extend((inputs, logits) for inputs, logits in state["student_memory"])
 
     @torch.no_grad()
     def student_accuracy(self) -> float | None:

@@ -82,3 +82,11 @@ class FedAvg(DeviceStrategy):
 
     def global_arrays(self) -> ArrayRecord | None:
         return self.weights
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global model."""
+        return super().state_dict() | {"weights": None if self.weights is None else self.weights.to_torch_state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.weights = None if state["weights"] is None else ArrayRecord(state["weights"])

@@ -13,7 +13,9 @@ The server keeps every device's latest predictions (the "messengers") and,
 before each round, builds targets ``W @ Z`` for the sampled devices.
 Strategies differ only in the mixing matrix ``W``
 (:meth:`LogitExchange.mixing_weights`): FedMD averages everyone; SD-Dist
-picks similar, good neighbours. Devices not sampled keep their predictions on
+picks similar, good neighbours. With ``exchange.aggregate`` other than
+``mean`` the teachers ``W`` names combine by a coordinate-wise median or
+trimmed mean instead (:func:`~hetkd.distill.exchange.robust_targets`). Devices not sampled keep their predictions on
 record; a late joiner gets targets once it has predictions on record.
 """
 
@@ -27,7 +29,7 @@ from flwr.app import ArrayRecord
 
 from hetkd import protocol as P
 from hetkd.distill.codec import decode_logits, encode_logits
-from hetkd.distill.exchange import ReferenceDistillSettings, mix_targets, row_sums
+from hetkd.distill.exchange import ReferenceDistillSettings, mix_targets, robust_targets, row_sums
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy, Figures, RoundPlan
 
 __all__ = ["LogitExchange"]
@@ -134,7 +136,11 @@ class LogitExchange(DeviceStrategy):
         if len(ids) < 2 or not rows:
             return {}, Figures()
         weights, figures = self.mixing_weights(server_round, ids, logits, rows)
-        mixed = mix_targets(weights, logits, self.exchange.mix, self.exchange.temperature)
+        e = self.exchange
+        if e.aggregate == "mean":
+            mixed = mix_targets(weights, logits, e.mix, e.temperature)
+        else:
+            mixed = robust_targets(weights, logits, e.mix, e.temperature, e.aggregate, e.trim_fraction)
         sums = row_sums(weights)
         return {ids[k]: mixed[k] for k in rows if float(sums[k]) > 0}, figures
 
@@ -177,3 +183,11 @@ class LogitExchange(DeviceStrategy):
             self.predictions[device] = decode_logits(reply.reference_logits).log_softmax(-1)
             distilled += int(reply.distilled)
         return Figures({"distilled_devices": distilled, "devices_on_record": len(self.predictions)})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The predictions on record."""
+        return super().state_dict() | {"predictions": dict(self.predictions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.predictions = {int(d): p for d, p in state["predictions"].items()}

@@ -212,6 +212,37 @@ class MEKD(EnsembleDistill):
         return Figures({"d_loss": sum(d_losses) / len(d_losses), "g_loss": sum(g_losses) / len(g_losses),
                         "gan_steps": len(g_losses)})
 
+    # ------------------------------------------------------------------ checkpoints and outputs
+
+    def state_dict(self) -> dict[str, Any]:
+        """The student's state (:class:`EnsembleDistill`), G and D with their optimizers and random
+        streams, G's version and the proxy data's order (which devices hold which G is not kept:
+        a resumed run's devices start without one)."""
+        d = self.deprivatizer
+        return super().state_dict() | {
+            "generator": d.generator.state_dict(), "discriminator": d.discriminator.state_dict(),
+            "generator_optimizer": d.opt_g.state_dict(), "discriminator_optimizer": d.opt_d.state_dict(),
+            "latent_rng": d.latent_rng.get_state(), "generator_frozen": not any(
+                p.requires_grad for p in d.generator.parameters()),
+            "generator_version": self.generator_version, "proxy_rng": self._proxy_rng.get_state(),
+            "proxy_order": self._proxy_order, "proxy_cursor": self._proxy_cursor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        d = self.deprivatizer
+        d.generator.load_state_dict(state["generator"])
+        d.discriminator.load_state_dict(state["discriminator"])
+        d.opt_g.load_state_dict(state["generator_optimizer"])
+        d.opt_d.load_state_dict(state["discriminator_optimizer"])
+        d.latent_rng.set_state(state["latent_rng"])
+        if state["generator_frozen"]:
+            freeze(d.generator)
+        self.generator_version = int(state["generator_version"])
+        self._device_version.clear()
+        self._proxy_rng.set_state(state["proxy_rng"])
+        self._proxy_order, self._proxy_cursor = state["proxy_order"], int(state["proxy_cursor"])
+
     # ------------------------------------------------------------------ outputs
 
     def write_artifacts(self, out_dir: Path) -> list[Path]:

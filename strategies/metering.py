@@ -4,11 +4,14 @@
 protobuf payload size of every message under the phase it belongs to
 (``setup``, ``train``, ``evaluate``), and notes the nodes that did not answer
 in time. An error the SuperLink returns for a node that left is re-addressed
-from that node (:func:`addressed`), so the right device is reported.
+from that node (:func:`addressed`), so the right device is reported. While it
+waits for replies it stops at a requested interrupt
+(:func:`hetkd.interrupt.raise_if_stopped`): the round is abandoned.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -17,7 +20,12 @@ from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from hetkd.interrupt import raise_if_stopped
+
 __all__ = ["MeteredGrid", "payload_bytes", "addressed"]
+
+#: the longest pause between two looks for replies (and for a request to stop), in seconds
+MAX_PULL_INTERVAL = 0.5
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -54,7 +62,7 @@ class MeteredGrid:
             self.down[self.phase][m.metadata.dst_node_id] += payload_bytes(m.content)
         if not messages:
             return []
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = self._push_and_pull(messages, timeout)
         sent = {m.metadata.message_id: m for m in messages if m.metadata.message_id}  # ids are set on sending
         replies = [addressed(r, sent) for r in replies]
         answered = set()
@@ -65,6 +73,31 @@ class MeteredGrid:
         for m in messages:
             if m.metadata.dst_node_id not in answered:
                 self.unanswered[m.metadata.dst_node_id] = f"no reply within {timeout}s ({m.metadata.message_type})"
+        return replies
+
+    def _push_and_pull(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's ``Grid.send_and_receive``, looking for a request to stop between pulls.
+
+        A stand-in that is not a Flower :class:`~flwr.serverapp.Grid` (a test's
+        in-process grid) answers through its own ``send_and_receive``.
+        """
+        if not isinstance(self.grid, Grid):
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+            raise_if_stopped(f"'{messages[0].metadata.message_type}' abandoned")
+            return replies
+        pending = set(self.grid.push_messages(messages))
+        action = messages[0].metadata.message_type
+        interval = min(float(getattr(self.grid, "pull_interval", MAX_PULL_INTERVAL)), MAX_PULL_INTERVAL)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            raise_if_stopped(f"'{action}' abandoned, waiting for {len(pending)} of {len(messages)} replies")
+            pulled = list(self.grid.pull_messages(pending))
+            replies.extend(pulled)
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            if not pending or deadline is not None and time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
         return replies
 
     def per_device(self, phase: str) -> tuple[float | None, float | None]:

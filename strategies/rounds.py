@@ -4,7 +4,8 @@
 * :class:`RoundPlan` — the requests a strategy decided to send, one per sampled device,
   and the :class:`Figures` the decision produced;
 * :class:`RoundReport` — everything measured in one round, one ``metrics.jsonl`` line;
-* :class:`RoundLog` — the round in flight while the base strategy builds its report.
+* :class:`RoundLog` — the round in flight while the base strategy builds its report;
+* :func:`decode_reply` — a device's reply as its typed message, or why it cannot be used.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
+
+from flwr.app import Message
+from flwr.supercore import log
 
 from hetkd import protocol as P
 
-__all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "finite", "sum_finite"]
+__all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "decode_reply", "finite", "sum_finite",
+           "warn_ignored_flower_config"]
 
 
 @dataclass(frozen=True)
@@ -98,3 +104,26 @@ def sum_finite(values: Iterable[float]) -> float | None:
     """The sum of the finite ``values`` (``None``: there are none)."""
     kept = [v for v in values if finite(v)]
     return sum(kept) if kept else None
+
+
+def decode_reply(reply: Message, reply_type: type[P.Reply]) -> tuple[P.Reply | None, str | None]:
+    """The reply decoded as ``reply_type``, or why it cannot be used."""
+    if reply.has_error():
+        return None, f"device error: {reply.error.reason}"
+    try:
+        return reply_type.from_record(reply.content), None
+    except P.ProtocolError as err:
+        return None, f"malformed {reply_type.__name__}: {err}"
+
+
+_IGNORED_WARNED: set[str] = set()
+
+
+def warn_ignored_flower_config(keys: list[str], name: str) -> None:
+    """Flower ``train_config`` / ``evaluate_config`` entries that are not training settings: say once they stay here."""
+    if keys and name not in _IGNORED_WARNED:
+        _IGNORED_WARNED.add(name)
+        log(WARNING, "%s keys %s are not sent to devices: hetkd's messages are typed (hetkd.protocol) and carry "
+            "from Flower's config only lr, local-epochs and batch-size; configure the rest through the strategy's "
+            "settings", name, sorted(keys))
+

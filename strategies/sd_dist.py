@@ -6,7 +6,10 @@ later "SQMD"). Every device holds the same public reference set and shares
 only its predictions on it. Each round, for every sampled device ``i``:
 
 1. **quality** — when the reference set is labelled, every device on record is
-   scored by its cross-entropy there; the best ``Q`` are candidate teachers;
+   scored by its cross-entropy there; the best ``Q`` are candidate teachers,
+   none of them an outlier (``outlier_test``: a loss above the median by more
+   than ``outlier_threshold`` robust standard deviations; on an unlabelled set,
+   the same test on each device's mean divergence from the others);
 2. **similarity** — ``D[i, j] = KL(p_j ‖ p_i)`` between temperature-softened
    reference predictions;
 3. **neighbours** — ``i``'s ``K`` nearest candidates (never ``i`` itself);
@@ -84,9 +87,9 @@ class SDDist(LogitExchange):
     def summary(self) -> None:
         super().summary()
         s, e = self.search, self.exchange
-        log(INFO, "\t│\t└── K<=%d Q<=%d rule=%s similarity=%s weighting=%s selection=%s rho=%.2f T=%.1f",
-            s.num_neighbours, s.num_candidates, s.neighbour_rule, s.similarity, s.weighting,
-            s.neighbour_selection, e.rho, e.temperature)
+        log(INFO, "\t│\t└── K<=%d Q<=%d rule=%s similarity=%s weighting=%s selection=%s outliers=%s(t=%.1f) "
+            "rho=%.2f T=%.1f aggregate=%s", s.num_neighbours, s.num_candidates, s.neighbour_rule, s.similarity,
+            s.weighting, s.neighbour_selection, s.outlier_test, s.outlier_threshold, e.rho, e.temperature, e.aggregate)
 
     def quality(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Reference-set cross-entropy of each device on record (``None`` if unlabelled)."""
@@ -114,6 +117,14 @@ class SDDist(LogitExchange):
             figures.devices[device] = {"neighbours": chosen}
         figures.metrics["neighbour_distance_mean"] = float(np.mean(distances)) if distances else None
         figures.metrics["neighbour_churn"] = float(np.mean(changed)) if changed else None
+        quality = self.quality(logits)
+        if quality is not None:
+            for k, q in enumerate(quality.tolist()):
+                figures.devices.setdefault(population[k], {})["reference_loss"] = q
+        if self.search.outlier_test != "none":  # who the outlier test kept from teaching this round
+            figures.metrics["excluded_teachers"] = len(plan.outliers)
+            for k in plan.outliers:
+                figures.devices.setdefault(population[k], {})["excluded_teacher"] = True
         return plan.weights, figures
 
     # ------------------------------------------------------------------ device-side selection
@@ -131,6 +142,8 @@ class SDDist(LogitExchange):
             device_ids=np.asarray(ids, dtype=np.int64),
             quality=None if quality is None else quality.numpy().astype(np.float32),
             search=self.search,
+            aggregate=self.exchange.aggregate,
+            trim_fraction=self.exchange.trim_fraction,
         )
         # a device alone on record has nobody to learn from: it trains locally
         return RoundPlan({d: replace(request, population=population) if set(ids) - {d} else request
@@ -146,7 +159,17 @@ class SDDist(LogitExchange):
                 figures.metrics["neighbour_churn"] = float(np.mean([bool(r.neighbours_changed) for r in picked]))
         return figures
 
-    # ------------------------------------------------------------------ artifacts
+    # ------------------------------------------------------------------ checkpoints and artifacts
+
+    def state_dict(self) -> dict[str, Any]:
+        """The predictions on record, each device's last teachers and the last similarity rows."""
+        return super().state_dict() | {"neighbours": dict(self.neighbours), "last_distance": self.last_distance}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.neighbours = {int(d): [int(j) for j in chosen] for d, chosen in state["neighbours"].items()}
+        last = state["last_distance"]
+        self.last_distance = None if last is None else (list(last[0]), list(last[1]), last[2])
 
     def write_artifacts(self, out_dir: Path) -> list[Path]:
         """``similarity.png``: the last similarity matrix (server-side selection only)."""

@@ -45,7 +45,8 @@ EXAMPLES: list[P.WireMessage] = [
                        targets=np.zeros((5, 3), np.float16),
                        population=P.Population(reference_logits=np.zeros((2, 5, 3), np.float16),
                                                device_ids=np.arange(2), quality=np.ones(2, np.float32),
-                                               search=NeighbourSearch(num_neighbours=1))),
+                                               search=NeighbourSearch(num_neighbours=1), aggregate="median",
+                                               trim_fraction=0.2)),
     P.ReferencePredictions(num_examples=10, train_loss=0.5, samples_seen=20, train_seconds=1.0,
                            reference_logits=np.zeros((5, 3), np.float32), distilled=False,
                            neighbour_distance=0.2, neighbours_changed=True),
@@ -211,11 +212,11 @@ def test_device_handlers_read_only_the_fields_their_request_type_declares():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in record_access:
                 assert path.name == "handlers.py" and ast.unparse(node) == "message.content", (path.name, node.lineno)
-    # the server side likewise reads replies only by decoding them (metering counts their bytes)
+    # the server side likewise reads replies only by decoding them (rounds.decode_reply; metering counts their bytes)
     for path in sorted((ROOT / "strategies").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in record_access and path.name != "metering.py":
-                assert (path.name, ast.unparse(node)) == ("base.py", "reply.content"), (path.name, node.lineno)
+                assert (path.name, ast.unparse(node)) == ("rounds.py", "reply.content"), (path.name, node.lineno)
 
 
 def test_settings_travel_as_the_settings_objects_of_the_code_that_uses_them():

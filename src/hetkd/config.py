@@ -17,6 +17,7 @@ checks, next to its code — composed here:
 ``simulation``      :class:`hetkd.runtime.SimulationConfig`
 ``output``          :class:`hetkd.results.OutputConfig`
 ``mekd``            :class:`hetkd.distill.emulation.MEKDSettings` (``response``, ``gan``, ``distill``)
+``adversary``       :class:`hetkd.adversary.AdversarySettings` (poisoning devices, for measurements)
 ==================  ==============================================================
 
 so a strategy built with no arguments runs with exactly the settings
@@ -51,6 +52,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from hetkd.adversary import AdversarySettings
 from hetkd.data import DatasetConfig, PartitionConfig, ReferenceConfig
 from hetkd.distill.emulation import MEKDSettings
 from hetkd.distill.ensemble import EnsembleSettings
@@ -122,6 +124,7 @@ class HetkdConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     mekd: MEKDSettings = field(default_factory=MEKDSettings)
+    adversary: AdversarySettings = field(default_factory=AdversarySettings)
 
 
 #: Flower-style run-config keys and the schema keys they stand for.
@@ -356,6 +359,9 @@ def validate_config(cfg: HetkdConfig) -> None:
     if cfg.strategy.min_devices > n:
         raise ConfigError("strategy.min_devices",
                           f"must be <= simulation.num_devices ({n}), got {cfg.strategy.min_devices}")
+    if cfg.adversary.count(n) >= n:
+        raise ConfigError("adversary.fraction", f"would make all {n} devices adversarial; leave at least one "
+                          f"honest device, got {cfg.adversary.fraction}")
     if cfg.simulation.gpus_per_device and cfg.training.device == "cpu":
         raise ConfigError("simulation.gpus_per_device",
                           f"is {cfg.simulation.gpus_per_device} but training.device=cpu would leave the GPU unused; "

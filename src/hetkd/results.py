@@ -11,7 +11,11 @@ A run folder holds
 * ``accuracy.png``  personalised and global accuracy per round.
 
 The accuracy statistics are pure functions (:func:`accuracy_summary`) so they
-are tested alone and shared by every strategy.
+are tested alone and shared by every strategy. When the run has adversarial
+devices (``adversary.fraction``, marked in ``federation.json``), every
+evaluated round also gets the honest devices' figures (:func:`honest_figures`:
+``honest_personalised_accuracy_mean``, ``honest_global_accuracy_mean``) and the
+summary their last and best values.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OutputConfig", "accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round", "subset_accuracy"]
+__all__ = ["OutputConfig", "accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round",
+           "subset_accuracy", "honest_figures", "HONEST_KEYS"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +90,22 @@ def subset_accuracy(rows: Sequence[Mapping[str, Any]], device_ids: Sequence[int]
     return None
 
 
+#: the honest devices' figures of a round with adversaries (see :func:`honest_figures`)
+HONEST_KEYS = ("honest_personalised_accuracy_mean", "honest_global_accuracy_mean")
+
+
+def honest_figures(row: Mapping[str, Any], adversaries: Sequence[int]) -> dict[str, float | None]:
+    """The mean personalised and global accuracy of a round's honest devices: every device in
+    the row's ``devices`` but the ``adversaries`` and the round's failures."""
+    left_out = {str(d) for d in adversaries} | {str(f.get("device")) for f in row.get("failures") or []}
+    out: dict[str, float | None] = {}
+    for key, figure in zip(HONEST_KEYS, ("personalised_accuracy", "global_accuracy")):
+        values = [v.get(figure) for k, v in (row.get("devices") or {}).items() if k not in left_out]
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -140,6 +161,10 @@ def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[f"final_{key}"] = values[-1] if values else None
         if not key.endswith("_std"):
             out[f"best_{key}"] = max(values) if values else None
+    for key in HONEST_KEYS:  # runs with adversarial devices only
+        values = [r[key] for r in evaluated if r.get(key) is not None]
+        if values:
+            out[f"final_{key}"], out[f"best_{key}"] = values[-1], max(values)
     student = [r["student_accuracy"] for r in rows if r.get("student_accuracy") is not None]
     if student:  # the server's global student (ensemble-distillation strategies)
         out["final_student_accuracy"] = student[-1]
@@ -198,6 +223,8 @@ class RunRecorder:
         self._progress = None
         self._task = None
         self._want_progress = progress
+        #: the adversarial devices of the run (from ``federation.json``), whose figures honest ones leave out
+        self.adversaries: list[int] = []
 
     @property
     def console(self):  # rich is imported lazily: devices never need it
@@ -207,28 +234,37 @@ class RunRecorder:
             self._console = Console(highlight=False, soft_wrap=True)
         return self._console
 
-    def start(self, config_yaml: str, federation: Mapping[str, Any] | None = None, header: str = "") -> None:
+    def start(self, config_yaml: str, federation: Mapping[str, Any] | None = None, header: str = "",
+              rows: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Write the run's config and data picture; ``rows``: a resumed run's rounds so far (kept, and shown again)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.out_dir / "config.yaml", config_yaml)
         if federation is not None:
+            self.adversaries = [d["device_id"] for d in federation.get("devices", []) if d.get("adversary")]
             _write_atomic(self.out_dir / "federation.json", json.dumps(_clean(federation), indent=1, default=_json_default))
-        (self.out_dir / "metrics.jsonl").write_text("")
+        self.rows = [dict(row) for row in rows or ()]
+        _write_atomic(self.out_dir / "metrics.jsonl",
+                      "".join(json.dumps(row, default=_json_default) + "\n" for row in self.rows))
         if self.quiet:
             return
         if header:
             self.console.print(header)
         self.console.print(f"results: {self.out_dir}")
         self.console.print(TABLE_HEADER)
+        for row in self.rows:
+            self.console.print(format_round(row))
         if self._want_progress and self.console.is_terminal and self.total_rounds:
             from rich.progress import Progress
 
             self._progress = Progress(transient=True, console=self.console)
             self._progress.start()
-            self._task = self._progress.add_task("rounds", total=self.total_rounds)
+            self._task = self._progress.add_task("rounds", total=self.total_rounds, completed=len(self.rows))
 
     def record(self, row: Mapping[str, Any]) -> None:
         """Append one round (a flat-ish dict with a ``round`` key) and flush it to disk."""
         row = _clean(dict(row))
+        if self.adversaries and row.get("personalised_accuracy_mean") is not None:
+            row.update(honest_figures(row, self.adversaries))
         self.rows.append(row)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, default=_json_default) + "\n")
@@ -247,6 +283,8 @@ class RunRecorder:
         summary = final_figures(self.rows)
         summary["total_seconds"] = time.time() - self.started
         summary["out_dir"] = str(self.out_dir)
+        if self.adversaries:
+            summary["adversarial_devices"] = list(self.adversaries)
         summary.update(_clean(dict(extra or {})))
         _write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1, default=_json_default))
         if self.plots and self.rows:
@@ -261,6 +299,8 @@ class RunRecorder:
         self.console.print(
             f"final: personalised {_pct(fin)}  global {_pct(glob)}  "
             + (f"global student {_pct(student)}  " if student is not None else "")
+            + (f"honest devices' global {_pct(summary.get('final_honest_global_accuracy_mean'))}  "
+               if self.adversaries else "")
             + f"wall {summary['wall_seconds']:.1f}s  results in {self.out_dir}"
         )
         return summary

@@ -16,7 +16,7 @@ from hetkd.settings import require, require_choice, require_types
 __all__ = ["STATE_STORES", "SimulationConfig"]
 
 
-STATE_STORES = ("context", "disk")
+STATE_STORES = ("auto", "context", "disk")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +34,15 @@ class SimulationConfig:
     ``state_store`` keeps each device's weights and optimizer between rounds
     in Flower's ``Context.state`` (``context``: memory of the simulation
     process, N devices × model size) or on disk (``disk``, one atomically
-    replaced file per device under the run's output folder; use it for
-    hundreds of devices). A round waits at most ``round_timeout`` seconds for replies.
+    replaced file per device under the run's output folder, beside its state
+    of the round before: memory for hundreds of devices, and what
+    ``hetkd run --resume`` goes on from); ``auto`` is ``disk`` where the
+    server and every device share the output folder (``hetkd run`` /
+    ``compare`` on a local Ray) and ``context`` elsewhere (``flwr run``, a
+    Ray cluster: :meth:`resolved_state_store`). A round waits at most ``round_timeout`` seconds for replies.
+    A run stops, failed, after ``max_idle_rounds`` rounds in a row in which no
+    device completed training (0: never early; a run in which no device ever
+    trained fails at its end either way).
     """
 
     num_devices: int = 10
@@ -45,8 +52,9 @@ class SimulationConfig:
     ray_address: str = ""
     ray_num_cpus: int = 0
     ray_object_store_mb: int = 0
-    state_store: str = "context"
+    state_store: str = "auto"
     round_timeout: float = 600.0
+    max_idle_rounds: int = 3
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -67,3 +75,11 @@ class SimulationConfig:
                     "(ray start --num-cpus/--object-store-memory); leave it 0 with simulation.ray_address")
         require_choice(self.state_store, "state_store", STATE_STORES)
         require(self.round_timeout > 0, "round_timeout", f"must be > 0, got {self.round_timeout}")
+        require(self.max_idle_rounds >= 0, "max_idle_rounds", f"must be >= 0 (0: never stop early), got {self.max_idle_rounds}")
+
+    def resolved_state_store(self, shared_output: bool) -> str:
+        """``state_store`` with ``auto`` resolved: ``disk`` when the server and every device share the
+        output folder (``shared_output``: an in-process run on a local Ray), ``context`` otherwise."""
+        if self.state_store != "auto":
+            return self.state_store
+        return "disk" if shared_output and not self.ray_address else "context"

@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
         "quantity_skew_partition", "split_train_test",
     ),
     "hetkd.data.sources": (
-        "DATASETS", "ArrayDataset", "DatasetConfig", "DatasetUnavailableError", "DataView", "load_dataset",
+        "DATASETS", "ArrayDataset", "DataError", "DatasetConfig", "DatasetUnavailableError", "DataView", "checked_labels",
+        "load_dataset",
     ),
 })

@@ -17,17 +17,22 @@ are and the public parts are carved around them (:func:`given_partition`).
 The server and every device call it with the same config and get the same
 picture, so no index lists need to travel. Everything is an index view of one
 in-memory dataset per process.
+
+With ``adversary.fraction`` > 0 (:mod:`hetkd.adversary`) the picture also says
+which devices are adversarial; those of kind ``permuted_labels`` see their
+private labels through the run's label permutation (test parts stay true).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
 
+from hetkd.adversary import AdversarySettings, adversarial_devices, label_permutation
 from hetkd.data.partition import (
     PartitionConfig,
     PartitionError,
@@ -89,12 +94,14 @@ class FederationSpec(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class DeviceData:
-    """One device's private data: its own train and test parts."""
+    """One device's private data: its own train and test parts. ``adversary`` is the
+    kind of a device that poisons the federation on purpose (``None``: honest)."""
 
     device_id: int
     train: DataView
     test: DataView
     sparse: bool = False
+    adversary: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,8 +131,13 @@ class Federation:
             )
         return self.devices[device_id]
 
+    @property
+    def adversaries(self) -> list[int]:
+        """The ids of the adversarial devices (see :mod:`hetkd.adversary`)."""
+        return [d.device_id for d in self.devices if d.adversary]
+
     def summary(self) -> dict[str, Any]:
-        """Sizes and per-device label counts, for ``federation.json``."""
+        """Sizes and per-device label counts (and kind of adversary), for ``federation.json``."""
         c = self.num_classes
         return {
             "dataset": self.dataset.name,
@@ -142,6 +154,7 @@ class Federation:
                     "test_size": len(d.test),
                     "sparse": d.sparse,
                     "train_label_counts": np.bincount(d.train.labels, minlength=c).tolist(),
+                    **({"adversary": d.adversary} if d.adversary else {}),
                 }
                 for d in self.devices
             ],
@@ -149,8 +162,10 @@ class Federation:
 
 
 def _federation_key(cfg: FederationSpec) -> str:
+    adversary = getattr(cfg, "adversary", None) or AdversarySettings()
     return json.dumps(
         {
+            "adversary": asdict(adversary),
             "seed": cfg.seed,
             "dataset": asdict(cfg.dataset),
             "reference": asdict(cfg.reference),
@@ -169,6 +184,30 @@ def build_federation(cfg: FederationSpec) -> Federation:
 @functools.lru_cache(maxsize=4)
 def _build(key: str) -> Federation:
     spec = json.loads(key)
+    return _with_adversaries(_picture(spec), AdversarySettings(**spec["adversary"]), spec["seed"])
+
+
+def _with_adversaries(federation: Federation, adversary: AdversarySettings, seed: int) -> Federation:
+    """``federation`` with the adversarial devices marked; permuted-label ones train on permuted labels."""
+    chosen = set(adversarial_devices(len(federation.devices), adversary.fraction, seed))
+    if not chosen:
+        return federation
+    perm = label_permutation(federation.num_classes, seed)
+    relabelled: dict[int, ArrayDataset] = {}  # the same inputs under permuted labels (no copy of the inputs)
+    devices = []
+    for d in federation.devices:
+        if d.device_id in chosen:
+            train = d.train
+            if adversary.kind == "permuted_labels":
+                if id(train.base) not in relabelled:
+                    relabelled[id(train.base)] = replace(train.base, labels=perm[train.base.labels])
+                train = DataView(relabelled[id(train.base)], train.indices)
+            d = replace(d, train=train, adversary=adversary.kind)
+        devices.append(d)
+    return replace(federation, devices=tuple(devices))
+
+
+def _picture(spec: dict) -> Federation:
     seed, ds_cfg, ref_cfg, part_cfg = spec["seed"], spec["dataset"], spec["reference"], spec["partition"]
     dataset = load_dataset(
         ds_cfg["name"],
@@ -176,6 +215,7 @@ def _build(key: str) -> Federation:
         download=ds_cfg["download"],
         path=ds_cfg["path"],
         num_samples=ds_cfg["num_samples"],
+        num_classes=ds_cfg["num_classes"],
     )
     if part_cfg["method"] == "given":
         return _given(dataset, spec)

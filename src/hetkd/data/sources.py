@@ -19,6 +19,7 @@ method ``given`` then uses that partition as it is.
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ __all__ = [
     "ArrayDataset",
     "DataView",
     "DatasetUnavailableError",
+    "DataError",
+    "checked_labels",
     "DATASETS",
     "load_dataset",
 ]
@@ -40,6 +43,56 @@ __all__ = [
 
 class DatasetUnavailableError(RuntimeError):
     """A dataset's files are missing and could not be downloaded."""
+
+
+class DataError(DatasetUnavailableError, ValueError):
+    """A user's data cannot be used as it is: the message names the file and the bad rows."""
+
+
+def _rows(mask: np.ndarray, limit: int = 5) -> str:
+    """``"rows 3, 17 and 2 more"`` for the True entries of ``mask``."""
+    found = np.flatnonzero(mask)
+    shown = ", ".join(str(int(i)) for i in found[:limit])
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return f"row{'s' if len(found) > 1 else ''} {shown}{more}"
+
+
+def checked_labels(y: np.ndarray, num_classes: int, source: str) -> tuple[np.ndarray, int]:
+    """Integer labels ``y`` in ``[0, num_classes)`` and the class count, or :class:`DataError`.
+
+    ``num_classes`` 0 takes it from the data (the largest label + 1), which then
+    must use every class below it: a stray label (``100`` among digits) would
+    otherwise make a 101-class task of ten real classes.
+    """
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels must be 1-D, got shape {y.shape}")
+    if y.dtype.kind == "f":
+        bad = ~np.isfinite(y) | (np.round(y) != y)
+        if bad.any():
+            raise DataError(f"{source}: labels must be whole numbers; {_rows(bad)} hold {y[bad][:5].tolist()}")
+    elif y.dtype.kind not in "iub":
+        raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if len(y) and (y < 0).any():
+        raise DataError(f"{source}: labels must be >= 0; {_rows(y < 0)} hold {sorted(set(y[y < 0].tolist()))[:5]}")
+    if num_classes:
+        if len(y) and (y >= num_classes).any():
+            raise DataError(f"{source}: labels must be below dataset.num_classes={num_classes}; "
+                            f"{_rows(y >= num_classes)} hold {sorted(set(y[y >= num_classes].tolist()))[:5]}")
+        return y, num_classes
+    inferred = int(y.max()) + 1 if len(y) else 0
+    unused = sorted(set(range(inferred)) - set(np.unique(y).tolist()))
+    if unused:
+        top = int(y.max())
+        raise DataError(
+            f"{source}: labels run to {top} but classes {_span(unused)} never occur, so the class count is "
+            f"unclear ({_rows(y == top)} hold {top}); fix the labels or set dataset.num_classes"
+        )
+    return y, inferred
+
+
+def _span(values: list[int]) -> str:
+    return f"{values[0]}..{values[-1]}" if len(values) > 3 else ", ".join(map(str, values))
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,32 +292,51 @@ _MNIST_HINT = (
 )
 
 
-def _npz(path: str, **_: object) -> ArrayDataset:
-    """A user's arrays: ``x``, ``y`` and, optionally, ``client`` and ``split``."""
+def _npz(path: str, num_classes: int, **_: object) -> ArrayDataset:
+    """A user's arrays: ``x``, ``y`` and, optionally, ``client`` and ``split``, checked before use.
+
+    Refused with the file and the bad rows named: an unreadable file, labels that
+    are not whole numbers in ``[0, num_classes)`` (see :func:`checked_labels`),
+    non-finite inputs, client ids that are not integers.
+    """
     file = Path(path).expanduser()
     if not file.is_file():
         raise DatasetUnavailableError(
             f"dataset 'npz': file '{file}' (dataset.path) does not exist; {_MNIST_HINT}"
         )
-    with np.load(file, allow_pickle=False) as arrays:
-        missing = [k for k in ("x", "y") if k not in arrays]
-        if missing:
-            raise DatasetUnavailableError(
-                f"dataset 'npz': '{file}' lacks array(s) {missing}; it holds {sorted(arrays.files)}"
-            )
-        x, y = arrays["x"], arrays["y"].astype(np.int64)
-        clients = arrays["client"].astype(np.int64) if "client" in arrays else None
-        splits = arrays["split"].astype(np.int8) if "split" in arrays else None
+    source = f"dataset 'npz': '{file}'"
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            missing = [k for k in ("x", "y") if k not in arrays]
+            if missing:
+                raise DataError(f"{source} lacks array(s) {missing}; it holds {sorted(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+            clients = arrays["client"] if "client" in arrays else None
+            splits = arrays["split"] if "split" in arrays else None
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{source} cannot be read as an .npz of plain arrays (numpy.savez): {err}") from None
+    y, num_classes = checked_labels(y, num_classes, source)
+    if x.dtype.kind == "f":
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(1)
+        if bad.any():
+            raise DataError(f"{source}: inputs must be finite; {_rows(bad)} hold NaN or infinite values")
+    elif x.dtype.kind not in "iub":
+        raise DataError(f"{source}: inputs must be numbers, got dtype {x.dtype}")
+    if clients is not None and clients.dtype.kind not in "iu":
+        raise DataError(f"{source}: array 'client' must hold integer ids, got dtype {clients.dtype}")
     if x.ndim == 2:  # flat vectors -> one channel
         x = x[:, None, :]
     elif x.ndim == 3:  # N x H x W images -> one channel
         x = x[:, None]
     scale, shift = (2.0 / 255.0, -1.0) if x.dtype == np.uint8 else (1.0, 0.0)
-    num_classes = int(y.max()) + 1 if len(y) else 0
     try:
-        return ArrayDataset("npz", x, y, num_classes, scale, shift, clients, splits)
+        return ArrayDataset("npz", x, y, num_classes, scale, shift,
+                            None if clients is None else clients.astype(np.int64),
+                            None if splits is None else splits.astype(np.int8))
     except ValueError as err:
-        raise DatasetUnavailableError(f"dataset 'npz': '{file}': {err}") from None
+        raise DataError(f"{source}: {err}") from None
 
 
 #: name -> loader(**dataset options) -> ArrayDataset
@@ -287,7 +359,12 @@ class DatasetConfig:
     held out as the global test set, which no device trains on; with
     ``partition.method=given`` it is that fraction of the clients' pooled
     test parts (see :func:`hetkd.data.given_partition`). ``num_samples``
-    bounds how many samples are generated or used (0 = all).
+    bounds how many samples are generated or used (0 = all). ``num_classes``
+    is the class count the labels must fit (0: the data's own, which for an
+    ``.npz`` is its largest label + 1 and must then use every class below it);
+    a user's labels outside ``[0, num_classes)``, non-finite inputs or an
+    unreadable file stop the run before any device starts, naming the file
+    and the rows.
     """
 
     name: str = "digits"
@@ -296,18 +373,23 @@ class DatasetConfig:
     path: str = ""
     test_fraction: float = 0.2
     num_samples: int = 0
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         require_types(self)
         require_choice(self.name, "name", sorted(DATASETS))
         require(0.0 < self.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         require(self.num_samples >= 0, "num_samples", f"must be >= 0 (0 = all), got {self.num_samples}")
+        require(self.num_classes == 0 or self.num_classes >= 2, "num_classes",
+                f"must be 0 (from the data) or >= 2, got {self.num_classes}")
         require(self.name != "npz" or bool(self.path), "path", "must name a .npz file when dataset.name=npz")
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(name: str, root: str, download: bool, path: str, num_samples: int) -> ArrayDataset:
-    ds = DATASETS[name](root=root, download=download, path=path, num_samples=num_samples)
+def _load_cached(name: str, root: str, download: bool, path: str, num_samples: int, num_classes: int) -> ArrayDataset:
+    ds = DATASETS[name](root=root, download=download, path=path, num_samples=num_samples, num_classes=num_classes)
+    if num_classes and ds.num_classes != num_classes:
+        raise DataError(f"dataset.num_classes={num_classes}, but dataset '{name}' has {ds.num_classes} classes")
     if 0 < num_samples < len(ds):
         keep = np.sort(np.random.default_rng(0).permutation(len(ds))[:num_samples])
         ds = ArrayDataset(
@@ -325,6 +407,7 @@ def load_dataset(
     download: bool = DatasetConfig.download,
     path: str = DatasetConfig.path,
     num_samples: int = DatasetConfig.num_samples,
+    num_classes: int = DatasetConfig.num_classes,
 ) -> ArrayDataset:
     """Load (once per process) the dataset registered as ``name``.
 
@@ -333,4 +416,4 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(sorted(DATASETS))}")
-    return _load_cached(name, root, download, path, num_samples)
+    return _load_cached(name, root, download, path, num_samples, num_classes)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from hetkd.distill.deprivatization import GanSettings
 from hetkd.distill.ensemble import check_responses, teacher_logits
 from hetkd.distill.generative import Generator
 from hetkd.distill.losses import kd_kl
+from hetkd.interrupt import raise_if_stopped
 from hetkd.settings import require, require_choice, require_types
 from hetkd.training import derive_seed
 
@@ -291,6 +293,16 @@ class StudentOptimizer:
         self.steps_done += 1
         return float(loss.item())
 
+    def state_dict(self) -> dict[str, Any]:
+        """SGD's momentum, the schedule's position and the steps done (the student's weights are its own)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = int(state["steps_done"])
+
 
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode and no gradients for the parameters (G after deprivatization)."""
@@ -360,10 +372,12 @@ def kd_steps(
     ``on_step(optimizer.steps_done - 1, {"loss": ...})`` (numbered by the
     optimizer, so successive calls on one optimizer count on) and calls
     ``advance()`` (a progress bar). Every student update of the package runs
-    through here.
+    through here, and stops here on a requested interrupt
+    (:func:`hetkd.interrupt.raise_if_stopped`).
     """
     losses = []
     for step in range(steps):
+        raise_if_stopped(f"distillation step {step + 1} of {steps} abandoned")
         inputs, targets = next_batch(step)
         value = optimizer.step(lambda inputs=inputs, targets=targets: loss(optimizer.student(inputs), targets))
         losses.append(value)

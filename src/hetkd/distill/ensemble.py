@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from hetkd.distill.codec import PRECISIONS
 from hetkd.distill.losses import KDTerm
+from hetkd.distill.robust import AGGREGATES, robust_probabilities
 from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS
 from hetkd.models import check_architecture
 from hetkd.settings import require, require_choice, require_types
@@ -91,6 +92,11 @@ class EnsembleSettings:
     device answers with: ``private`` (a second copy of its model that trains
     on its private data alone from the first distillation round on, so the
     answers never echo the ensemble) or ``personal`` (its own, which distils).
+    ``aggregate`` says how the teachers' probabilities combine before the
+    class balancing: the weighted ``mean`` (the published behaviour), or,
+    robust to a poisoning minority, their coordinate-wise ``median`` or
+    ``trimmed_mean`` (``trim_fraction`` of them dropped at each end of every
+    coordinate), the teachers with weight counting equally.
     """
 
     student: str = "resnet8"
@@ -108,6 +114,8 @@ class EnsembleSettings:
     query_batch_size: int = 64
     min_steps: int = 10
     precision: str = "float16"
+    aggregate: str = "mean"
+    trim_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -123,6 +131,8 @@ class EnsembleSettings:
         require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
         require_choice(self.answer_model, "answer_model", ANSWER_MODELS)
         require_choice(self.precision, "precision", PRECISIONS)
+        require_choice(self.aggregate, "aggregate", AGGREGATES)
+        require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
 
     def kd_term(self) -> KDTerm:
         """How a device's distillation term sits beside its private loss."""
@@ -255,7 +265,8 @@ def class_balanced(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 def ensemble_responses(
-    responses: torch.Tensor, kind: str, weights: torch.Tensor, *, balance: bool = False
+    responses: torch.Tensor, kind: str, weights: torch.Tensor, *, balance: bool = False, aggregate: str = "mean",
+    trim_fraction: float = 0.2,
 ) -> tuple[torch.Tensor, str]:
     """Ensemble answers ``(m, N, C)`` from ``n`` teachers' answers ``(n, N, C)`` and an ``m x n`` weight matrix.
 
@@ -267,7 +278,10 @@ def ensemble_responses(
     With ``balance`` each ensemble is first corrected to a uniform class prior
     over the ``N`` inputs (:func:`class_balanced`; for hard answers, the vote
     shares, before the vote). Rows with zero total weight come back as
-    all-zero answers.
+    all-zero answers. With ``aggregate`` ``median`` or ``trimmed_mean`` each
+    ensemble is instead the coordinate-wise robust aggregate of the
+    probabilities (or one-hot votes) of the teachers its row weighs,
+    counting equally (:func:`~hetkd.distill.robust.robust_probabilities`).
     """
     check_kind(kind)
     if responses.dim() != 3 or len(responses) == 0:
@@ -281,7 +295,13 @@ def ensemble_responses(
     r = responses.float()
     if kind == "logits":
         r = F.softmax(r, dim=2)
-    mixed = torch.einsum("mn,nkc->mkc", w, r)
+    if aggregate == "mean":
+        mixed = torch.einsum("mn,nkc->mkc", w, r)
+    else:
+        mixed = torch.zeros(w.shape[0], *r.shape[1:])
+        for i, row in enumerate(w):
+            if float(totals[i]) > 0:
+                mixed[i] = robust_probabilities(r[row > 0], aggregate, trim_fraction)
     if balance:
         mixed = class_balanced(mixed)
     if kind == "hard":

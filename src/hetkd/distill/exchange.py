@@ -11,6 +11,8 @@ distils towards its targets beside its private cross-entropy
   is the SD-Dist paper's.
 * :func:`mix_targets` — ``W @ Z`` on logits or on softened probabilities, as a
   sparse product over the teaching columns, so each learner costs its K teachers.
+* :func:`robust_targets` — the robust option (``aggregate``): each learner's
+  teachers combined by a coordinate-wise median or trimmed mean instead.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 from torch.nn import functional as F
 
 from hetkd.distill.codec import PRECISIONS
+from hetkd.distill.divergence import check_logits
 from hetkd.distill.losses import KDTerm, KLLoss
-from hetkd.distill.similarity import check_logits
+from hetkd.distill.robust import AGGREGATES, robust_aggregate, robust_probabilities
 from hetkd.settings import require, require_choice, require_types
 
-__all__ = ["MIX_SPACES", "ReferenceDistillSettings", "mix_targets", "row_sums", "uniform_weights"]
+__all__ = ["MIX_SPACES", "ReferenceDistillSettings", "mix_targets", "robust_targets", "row_sums", "uniform_weights"]
 
 #: how teachers' predictions combine into a target
 MIX_SPACES = ("logits", "probs")
@@ -49,6 +52,14 @@ class ReferenceDistillSettings:
     paper); 10 is about one pass over a 300-sample reference set at batch
     size 32, so devices with a few samples still distil.
 
+    ``aggregate`` says how a learner's teachers combine: ``mean`` (``W @ Z``,
+    the published behaviour), or, robust to a poisoning minority, the
+    coordinate-wise ``median`` or ``trimmed_mean`` (dropping
+    ``trim_fraction`` of the teachers at each end of every coordinate) of
+    their predictions in the ``mix`` space, the teachers counting equally
+    (:func:`robust_targets`). FedMD's teachers are the whole population;
+    SD-Dist's, each device's neighbours.
+
     The paper ran ρ = 0.9 without T² for ~1000 one-epoch rounds
     (:meth:`paper`); for runs of tens of rounds the defaults are ρ = 0.3 with
     T² (a KD weight of 3.9 against CE, vs the paper's 9 on an unscaled KL),
@@ -64,6 +75,8 @@ class ReferenceDistillSettings:
     mix: str = "probs"
     t_squared: bool = True
     min_steps: int = 10
+    aggregate: str = "mean"
+    trim_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -75,6 +88,8 @@ class ReferenceDistillSettings:
         require(self.warmup_rounds >= 0, "warmup_rounds", f"must be >= 0, got {self.warmup_rounds}")
         require_choice(self.mix, "mix", MIX_SPACES)
         require(self.min_steps >= 0, "min_steps", f"must be >= 0, got {self.min_steps}")
+        require_choice(self.aggregate, "aggregate", AGGREGATES)
+        require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
 
     @classmethod
     def paper(cls) -> ReferenceDistillSettings:
@@ -133,6 +148,44 @@ def mix_targets(
     if space == "logits":
         return mixed.float()
     return (temperature * mixed.clamp_min(1e-12).log()).float()
+
+
+def robust_targets(
+    weights: torch.Tensor, reference_logits: torch.Tensor, space: str = "probs", temperature: float = 1.0,
+    aggregate: str = "median", trim_fraction: float = 0.2,
+) -> torch.Tensor:
+    """Targets ``(m, R, C)`` as :func:`mix_targets` makes them, but each learner's teachers
+    (the columns where its row of ``W`` is positive) combine by ``aggregate``
+    (:func:`~hetkd.distill.robust.robust_aggregate`), counting equally.
+
+    ``space="probs"``: the aggregate of their softened distributions,
+    renormalised, as logits ``T · log q``; ``"logits"``: of their logits.
+    Learners with the same teachers share one aggregate (FedMD: one for
+    everyone). Rows without teachers are zero.
+    """
+    check_logits(reference_logits)
+    n = reference_logits.shape[0]
+    if weights.ndim != 2 or weights.shape[1] != n:
+        raise ValueError(f"weights must have {n} columns (one per device), got shape {tuple(weights.shape)}")
+    if space not in MIX_SPACES:
+        raise ValueError(f"unknown mixing space {space!r}; valid choices: {', '.join(MIX_SPACES)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    dense = weights.to_dense() if weights.is_sparse else weights
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(dense):
+        teachers = tuple(torch.nonzero(row > 0).flatten().tolist())
+        if teachers:
+            groups.setdefault(teachers, []).append(i)
+    out = torch.zeros(weights.shape[0], *reference_logits.shape[1:])
+    for teachers, rows in groups.items():
+        chosen = reference_logits[list(teachers)].double()
+        if space == "probs":
+            q = robust_probabilities(F.softmax(chosen / temperature, dim=-1), aggregate, trim_fraction)
+            out[rows] = (temperature * q.clamp_min(1e-12).log()).float()
+        else:
+            out[rows] = robust_aggregate(chosen, aggregate, trim_fraction).float()
+    return out
 
 
 def row_sums(weights: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,15 @@ SD-Dist (Similarity-based Decentralized Knowledge Distillation) lets every devic
 find the users most similar to it from their predictions on a shared reference set
 and distil from those. This module is its math, as pure functions of tensors:
 
-* :func:`pairwise_distance` — ``D[i, j]``, how far device ``j``'s softened
-  predictions are from device ``i``'s: ``KL(p_j ‖ p_i)`` as in the paper (mean
-  over reference samples), or Jensen-Shannon, or cosine distance. KL is one
-  matrix product over the ``n × (R·C)`` prediction matrix.
-* :func:`reference_quality` — each device's cross-entropy on the labelled
-  reference set (lower is better); the best ``Q`` are candidate teachers.
+* :func:`pairwise_distance`, :func:`reference_quality`, :func:`mean_divergence`
+  (from :mod:`hetkd.distill.divergence`) — ``D[i, j]``, how far device ``j``'s
+  softened predictions are from device ``i``'s (``KL(p_j ‖ p_i)`` as in the
+  paper, Jensen-Shannon or cosine); each device's cross-entropy on the labelled
+  reference set (the best ``Q`` are candidate teachers); each device's mean
+  divergence from the others;
+* :func:`candidate_pool` — who may teach: the best ``Q``, none of the outliers
+  that :func:`~hetkd.distill.robust.robust_outliers` finds among the quality
+  scores or mean divergences, which keeps a poisoning minority out;
 * :func:`select_neighbours` — each device's ``K`` teachers by a rule
   (quality+distance, distance, quality, random); never itself.
 * :func:`neighbour_weights` — a row-stochastic ``n × n`` matrix ``W`` (zero
@@ -31,11 +34,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch.nn import functional as F
 
+from hetkd.distill.divergence import (
+    SIMILARITIES,
+    check_logits,
+    distance_block,
+    mean_divergence,
+    pairwise_distance,
+    reference_quality,
+)
+from hetkd.distill.robust import robust_outliers
 from hetkd.settings import require, require_choice, require_types
 
 __all__ = [
@@ -45,6 +56,7 @@ __all__ = [
     "SIMILARITIES",
     "check_logits",
     "NEIGHBOUR_RULES",
+    "OUTLIER_TESTS",
     "WEIGHTINGS",
     "pairwise_distance",
     "reference_quality",
@@ -52,126 +64,30 @@ __all__ = [
     "neighbour_weights",
     "neighbour_plan",
     "candidate_pool",
+    "mean_divergence",
     "nearest_in_block",
 ]
 
-SIMILARITIES = ("kl", "js", "cosine")
 NEIGHBOUR_RULES = ("quality_distance", "distance", "quality", "random")
 WEIGHTINGS = ("mean", "similarity")
 #: who searches for neighbours: the server, or each device from the predictions the server relays
 NEIGHBOUR_SELECTIONS = ("server", "device")
-
-
-def check_logits(logits: torch.Tensor) -> None:
-    if logits.ndim != 3:
-        raise ValueError(f"expected reference logits of shape (devices, samples, classes), got {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise ValueError("reference logits contain NaN or infinite values")
-
-
-def pairwise_distance(
-    reference_logits: torch.Tensor,
-    temperature: float = 3.0,
-    kind: str = "kl",
-    chunk: int = 256,
-    rows: Sequence[int] | None = None,
-    cols: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """``D[i, j]``: divergence of device ``j``'s predictions from device ``i``'s.
-
-    ``reference_logits`` is ``(n, R, C)``. Predictions are softened with
-    ``temperature``. ``kind``:
-
-    * ``"kl"``: ``KL(p_j ‖ p_i)`` averaged over the ``R`` reference samples (the
-      paper's measure; asymmetric). Computed as ``(h_j - M[i, j]) / R`` with
-      ``M = log(P) · Pᵀ`` over the flattened ``n × (R·C)`` matrices — one
-      matrix product;
-    * ``"js"``: Jensen-Shannon divergence (symmetric, bounded by log 2),
-      ``chunk`` rows at a time;
-    * ``"cosine"``: ``1 - cos`` between flattened probability vectors.
-
-    ``rows`` / ``cols`` restrict the result to the block ``D[rows][:, cols]``
-    (default: all devices), which is all a round needs when only some devices
-    learn or only some may teach. Entries where a row and a column are the
-    same device are zero.
-    """
-    check_logits(reference_logits)
-    return _pairwise(reference_logits, temperature, kind, chunk, rows, cols)
-
-
-def _pairwise(
-    reference_logits: torch.Tensor,
-    temperature: float,
-    kind: str,
-    chunk: int = 256,
-    rows: Sequence[int] | None = None,
-    cols: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """:func:`pairwise_distance` on logits already checked."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if kind not in SIMILARITIES:
-        raise ValueError(f"unknown similarity {kind!r}; valid choices: {', '.join(SIMILARITIES)}")
-    n, r, _ = reference_logits.shape
-    row_idx = _indices(rows, n, "rows")
-    col_idx = _indices(cols, n, "cols")
-    log_p = F.log_softmax(reference_logits.reshape(n, -1, reference_logits.shape[-1]).double() / temperature,
-                          dim=-1).reshape(n, -1)
-    every = torch.arange(n)
-    lp_rows = log_p if torch.equal(row_idx, every) else log_p[row_idx]
-    lp_cols = log_p if torch.equal(col_idx, every) else log_p[col_idx]
-    p_cols = lp_cols.exp()
-    if kind == "kl":
-        cross = lp_rows @ p_cols.T  # cross[a, b] = sum p_b log p_a
-        neg_entropy = (p_cols * lp_cols).sum(1)  # sum p_b log p_b
-        dist = (neg_entropy[None, :] - cross) / r
-    elif kind == "cosine":
-        dist = 1.0 - F.normalize(lp_rows.exp(), dim=1) @ F.normalize(p_cols, dim=1).T
-    else:
-        p_rows = lp_rows.exp()
-        dist = torch.empty(len(row_idx), len(col_idx), dtype=torch.float64)
-        for start in range(0, len(row_idx), chunk):
-            pi = p_rows[start : start + chunk, None, :]  # (c, 1, RC)
-            m = 0.5 * (pi + p_cols[None, :, :])
-            log_m = m.clamp_min(1e-300).log()
-            kl_i = (pi * (lp_rows[start : start + chunk, None, :] - log_m)).sum(-1)
-            kl_j = (p_cols[None, :, :] * (lp_cols[None, :, :] - log_m)).sum(-1)
-            dist[start : start + chunk] = 0.5 * (kl_i + kl_j) / r
-    dist = dist.clamp_min(0.0)
-    dist[row_idx[:, None] == col_idx[None, :]] = 0.0
-    return dist.float()
-
-
-def _indices(values: Sequence[int] | None, n: int, name: str) -> torch.Tensor:
-    if values is None:
-        return torch.arange(n)
-    idx = torch.as_tensor(list(values), dtype=torch.long)
-    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise ValueError(f"{name} must be device indices in 0..{n - 1}, got {sorted(set(idx.tolist()))[:10]}...")
-    return idx
-
-
-def reference_quality(reference_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each device's mean cross-entropy on the labelled reference set (lower is better)."""
-    check_logits(reference_logits)
-    n, r, c = reference_logits.shape
-    if labels.shape != (r,):
-        raise ValueError(f"expected {r} reference labels, got shape {tuple(labels.shape)}")
-    flat = reference_logits.reshape(n * r, c).float()
-    losses = F.cross_entropy(flat, labels.repeat(n), reduction="none")
-    return losses.reshape(n, r).mean(1)
+#: which outlier test keeps devices out of the candidates (``auto``: quality when labelled, else divergence)
+OUTLIER_TESTS = ("none", "auto", "quality", "divergence")
 
 
 def candidate_pool(
-    n: int, rule: str, quality: torch.Tensor | None = None, num_candidates: int | None = None
+    n: int, rule: str, quality: torch.Tensor | None = None, num_candidates: int | None = None,
+    excluded: Sequence[int] = (),
 ) -> list[int]:
-    """The devices that may teach under ``rule``: the ``num_candidates`` best by
-    ``quality`` (best first) for the quality rules when ``quality`` is known,
+    """The devices that may teach under ``rule``, none of ``excluded``: the ``num_candidates``
+    best by ``quality`` (best first) for the quality rules when ``quality`` is known,
     otherwise everyone (in index order)."""
+    out = set(excluded)
     if rule in ("quality_distance", "quality") and quality is not None:
         q = n if num_candidates is None else max(1, min(num_candidates, n))
-        return torch.argsort(quality, stable=True)[:q].tolist()
-    return list(range(n))
+        return [j for j in torch.argsort(quality, stable=True).tolist() if j not in out][:q]
+    return [j for j in range(n) if j not in out]
 
 
 def nearest_in_block(block: torch.Tensor, rows: Sequence[int], cols: Sequence[int], k: int) -> list[list[int]]:
@@ -256,7 +172,7 @@ def _pick(
     out: list[list[int]] = [[] for _ in range(n)]
     if rule == "random":
         for i in rows:
-            others = [j for j in range(n) if j != i]
+            others = [j for j in pool if j != i]
             pick = torch.randperm(len(others), generator=generator)[:num_neighbours].tolist()
             out[i] = sorted(others[k] for k in pick)
     elif rule == "quality":
@@ -331,6 +247,7 @@ def neighbour_plan(
     generator: torch.Generator | None = None,
     exact_search_max: int = 0,
     search_sample: int = 1000,
+    excluded: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """SD-Dist's whole selection step for the devices in ``rows``.
 
@@ -343,6 +260,7 @@ def neighbour_plan(
     When more than ``exact_search_max`` devices may teach (0: no limit), the
     search runs over a random sample of ``search_sample`` of them drawn with
     ``generator`` (sampled neighbour search: linear in the population).
+    Devices in ``excluded`` (the outlier test's) never teach.
 
     The server runs it over the population (``neighbour_selection=server``); a
     device runs it with itself as row 0 (``neighbour_selection=device``), so
@@ -356,12 +274,12 @@ def neighbour_plan(
     if exact_search_max < 0 or search_sample < 1:
         raise ValueError(f"exact_search_max must be >= 0 and search_sample >= 1, got {exact_search_max}, {search_sample}")
     rows = list(rows)
-    pool = candidate_pool(n, rule, quality, num_candidates)
+    pool = candidate_pool(n, rule, quality, num_candidates, excluded)
     if rule in ("quality_distance", "distance") and exact_search_max and len(pool) > exact_search_max:
         keep = torch.randperm(len(pool), generator=generator)[: min(search_sample, len(pool))]
         pool = sorted(pool[k] for k in keep.tolist())
     searched = pool if rule != "random" else list(range(n))
-    block = _pairwise(reference_logits, temperature, similarity, rows=rows, cols=searched)
+    block = distance_block(reference_logits, temperature, similarity, rows=rows, cols=searched)
     distance = torch.full((len(rows), n), float("nan"))
     distance[:, searched] = block
     wanted = sorted(set(rows))
@@ -380,12 +298,14 @@ class NeighbourPlan:
     ``weights``: the ``n × n`` mixing matrix (sparse COO; rows outside the
     searched ones are empty, see :func:`~hetkd.distill.exchange.row_sums`); ``distance``: the searched
     rows' distances (``len(rows) × n``, NaN where not searched);
-    ``neighbours``: every device's teachers (empty outside the searched rows).
+    ``neighbours``: every device's teachers (empty outside the searched rows);
+    ``outliers``: the devices the outlier test kept from teaching.
     """
 
     weights: torch.Tensor
     distance: torch.Tensor
     neighbours: list[list[int]]
+    outliers: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,6 +333,17 @@ class NeighbourSearch:
     ``search_sample`` candidates (linear in the population). With the quality
     rules the candidates are at most Q, so only ``distance`` / ``random``
     rules or an unlabelled reference set reach the limit.
+
+    Against a poisoning minority, ``outlier_test`` keeps outliers out of the
+    candidates before the Q best are taken: ``quality`` drops a device whose
+    reference-set loss is above ``median + outlier_threshold · 1.4826 · MAD``
+    of the devices on record (:func:`~hetkd.distill.robust.robust_outliers`;
+    needs a labelled reference set), ``divergence`` one whose mean divergence
+    from the others (:func:`mean_divergence`, from at most ``search_sample``
+    of them) is, ``auto`` (the default) the former when the reference set is
+    labelled and the latter when not, ``none`` nobody. On by default: in the
+    clean 10-device runs of ``docs/results`` it excluded no candidate that
+    the quality ranking kept, so every published figure is unchanged.
     """
 
     num_neighbours: int = 5
@@ -425,6 +356,8 @@ class NeighbourSearch:
     neighbour_selection: str = "server"
     exact_search_max: int = 2000
     search_sample: int = 1000
+    outlier_test: str = "auto"
+    outlier_threshold: float = 3.0
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -440,6 +373,8 @@ class NeighbourSearch:
         require(self.exact_search_max >= 0, "exact_search_max",
                 f"must be >= 0 (0: always exact), got {self.exact_search_max}")
         require(self.search_sample >= 1, "search_sample", f"must be >= 1, got {self.search_sample}")
+        require_choice(self.outlier_test, "outlier_test", OUTLIER_TESTS)
+        require(self.outlier_threshold > 0, "outlier_threshold", f"must be > 0, got {self.outlier_threshold}")
 
     @classmethod
     def paper(cls) -> NeighbourSearch:
@@ -471,9 +406,24 @@ class NeighbourSearch:
         the population; a device runs it with itself as row 0, so both choose by the
         same rule."""
         k, q = self.sizes(reference_logits.shape[0])
+        outliers = self.outliers(reference_logits, temperature=temperature, quality=quality)
         weights, distance, neighbours = neighbour_plan(
             reference_logits, list(rows), num_neighbours=k, num_candidates=q, rule=self.neighbour_rule,
             similarity=self.similarity, weighting=self.weighting, temperature=temperature, quality=quality,
             generator=generator, exact_search_max=self.exact_search_max, search_sample=self.search_sample,
+            excluded=outliers,
         )
-        return NeighbourPlan(weights, distance, neighbours)
+        return NeighbourPlan(weights, distance, neighbours, outliers)
+
+    def outliers(self, reference_logits: torch.Tensor, *, temperature: float,
+                 quality: torch.Tensor | None = None) -> list[int]:
+        """The devices ``outlier_test`` keeps from teaching (indices into the population)."""
+        test = self.outlier_test
+        if test == "auto":
+            test = "quality" if quality is not None else "divergence"
+        if test == "none" or (test == "quality" and quality is None):
+            return []
+        scores = quality if test == "quality" else mean_divergence(
+            reference_logits, temperature, self.similarity, self.search_sample)
+        assert scores is not None
+        return torch.nonzero(robust_outliers(scores, self.outlier_threshold)).flatten().tolist()

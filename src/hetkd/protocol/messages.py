@@ -122,13 +122,16 @@ class LocalTrainRequest(TrainRequest):
 class Population:
     """Everyone's predictions, relayed so a device picks its own neighbours (SD-Dist's
     device-side selection): log-probabilities ``(n, R, C)`` of the devices
-    ``device_ids``, their reference-set quality when the set is labelled, and the
-    search to run."""
+    ``device_ids``, their reference-set quality when the set is labelled, the
+    search to run, and how the chosen neighbours combine (``aggregate``,
+    ``trim_fraction``: :class:`~hetkd.distill.exchange.ReferenceDistillSettings`')."""
 
     reference_logits: np.ndarray
     device_ids: np.ndarray
     quality: np.ndarray | None = None
     search: NeighbourSearch
+    aggregate: str
+    trim_fraction: float
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
