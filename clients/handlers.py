@@ -44,7 +44,7 @@ from hetkd.clients.session import CONFIG_STATE_KEY, DeviceSource, cached_config,
 from hetkd.distill.codec import decode_answers, decode_logits, encode_answers, encode_logits
 from hetkd.distill.emulation import freeze
 from hetkd.distill.ensemble import teacher_logits
-from hetkd.distill.exchange import mix_targets, robust_targets
+from hetkd.distill.exchange import teacher_targets
 from hetkd.distill.generative import Generator, make_generator
 from hetkd.distill.queries import resolve_queries
 from hetkd.training import derive_seed
@@ -159,11 +159,9 @@ def pick_own_target(
     previous = context.state.get(NEIGHBOURS_STATE_KEY)
     changed = previous is None or list(previous["ids"]) != chosen  # type: ignore[index]
     context.state[NEIGHBOURS_STATE_KEY] = ConfigRecord({"ids": chosen or [-1]})
-    if population.aggregate == "mean":
-        target = mix_targets(plan.weights, logits, request.mix, request.kl.temperature)[0]
-    else:
-        target = robust_targets(plan.weights, logits, request.mix, request.kl.temperature, population.aggregate,
-                                population.trim_fraction)[0]
+    made = teacher_targets(plan.weights, logits, space=request.mix, temperature=request.kl.temperature,
+                           aggregate=population.aggregate, trim_fraction=population.trim_fraction, quality=quality)
+    target = made.targets[0] if bool(made.taught[0]) else None
     distance = float(plan.distance[0, plan.neighbours[0]].mean()) if plan.neighbours[0] else float("nan")
     return target, {"neighbour_distance": distance, "neighbours_changed": changed}
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from flwr.app import ConfigRecord, Context
+
+from hetkd.results import write_atomic
 
 __all__ = ["StateStore", "ContextStateStore", "DiskStateStore", "pack_state", "unpack_state", "make_store"]
 
@@ -120,7 +121,7 @@ class DiskStateStore:
             server_round = on_disk or 0
         elif on_disk is not None and on_disk < server_round:
             os.replace(self.path, self.previous)  # the end of the round before, for a resume
-        _write_atomic(self.path, pack_state({**state, self.ROUND_KEY: server_round}))
+        write_atomic(self.path, pack_state({**state, self.ROUND_KEY: server_round}))
         self._round = server_round
 
     def rewind(self, completed_round: int) -> None:
@@ -137,19 +138,6 @@ class DiskStateStore:
                                f"{completed_round} or before is kept beside it")
         os.replace(self.previous, self.path)
         self._round = int(kept)
-
-
-def _write_atomic(path: Path, blob: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_store(kind: str, context: Context, device_id: int, root: str | Path) -> StateStore:

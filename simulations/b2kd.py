@@ -51,6 +51,7 @@ from hetkd.distill.generative import Generator
 from hetkd.distill.teacher import BlackBoxTeacher, proxy_inputs
 from hetkd.models import ModelError, build_model, check_architecture, count_parameters
 from hetkd.plots import plot_generator_samples
+from hetkd.results import write_atomic
 from hetkd.settings import require, require_choice, require_types
 from hetkd.simulations.cli import add_items_arguments, config_from_args
 from hetkd.training import evaluate_accuracy, make_optimizer, seeded, train_epoch
@@ -291,12 +292,6 @@ def _output_dir(cfg: B2KDRunConfig) -> Path:
     return candidate
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -400,7 +395,7 @@ def run_b2kd(cfg: B2KDRunConfig) -> dict[str, Any]:
     console = Console(highlight=False, soft_wrap=True, quiet=cfg.output.quiet)
     out = _output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "config.yaml", to_yaml(cfg))
+    write_atomic(out / "config.yaml", to_yaml(cfg))
     torch.set_num_threads(cfg.training.num_threads)
     b = cfg.b2kd
     data = b2kd_data(cfg)
@@ -451,9 +446,9 @@ def run_b2kd(cfg: B2KDRunConfig) -> dict[str, Any]:
     if first and cfg.output.plots:
         plot_generator_samples(first, teacher, data.num_classes, out / "samples.png")
     report["wall_seconds"] = time.time() - started
-    _write(out / "b2kd.json", json.dumps(report, indent=1))
+    write_atomic(out / "b2kd.json", json.dumps(report, indent=1))
     table = markdown_table(report)
-    _write(out / "b2kd.md", table)
+    write_atomic(out / "b2kd.md", table)
     console.print(table)
     return report
 

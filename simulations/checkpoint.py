@@ -17,8 +17,7 @@ config.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from hetkd.clients.session import device_state_dir
 from hetkd.clients.state import DiskStateStore
 from hetkd.config import ConfigError, HetkdConfig, from_yaml, resolve_config
-from hetkd.results import read_metrics
+from hetkd.results import read_metrics, write_atomic
 from hetkd.settings import flatten
 
 __all__ = ["CHECKPOINT_FILE", "ResumePoint", "save_checkpoint", "resume_point", "resumed_config"]
@@ -47,17 +46,9 @@ class ResumePoint:
 
 def save_checkpoint(out_dir: Path, completed_round: int, strategy_state: dict[str, Any]) -> None:
     """Write ``<out_dir>/checkpoint.pt`` atomically (a kill mid-write keeps the previous one)."""
-    path = Path(out_dir) / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"completed_round": completed_round, "strategy": strategy_state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save({"completed_round": completed_round, "strategy": strategy_state}, buffer)
+    write_atomic(Path(out_dir) / CHECKPOINT_FILE, buffer.getvalue())
 
 
 def resume_point(cfg: HetkdConfig) -> ResumePoint:

@@ -14,9 +14,11 @@ before each round, builds targets ``W @ Z`` for the sampled devices.
 Strategies differ only in the mixing matrix ``W``
 (:meth:`LogitExchange.mixing_weights`): FedMD averages everyone; SD-Dist
 picks similar, good neighbours. With ``exchange.aggregate`` other than
-``mean`` the teachers ``W`` names combine by a coordinate-wise median or
-trimmed mean instead (:func:`~hetkd.distill.exchange.robust_targets`). Devices not sampled keep their predictions on
-record; a late joiner gets targets once it has predictions on record.
+``mean`` the teachers ``W`` names combine robustly: without the outliers, or
+by a coordinate-wise median or trimmed mean
+(:func:`~hetkd.distill.exchange.teacher_targets`). Devices not sampled keep
+their predictions on record; a late joiner gets targets once it has
+predictions on record.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from flwr.app import ArrayRecord
 
 from hetkd import protocol as P
 from hetkd.distill.codec import decode_logits, encode_logits
-from hetkd.distill.exchange import ReferenceDistillSettings, mix_targets, robust_targets, row_sums
+from hetkd.distill.exchange import ReferenceDistillSettings, teacher_targets
+from hetkd.distill.similarity import reference_quality
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy, Figures, RoundPlan
 
 __all__ = ["LogitExchange"]
@@ -137,12 +140,19 @@ class LogitExchange(DeviceStrategy):
             return {}, Figures()
         weights, figures = self.mixing_weights(server_round, ids, logits, rows)
         e = self.exchange
-        if e.aggregate == "mean":
-            mixed = mix_targets(weights, logits, e.mix, e.temperature)
-        else:
-            mixed = robust_targets(weights, logits, e.mix, e.temperature, e.aggregate, e.trim_fraction)
-        sums = row_sums(weights)
-        return {ids[k]: mixed[k] for k in rows if float(sums[k]) > 0}, figures
+        made = teacher_targets(weights, logits, space=e.mix, temperature=e.temperature, aggregate=e.aggregate,
+                               trim_fraction=e.trim_fraction, quality=self.quality(logits))
+        if e.aggregate == "screened_mean":  # who the screen kept from teaching this round
+            figures.metrics["screened_teachers"] = len(made.screened)
+            for k in made.screened:
+                figures.devices.setdefault(ids[k], {})["screened_teacher"] = True
+        return {ids[k]: made.targets[k] for k in rows if bool(made.taught[k])}, figures
+
+    def quality(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Reference-set cross-entropy of each device on record (``None`` if unlabelled)."""
+        if self.reference_labels is None:
+            return None
+        return reference_quality(logits, self.reference_labels)
 
     def request(self, server_round: int) -> P.ReferenceDistill:
         """A round's request without targets: the settings every device gets."""

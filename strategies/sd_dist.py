@@ -46,7 +46,7 @@ from flwr.supercore import log
 from hetkd import protocol as P
 from hetkd.distill.codec import encode_logits
 from hetkd.distill.exchange import ReferenceDistillSettings
-from hetkd.distill.similarity import NeighbourSearch, reference_quality
+from hetkd.distill.similarity import NeighbourSearch
 from hetkd.strategies.base import Figures, RoundPlan
 from hetkd.strategies.logit_exchange import LogitExchange
 from hetkd.training import derive_seed
@@ -90,12 +90,6 @@ class SDDist(LogitExchange):
         log(INFO, "\t│\t└── K<=%d Q<=%d rule=%s similarity=%s weighting=%s selection=%s outliers=%s(t=%.1f) "
             "rho=%.2f T=%.1f aggregate=%s", s.num_neighbours, s.num_candidates, s.neighbour_rule, s.similarity,
             s.weighting, s.neighbour_selection, s.outlier_test, s.outlier_threshold, e.rho, e.temperature, e.aggregate)
-
-    def quality(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Reference-set cross-entropy of each device on record (``None`` if unlabelled)."""
-        if self.reference_labels is None:
-            return None
-        return reference_quality(logits, self.reference_labels)
 
     # ------------------------------------------------------------------ server-side selection
 

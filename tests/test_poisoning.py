@@ -19,9 +19,9 @@ from hetkd.data import build_federation
 from hetkd.distill.codec import decode_answers
 from hetkd.distill.divergence import mean_divergence, pairwise_distance
 from hetkd.distill.ensemble import class_balanced, ensemble_responses
-from hetkd.distill.exchange import mix_targets, robust_targets, uniform_weights
-from hetkd.distill.robust import robust_aggregate, robust_outliers, robust_probabilities
-from hetkd.distill.similarity import NeighbourSearch, candidate_pool, reference_quality
+from hetkd.distill.exchange import mix_targets, robust_targets, teacher_targets, uniform_weights
+from hetkd.distill.robust import robust_aggregate, robust_outliers, robust_probabilities, screened_weights
+from hetkd.distill.similarity import NeighbourSearch, candidate_pool, outlier_devices, reference_quality
 from hetkd.results import RunRecorder, final_figures, honest_figures, read_metrics
 from hetkd.simulations.compare import _markdown
 from hetkd.simulations.registry import build_strategy
@@ -169,6 +169,55 @@ def test_ensemble_responses_robust_aggregate_then_class_balance():
     assert kind == "hard" and voted[0].argmax(1).tolist() == [0, 1]
 
 
+def test_screened_weights_drop_the_outliers_and_keep_each_rows_total():
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 1.0, 0.0], [0.0, 0.5, 0.0, 0.5]])
+    kept = screened_weights(w, [2])
+    assert torch.allclose(kept, torch.tensor([[1 / 3, 1 / 3, 0.0, 1 / 3], [0.0, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.5]]))
+    assert torch.equal(screened_weights(w.to_sparse(), []), w)
+    with pytest.raises(ValueError, match="outliers must be column indices"):
+        screened_weights(w, [4])
+
+
+def test_outlier_devices_by_quality_by_divergence_or_not_at_all():
+    logits, labels = _population(bad=(2, 6))
+    quality = reference_quality(logits, labels)
+    assert outlier_devices(logits, temperature=3.0, quality=quality) == [2, 6]  # auto: quality when known
+    assert outlier_devices(logits, temperature=3.0) == [2, 6]  # auto: divergence without labels
+    assert outlier_devices(logits, temperature=3.0, test="none", quality=quality) == []
+    with pytest.raises(ValueError, match="unknown outlier test 'loss'"):
+        outlier_devices(logits, temperature=3.0, test="loss")
+
+
+def test_the_screened_mean_is_the_mean_of_the_honest_teachers():
+    logits, labels = _population(n=6, bad=(1,))
+    made = teacher_targets(uniform_weights(6), logits, space="probs", temperature=3.0, aggregate="screened_mean",
+                           quality=reference_quality(logits, labels))
+    honest = [0, 2, 3, 4, 5]
+    expected = mix_targets(uniform_weights(5, include_self=True), logits[honest], "probs", 3.0)[0]
+    assert made.screened == [1] and made.taught.all()
+    assert torch.allclose(made.targets[0], expected, atol=1e-4) and torch.allclose(made.targets[1], expected, atol=1e-4)
+    # the plain mean is what it was; a learner whose only teacher is screened gets no target
+    plain = teacher_targets(uniform_weights(6), logits, space="probs", temperature=3.0)
+    assert plain.screened == [] and torch.allclose(plain.targets, mix_targets(uniform_weights(6), logits, "probs", 3.0))
+    w = torch.zeros(6, 6)
+    w[0, 1] = 1.0
+    w[3, [0, 2]] = 0.5
+    alone = teacher_targets(w, logits, aggregate="screened_mean")
+    assert alone.taught.tolist() == [False, False, False, True, False, False]
+    with pytest.raises(ValueError, match="unknown aggregate 'mode'"):
+        teacher_targets(w, logits, aggregate="mode")
+
+
+def test_ensemble_responses_screened_mean_leaves_the_divergent_teacher_out():
+    logits, _ = _population(n=6, r=40, bad=(4,))
+    answers = F.softmax(logits, -1)
+    screened, kind = ensemble_responses(answers, "soft", torch.ones(1, 6), aggregate="screened_mean")
+    honest = answers[[0, 1, 2, 3, 5]].mean(0)
+    assert kind == "soft" and torch.allclose(screened[0], honest, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown aggregate"):
+        ensemble_responses(answers, "soft", torch.ones(1, 6), aggregate="mode")
+
+
 # --------------------------------------------------------------------------- adversarial devices
 
 
@@ -313,6 +362,25 @@ def test_feddf_median_ensemble_in_a_federation(tmp_path):
                            for r in replies[-3:]])
     expected = class_balanced(robust_probabilities(answers, "median"))
     assert torch.allclose(strategy.targets.common, expected, atol=1e-5)
+
+
+def test_fedmd_screened_mean_keeps_an_inverting_device_from_teaching(tmp_path):
+    cfg = small_config(tmp_path, "strategy=fedmd", "strategy.kd.aggregate=screened_mean", "adversary.fraction=0.25",
+                       "adversary.kind=inverted_predictions", "training.local_epochs=1", "reference.size=100",
+                       "strategy.kd.min_steps=0")
+    (bad,) = adversarial_devices(4, 0.25, cfg.seed)
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports = []
+    strategy.start(grid=InProcessGrid(4), num_rounds=3, on_round_end=reports.append)
+    for report in reports[1:]:
+        assert report.metrics["screened_teachers"] == 1 and report.devices[bad]["screened_teacher"]
+    # the targets are the plain mean of the teachers the screen kept
+    ids, logits = strategy.population()
+    targets, figures = strategy.targets(4, ids)
+    kept = [k for k, d in enumerate(ids) if not figures.devices.get(d, {}).get("screened_teacher")]
+    expected = mix_targets(uniform_weights(len(kept)), logits[kept], "probs", cfg.strategy.kd.temperature)[0]
+    assert figures.metrics["screened_teachers"] == len(ids) - len(kept)
+    assert all(torch.allclose(targets[d], expected, atol=1e-4) for d in ids)
 
 
 # --------------------------------------------------------------------------- the honest devices' figures

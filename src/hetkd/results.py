@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["OutputConfig", "accuracy_summary", "RunRecorder", "final_figures", "read_metrics", "format_round",
-           "subset_accuracy", "honest_figures", "HONEST_KEYS"]
+           "subset_accuracy", "honest_figures", "HONEST_KEYS", "write_atomic"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,10 +126,22 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Replace ``path`` by ``data`` (text is written as UTF-8) so that a reader, or a run killed
+    mid-write, sees the old file or the new one, never half of one: a temporary file beside
+    it, flushed to disk, then renamed over it."""
+    path = Path(path)
+    blob = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -238,12 +251,12 @@ class RunRecorder:
               rows: Sequence[Mapping[str, Any]] | None = None) -> None:
         """Write the run's config and data picture; ``rows``: a resumed run's rounds so far (kept, and shown again)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.out_dir / "config.yaml", config_yaml)
+        write_atomic(self.out_dir / "config.yaml", config_yaml)
         if federation is not None:
             self.adversaries = [d["device_id"] for d in federation.get("devices", []) if d.get("adversary")]
-            _write_atomic(self.out_dir / "federation.json", json.dumps(_clean(federation), indent=1, default=_json_default))
+            write_atomic(self.out_dir / "federation.json", json.dumps(_clean(federation), indent=1, default=_json_default))
         self.rows = [dict(row) for row in rows or ()]
-        _write_atomic(self.out_dir / "metrics.jsonl",
+        write_atomic(self.out_dir / "metrics.jsonl",
                       "".join(json.dumps(row, default=_json_default) + "\n" for row in self.rows))
         if self.quiet:
             return
@@ -270,7 +283,7 @@ class RunRecorder:
             f.write(json.dumps(row, default=_json_default) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _write_atomic(self.out_dir / "summary.json", json.dumps(final_figures(self.rows), indent=1))
+        write_atomic(self.out_dir / "summary.json", json.dumps(final_figures(self.rows), indent=1))
         if not self.quiet:
             self.console.print(format_round(row))
         if self._progress is not None:
@@ -286,7 +299,7 @@ class RunRecorder:
         if self.adversaries:
             summary["adversarial_devices"] = list(self.adversaries)
         summary.update(_clean(dict(extra or {})))
-        _write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1, default=_json_default))
+        write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=1, default=_json_default))
         if self.plots and self.rows:
             from hetkd.plots import plot_accuracy
 

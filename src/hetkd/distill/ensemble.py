@@ -38,8 +38,8 @@ from torch.nn import functional as F
 
 from hetkd.distill.codec import PRECISIONS
 from hetkd.distill.losses import KDTerm
-from hetkd.distill.robust import AGGREGATES, robust_probabilities
-from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS
+from hetkd.distill.robust import AGGREGATES, robust_probabilities, screened_weights
+from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS, outlier_devices
 from hetkd.models import check_architecture
 from hetkd.settings import require, require_choice, require_types
 
@@ -94,9 +94,12 @@ class EnsembleSettings:
     answers never echo the ensemble) or ``personal`` (its own, which distils).
     ``aggregate`` says how the teachers' probabilities combine before the
     class balancing: the weighted ``mean`` (the published behaviour), or,
-    robust to a poisoning minority, their coordinate-wise ``median`` or
-    ``trimmed_mean`` (``trim_fraction`` of them dropped at each end of every
-    coordinate), the teachers with weight counting equally.
+    robust to a poisoning minority, ``screened_mean`` (the weighted mean
+    without the teachers whose answers diverge from the others' far more
+    than the others' do: :func:`~hetkd.distill.similarity.outlier_devices`)
+    or their coordinate-wise ``median`` or ``trimmed_mean`` (``trim_fraction``
+    of them dropped at each end of every coordinate), the teachers with
+    weight counting equally.
     """
 
     student: str = "resnet8"
@@ -278,24 +281,31 @@ def ensemble_responses(
     With ``balance`` each ensemble is first corrected to a uniform class prior
     over the ``N`` inputs (:func:`class_balanced`; for hard answers, the vote
     shares, before the vote). Rows with zero total weight come back as
-    all-zero answers. With ``aggregate`` ``median`` or ``trimmed_mean`` each
-    ensemble is instead the coordinate-wise robust aggregate of the
-    probabilities (or one-hot votes) of the teachers its row weighs,
-    counting equally (:func:`~hetkd.distill.robust.robust_probabilities`).
+    all-zero answers. With ``aggregate`` ``screened_mean`` the teachers whose
+    mean divergence from the others is an outlier
+    (:func:`~hetkd.distill.similarity.outlier_devices`) lose their weight
+    first; with ``median`` or ``trimmed_mean`` each ensemble is instead the
+    coordinate-wise robust aggregate of the probabilities (or one-hot votes)
+    of the teachers its row weighs, counting equally
+    (:func:`~hetkd.distill.robust.robust_probabilities`).
     """
     check_kind(kind)
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; valid choices: {', '.join(AGGREGATES)}")
     if responses.dim() != 3 or len(responses) == 0:
         raise ValueError(f"responses must be (teachers, N, C) with at least one teacher, got {tuple(responses.shape)}")
     n = responses.shape[0]
     w = torch.as_tensor(weights, dtype=torch.float32)
     if w.dim() != 2 or w.shape[1] != n or (w < 0).any() or not torch.isfinite(w).all():
         raise ValueError(f"weights must be a non-negative (m, {n}) matrix, got shape {tuple(w.shape)}")
-    totals = w.sum(1, keepdim=True)
-    w = torch.where(totals > 0, w / totals.clamp_min(1e-12), w)
     r = responses.float()
     if kind == "logits":
         r = F.softmax(r, dim=2)
-    if aggregate == "mean":
+    if aggregate == "screened_mean":
+        w = screened_weights(w, outlier_devices(r.clamp_min(1e-6).log(), temperature=1.0, test="divergence"))
+    totals = w.sum(1, keepdim=True)
+    w = torch.where(totals > 0, w / totals.clamp_min(1e-12), w)
+    if aggregate in ("mean", "screened_mean"):
         mixed = torch.einsum("mn,nkc->mkc", w, r)
     else:
         mixed = torch.zeros(w.shape[0], *r.shape[1:])

@@ -13,11 +13,14 @@ distils towards its targets beside its private cross-entropy
   sparse product over the teaching columns, so each learner costs its K teachers.
 * :func:`robust_targets` — the robust option (``aggregate``): each learner's
   teachers combined by a coordinate-wise median or trimmed mean instead.
+* :func:`teacher_targets` — the targets ``aggregate`` asks for (the one
+  dispatch the server and a device that picks its own teachers both use).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -25,10 +28,12 @@ from torch.nn import functional as F
 from hetkd.distill.codec import PRECISIONS
 from hetkd.distill.divergence import check_logits
 from hetkd.distill.losses import KDTerm, KLLoss
-from hetkd.distill.robust import AGGREGATES, robust_aggregate, robust_probabilities
+from hetkd.distill.robust import AGGREGATES, robust_aggregate, robust_probabilities, screened_weights
+from hetkd.distill.similarity import outlier_devices
 from hetkd.settings import require, require_choice, require_types
 
-__all__ = ["MIX_SPACES", "ReferenceDistillSettings", "mix_targets", "robust_targets", "row_sums", "uniform_weights"]
+__all__ = ["MIX_SPACES", "ReferenceDistillSettings", "mix_targets", "robust_targets", "row_sums", "teacher_targets",
+           "TeacherTargets", "uniform_weights"]
 
 #: how teachers' predictions combine into a target
 MIX_SPACES = ("logits", "probs")
@@ -53,12 +58,16 @@ class ReferenceDistillSettings:
     size 32, so devices with a few samples still distil.
 
     ``aggregate`` says how a learner's teachers combine: ``mean`` (``W @ Z``,
-    the published behaviour), or, robust to a poisoning minority, the
-    coordinate-wise ``median`` or ``trimmed_mean`` (dropping
-    ``trim_fraction`` of the teachers at each end of every coordinate) of
-    their predictions in the ``mix`` space, the teachers counting equally
-    (:func:`robust_targets`). FedMD's teachers are the whole population;
-    SD-Dist's, each device's neighbours.
+    the published behaviour), or, robust to a poisoning minority,
+    ``screened_mean`` (``W @ Z`` without the teachers the outlier test of
+    :func:`~hetkd.distill.similarity.outlier_devices` flags: a reference-set
+    loss far above the others' when the reference set is labelled, else a
+    divergence from the others far above theirs), or the coordinate-wise
+    ``median`` or ``trimmed_mean`` (dropping ``trim_fraction`` of the teachers
+    at each end of every coordinate) of their predictions in the ``mix``
+    space, the teachers counting equally (:func:`teacher_targets`). FedMD's
+    teachers are the whole population; SD-Dist's, each device's neighbours
+    (whom its own ``outlier_test`` already screens).
 
     The paper ran ρ = 0.9 without T² for ~1000 one-epoch rounds
     (:meth:`paper`); for runs of tens of rounds the defaults are ρ = 0.3 with
@@ -186,6 +195,41 @@ def robust_targets(
         else:
             out[rows] = robust_aggregate(chosen, aggregate, trim_fraction).float()
     return out
+
+
+class TeacherTargets(NamedTuple):
+    """What :func:`teacher_targets` made: the targets ``(m, R, C)``, which learners have a
+    teacher left ``(m,)`` (the others' rows are no target), and the devices the screen kept
+    from teaching."""
+
+    targets: torch.Tensor
+    taught: torch.Tensor
+    screened: list[int]
+
+
+def teacher_targets(
+    weights: torch.Tensor, reference_logits: torch.Tensor, *, space: str = "probs", temperature: float = 1.0,
+    aggregate: str = "mean", trim_fraction: float = 0.2, quality: torch.Tensor | None = None,
+) -> TeacherTargets:
+    """Each learner's targets ``(m, R, C)`` from its teachers (the positive entries of its row
+    of ``weights``) combined by ``aggregate`` (see :class:`ReferenceDistillSettings`).
+
+    ``mean``: :func:`mix_targets`; ``median`` / ``trimmed_mean``:
+    :func:`robust_targets`; ``screened_mean``: :func:`mix_targets` after
+    :func:`~hetkd.distill.robust.screened_weights` removed the devices
+    :func:`~hetkd.distill.similarity.outlier_devices` flags (its ``auto``
+    test on ``quality``, the devices' reference-set losses, when known).
+    """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; valid choices: {', '.join(AGGREGATES)}")
+    if aggregate in ("median", "trimmed_mean"):
+        targets = robust_targets(weights, reference_logits, space, temperature, aggregate, trim_fraction)
+        return TeacherTargets(targets, row_sums(weights) > 0, [])
+    screened: list[int] = []
+    if aggregate == "screened_mean":
+        screened = outlier_devices(reference_logits, temperature=temperature, quality=quality)
+        weights = screened_weights(weights, screened)
+    return TeacherTargets(mix_targets(weights, reference_logits, space, temperature), row_sums(weights) > 0, screened)
 
 
 def row_sums(weights: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,17 @@ import math
 
 import torch
 
-__all__ = ["AGGREGATES", "MAD_SCALE", "MEAN_AD_SCALE", "robust_aggregate", "robust_outliers", "robust_probabilities"]
+__all__ = ["AGGREGATES", "COORDINATE_AGGREGATES", "MAD_SCALE", "MEAN_AD_SCALE", "OUTLIER_THRESHOLD",
+           "robust_aggregate", "robust_outliers", "robust_probabilities", "screened_weights"]
 
-#: how teachers' values combine: the plain mean (published behaviour) or a robust one
-AGGREGATES = ("mean", "median", "trimmed_mean")
+#: how teachers' values combine: the plain mean (published behaviour), or robust to a poisoning
+#: minority: the coordinate-wise median or trimmed mean, or the mean of the teachers an outlier
+#: test keeps (``screened_mean``: :func:`screened_weights`)
+AGGREGATES = ("mean", "median", "trimmed_mean", "screened_mean")
+#: the aggregates :func:`robust_aggregate` computes coordinate by coordinate
+COORDINATE_AGGREGATES = ("mean", "median", "trimmed_mean")
+#: how many robust standard deviations above the median make a score an outlier (the default of every outlier test)
+OUTLIER_THRESHOLD = 3.0
 #: 1 / Φ⁻¹(3/4): the MAD times this estimates a normal's standard deviation
 MAD_SCALE = 1.4826
 #: sqrt(π/2): the mean absolute deviation times this estimates a normal's standard deviation
@@ -82,8 +89,8 @@ def robust_aggregate(values: torch.Tensor, method: str = "mean", trim_fraction: 
     the ``floor(trim_fraction · n)`` lowest and highest values of every
     coordinate (at least one value is kept).
     """
-    if method not in AGGREGATES:
-        raise ValueError(f"unknown aggregate {method!r}; valid choices: {', '.join(AGGREGATES)}")
+    if method not in COORDINATE_AGGREGATES:
+        raise ValueError(f"unknown coordinate-wise aggregate {method!r}; valid choices: {', '.join(COORDINATE_AGGREGATES)}")
     if values.dim() < 1 or values.shape[0] == 0:
         raise ValueError(f"values must be (teachers, ...) with at least one teacher, got {tuple(values.shape)}")
     if not 0.0 <= trim_fraction < 0.5:
@@ -107,3 +114,19 @@ def robust_probabilities(probabilities: torch.Tensor, method: str = "mean", trim
     mean = p.mean(0)
     out = torch.where(total > 0, agg / total.clamp_min(1e-300), mean / mean.sum(-1, keepdim=True).clamp_min(1e-300))
     return out.to(probabilities.dtype)
+
+
+def screened_weights(weights: torch.Tensor, outliers: list[int]) -> torch.Tensor:
+    """A dense copy of the mixing matrix ``weights`` ``(m, n)`` without the teachers ``outliers``
+    (their columns zeroed), each row rescaled to its former sum; a row left without
+    teachers is all zero. The mean of what is left is the ``screened_mean`` aggregate."""
+    dense = (weights.to_dense() if weights.is_sparse else weights).double()
+    if dense.dim() != 2:
+        raise ValueError(f"weights must be an (m, n) matrix, got shape {tuple(dense.shape)}")
+    bad = [j for j in outliers if not 0 <= j < dense.shape[1]]
+    if bad:
+        raise ValueError(f"outliers must be column indices in 0..{dense.shape[1] - 1}, got {bad}")
+    kept = dense.clone()
+    kept[:, list(outliers)] = 0.0
+    before, after = dense.sum(1, keepdim=True), kept.sum(1, keepdim=True)
+    return torch.where(after > 0, kept * before / after.clamp_min(1e-300), torch.zeros_like(kept)).to(weights.dtype)

@@ -46,7 +46,7 @@ from hetkd.distill.divergence import (
     pairwise_distance,
     reference_quality,
 )
-from hetkd.distill.robust import robust_outliers
+from hetkd.distill.robust import OUTLIER_THRESHOLD, robust_outliers
 from hetkd.settings import require, require_choice, require_types
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "candidate_pool",
     "mean_divergence",
     "nearest_in_block",
+    "outlier_devices",
 ]
 
 NEIGHBOUR_RULES = ("quality_distance", "distance", "quality", "random")
@@ -357,7 +358,7 @@ class NeighbourSearch:
     exact_search_max: int = 2000
     search_sample: int = 1000
     outlier_test: str = "auto"
-    outlier_threshold: float = 3.0
+    outlier_threshold: float = OUTLIER_THRESHOLD
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -418,12 +419,37 @@ class NeighbourSearch:
     def outliers(self, reference_logits: torch.Tensor, *, temperature: float,
                  quality: torch.Tensor | None = None) -> list[int]:
         """The devices ``outlier_test`` keeps from teaching (indices into the population)."""
-        test = self.outlier_test
-        if test == "auto":
-            test = "quality" if quality is not None else "divergence"
-        if test == "none" or (test == "quality" and quality is None):
-            return []
-        scores = quality if test == "quality" else mean_divergence(
-            reference_logits, temperature, self.similarity, self.search_sample)
-        assert scores is not None
-        return torch.nonzero(robust_outliers(scores, self.outlier_threshold)).flatten().tolist()
+        return outlier_devices(reference_logits, temperature=temperature, test=self.outlier_test,
+                               threshold=self.outlier_threshold, quality=quality, similarity=self.similarity,
+                               max_columns=self.search_sample)
+
+
+def outlier_devices(
+    reference_logits: torch.Tensor,
+    *,
+    temperature: float,
+    test: str = "auto",
+    threshold: float = OUTLIER_THRESHOLD,
+    quality: torch.Tensor | None = None,
+    similarity: str = "kl",
+    max_columns: int = 0,
+) -> list[int]:
+    """The devices (rows of ``reference_logits`` ``(n, R, C)``) an outlier ``test`` flags.
+
+    ``quality``: those whose reference-set loss ``quality`` ``(n,)`` lies above
+    ``median + threshold · 1.4826 · MAD`` (:func:`~hetkd.distill.robust.robust_outliers`);
+    ``divergence``: those whose mean divergence from the others
+    (:func:`mean_divergence` at ``temperature``, from at most ``max_columns``
+    of them) does; ``auto``: ``quality`` when it is known, else ``divergence``;
+    ``none``: nobody. A poisoner that is confidently wrong is far from both the
+    labels and the honest majority.
+    """
+    if test not in OUTLIER_TESTS:
+        raise ValueError(f"unknown outlier test {test!r}; valid choices: {', '.join(OUTLIER_TESTS)}")
+    if test == "auto":
+        test = "quality" if quality is not None else "divergence"
+    if test == "none" or (test == "quality" and quality is None):
+        return []
+    scores = quality if test == "quality" else mean_divergence(reference_logits, temperature, similarity, max_columns)
+    assert scores is not None
+    return torch.nonzero(robust_outliers(scores, threshold)).flatten().tolist()
