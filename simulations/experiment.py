@@ -203,8 +203,9 @@ class _RoundWatch:
         self.write_failed = False
 
     def __call__(self, report: RoundReport) -> None:
+        row = report.as_row()
         try:
-            self.recorder.record(report.as_row())
+            self.recorder.record(row)
             save_checkpoint(self.recorder.out_dir, report.round, self.strategy.state_dict())
         except OSError as err:
             self.write_failed = True
@@ -214,21 +215,18 @@ class _RoundWatch:
         self.idle = self.idle + 1 if report.trained == 0 else 0
         if self.max_idle_rounds and self.idle >= self.max_idle_rounds:
             raise RunFailedError(f"no device completed training in the last {self.idle} rounds "
-                                 f"(simulation.max_idle_rounds={self.max_idle_rounds}); {_why(report)}")
+                                 f"(simulation.max_idle_rounds={self.max_idle_rounds}); {_why(row)}")
 
     def check_trained(self) -> None:
         """At the end: a run in which no device ever completed training failed."""
         rows = self.recorder.rows
         if rows and not any(row.get("trained") for row in rows):
             raise RunFailedError(f"no device completed training in any of the {len(rows)} rounds; "
-                                 f"{_why_row(rows[-1])}")
+                                 f"{_why(rows[-1])}")
 
 
-def _why(report: RoundReport) -> str:
-    return _why_row(report.as_row())
-
-
-def _why_row(row: dict[str, Any]) -> str:
+def _why(row: dict[str, Any]) -> str:
+    """Why the devices of the round ``row`` did not train: its failures' reasons."""
     reasons = sorted({str(f.get("reason")) for f in row.get("failures", [])})
     if not reasons:
         return "no device was sampled or answered"

@@ -127,18 +127,16 @@ def run(cfg: HetkdConfig, verbose: bool = False, resume: bool = False) -> dict[s
         flwr_logger.setLevel(logging.WARNING)
     with ray_environment(prepared.cfg):
         started_ray = start_ray(prepared.cfg)  # before stop_on_signals: ray.init sets its own SIGTERM handler
-        stack = contextlib.ExitStack()
-        stack.enter_context(stop_on_signals())
         try:
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=prepared.cfg.simulation.num_devices,
-                backend_config=backend_config(prepared.cfg),  # type: ignore[arg-type]
-                verbose_logging=verbose,
-            )
+            with stop_on_signals():
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=prepared.cfg.simulation.num_devices,
+                    backend_config=backend_config(prepared.cfg),  # type: ignore[arg-type]
+                    verbose_logging=verbose,
+                )
         finally:
-            stack.close()
             flwr_logger.setLevel(level)
             flwr_logger.removeFilter(notice_filter)
             if started_ray and ray.is_initialized():
