@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord
 
 from hetkd.config import ConfigError, HetkdConfig
@@ -57,13 +58,17 @@ def _common(cfg: HetkdConfig, device_config: str) -> dict[str, Any]:
     }
 
 
+def _reference_labels(federation: Federation) -> torch.Tensor | None:
+    """The reference set's labels when it is labelled (strategies score devices with them)."""
+    return federation.reference.base.targets(federation.reference.indices) if federation.reference_labelled else None
+
+
 def _exchange(cfg: HetkdConfig, federation: Federation, device_config: str) -> dict[str, Any]:
-    labels = federation.reference.base.targets(federation.reference.indices) if federation.reference_labelled else None
     return {
         **_common(cfg, device_config),
         "num_classes": federation.num_classes,
         "num_reference": len(federation.reference),
-        "reference_labels": labels,
+        "reference_labels": _reference_labels(federation),
         "exchange": cfg.strategy.kd,
     }
 
@@ -149,7 +154,8 @@ STRATEGIES: dict[str, StrategySpec] = {
         settings=("strategy.kd", "strategy.sd_dist"),
     ),
     "feddf": StrategySpec(
-        lambda cfg, fed, text: FedDF(distill=cfg.mekd.distill, **_ensemble(cfg, fed, text)),
+        lambda cfg, fed, text: FedDF(distill=cfg.mekd.distill, reference_labels=_reference_labels(fed),
+                                      **_ensemble(cfg, fed, text)),
         "FedDF-style: the server's student and the devices distil the devices' ensemble on reference rows",
         _check_ensemble,
         settings=("strategy.ensemble", "mekd"),  # the server's student steps use mekd.distill.*

@@ -46,8 +46,15 @@ from torch import nn
 from hetkd import protocol as P
 from hetkd.distill.codec import decode_answers, encode_answers
 from hetkd.distill.emulation import DistillSettings, StudentOptimizer, kd_steps, transfer_batches
-from hetkd.distill.ensemble import EnsembleSettings, ensemble_responses, teacher_logits
+from hetkd.distill.ensemble import (
+    EnsembleSettings,
+    answer_outliers,
+    answer_quality,
+    ensemble_responses,
+    teacher_logits,
+)
 from hetkd.distill.queries import QuerySpec, resolve_queries
+from hetkd.distill.robust import screened_weights
 from hetkd.distill.similarity import NeighbourSearch
 from hetkd.models import build_model
 from hetkd.strategies.base import DeviceStrategy, Figures, RoundPlan
@@ -209,30 +216,63 @@ class EnsembleDistill(DeviceStrategy):
         used = [float(plan.distance[i, j]) for i, row in enumerate(plan.neighbours) for j in row]
         return plan.weights.to_dense(), Figures({"neighbour_distance_mean": sum(used) / len(used) if used else math.nan})
 
-    def mean_ensemble(self, answers: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """All devices' answers ``(n, N, C)`` weighted equally: the ensemble ``(N, C)`` and its kind
-        (their mean, or with ``aggregate`` a robust aggregate; class-balanced with ``balance_classes``)."""
-        common, kind = self._ensemble(answers, torch.ones(1, answers.shape[0]))
+    def query_labels(self, query: QuerySpec) -> torch.Tensor | None:
+        """The classes ``(N,)`` of the query's inputs when the server knows them (FedDF on a
+        labelled reference set), to score the teachers; never a training target. Default: ``None``."""
+        return None
+
+    def answer_quality(self, query: QuerySpec, answers: torch.Tensor) -> torch.Tensor | None:
+        """Each teacher's score ``(n,)`` on the query's labels, lower is better (``None``:
+        unlabelled): :func:`~hetkd.distill.ensemble.answer_quality`."""
+        labels = self.query_labels(query)
+        return None if labels is None else answer_quality(answers, self.response, labels)
+
+    def screened(self, answers: torch.Tensor, quality: torch.Tensor | None) -> list[int]:
+        """The teachers (rows of ``answers``) the ``screened_mean`` aggregate leaves out this round:
+        outliers by their loss ``quality`` on the query's labels when known, else by divergence
+        (:func:`~hetkd.distill.ensemble.answer_outliers`); nobody under another aggregate."""
+        if self.ensemble.aggregate != "screened_mean":
+            return []
+        return answer_outliers(answers, self.response, quality)
+
+    def mean_ensemble(self, answers: torch.Tensor, screened: list[int]) -> tuple[torch.Tensor, str]:
+        """All devices' answers ``(n, N, C)`` weighted equally but the ``screened`` ones: the
+        ensemble ``(N, C)`` and its kind (their mean, or with ``aggregate`` a robust aggregate;
+        class-balanced with ``balance_classes``)."""
+        common, kind = self._ensemble(answers, torch.ones(1, answers.shape[0]), screened)
         return common[0], kind
 
-    def _ensemble(self, answers: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, str]:
+    def _ensemble(self, answers: torch.Tensor, weights: torch.Tensor,
+                  screened: list[int]) -> tuple[torch.Tensor, str]:
         e = self.ensemble
-        return ensemble_responses(answers, self.response, weights, balance=e.balance_classes, aggregate=e.aggregate,
+        aggregate = e.aggregate
+        if aggregate == "screened_mean":  # the screen ran once for the round: the mean of who it kept
+            weights, aggregate = screened_weights(weights, screened), "mean"
+        return ensemble_responses(answers, self.response, weights, balance=e.balance_classes, aggregate=aggregate,
                                   trim_fraction=e.trim_fraction)
 
     def form_targets(self, query: QuerySpec, device_ids: list[int],
                      answers: torch.Tensor) -> tuple[EnsembleTargets, Figures]:
         """The plain ensemble (for the student and any device) and, with similarity
-        weighting, each answering device's own mix."""
-        common, kind = self.mean_ensemble(answers)
+        weighting, each answering device's own mix; both without the screened teachers."""
+        quality = self.answer_quality(query, answers)
+        screened = self.screened(answers, quality)
+        common, kind = self.mean_ensemble(answers, screened)
         own: dict[int, torch.Tensor] = {}
         figures = Figures()
         if self.ensemble.weighting == "similarity" and answers.shape[0] >= 2:
             weights, figures = self.ensemble_weights(answers)
-            mixed, _ = self._ensemble(answers, weights)
-            own = {d: mixed[i] for i, d in enumerate(device_ids) if float(weights[i].sum()) > 0}
+            mixed, _ = self._ensemble(answers, weights, screened)
+            own = {d: mixed[i] for i, d in enumerate(device_ids) if float(mixed[i].sum()) > 0}  # someone taught it
         if kind == "soft":
             figures.metrics["ensemble_entropy"] = float(-(common * common.clamp_min(1e-12).log()).sum(1).mean())
+        if quality is not None:
+            for k, score in enumerate(quality.tolist()):
+                figures.devices.setdefault(device_ids[k], {})["best_class_recall"] = 1.0 - score
+        if self.ensemble.aggregate == "screened_mean":  # who the screen kept from teaching this round
+            figures.metrics["screened_teachers"] = len(screened)
+            for k in screened:
+                figures.devices.setdefault(device_ids[k], {})["screened_teacher"] = True
         return EnsembleTargets(query, kind, common, own), figures
 
     # ------------------------------------------------------------------ the global student

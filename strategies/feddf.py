@@ -19,8 +19,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
+
+from hetkd.distill.divergence import check_reference_labels
 from hetkd.distill.emulation import DistillSettings
-from hetkd.distill.queries import QuerySpec
+from hetkd.distill.queries import QuerySpec, reference_rows
 from hetkd.strategies.ensemble_distill import EnsembleDistill
 from hetkd.training import derive_seed
 
@@ -35,13 +38,25 @@ class FedDF(EnsembleDistill):
     reference set the devices hold (the same rows in the same order).
     ``distill`` (default: the run config's ``mekd.distill``) sets the
     student's optimizer and the temperature; its mapping-emulation weight is
-    set to 0: FedDF's loss is ``w_kl · T · KL`` alone.
+    set to 0: FedDF's loss is ``w_kl · T · KL`` alone. ``reference_labels``
+    ``(R,)``: the reference set's classes when it is labelled; with
+    ``aggregate=screened_mean`` they score each device's answers on the
+    queried rows, so the screen finds poisoners by their loss, not only by
+    their disagreement (never a training target).
     """
 
-    def __init__(self, *, distill: DistillSettings | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, distill: DistillSettings | None = None, reference_labels: torch.Tensor | None = None,
+                 **kwargs: Any) -> None:
         self.configured = distill if distill is not None else DistillSettings()
         kl_only = replace(self.configured, w_f=0.0, w_kl=self.configured.w_kl or 1.0)
         super().__init__(response="soft", distill=kl_only, **kwargs)
+        self.reference_labels = None if reference_labels is None else \
+            check_reference_labels(reference_labels, len(self.public_inputs), self.num_classes)
+
+    def query_labels(self, query: QuerySpec) -> torch.Tensor | None:
+        if self.reference_labels is None:
+            return None
+        return self.reference_labels[reference_rows(query, len(self.public_inputs))]
 
     def settings(self) -> dict[str, Any]:
         return super().settings() | {"mekd.distill": self.configured}

@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord
 
 from hetkd import protocol as P
 from hetkd.distill.codec import decode_logits, encode_logits
+from hetkd.distill.divergence import check_reference_labels
 from hetkd.distill.exchange import ReferenceDistillSettings, teacher_targets
 from hetkd.distill.similarity import reference_quality
 from hetkd.strategies.base import DeviceInfo, DeviceStrategy, Figures, RoundPlan
@@ -76,10 +77,7 @@ class LogitExchange(DeviceStrategy):
         if num_reference is not None and num_reference < 1:
             raise ValueError(f"num_reference must be >= 1, got {num_reference}")
         if reference_labels is not None:
-            reference_labels = torch.as_tensor(reference_labels)
-            if reference_labels.dim() != 1 or (num_reference is not None and len(reference_labels) != num_reference):
-                raise ValueError(f"reference_labels must have shape ({num_reference or 'R'},), "
-                                 f"got {tuple(reference_labels.shape)}")
+            reference_labels = check_reference_labels(reference_labels, num_reference, num_classes)
             num_reference = num_reference or len(reference_labels)
         self.num_classes = num_classes
         self.num_reference = num_reference

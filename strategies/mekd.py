@@ -197,7 +197,7 @@ class MEKD(EnsembleDistill):
             return super().learn_answers(server_round, plan, device_ids, answers)
         query = plan.query
         assert query is not None
-        ensemble, kind = self.mean_ensemble(answers)
+        ensemble, kind = self.mean_ensemble(answers, self.screened(answers, self.answer_quality(query, answers)))
         z = query_latents(query.seed, query.count, self.num_classes)  # the codes behind this round's answers
         batch = min(query.batch_size, len(self.public_inputs))
         d_losses, g_losses = [], []

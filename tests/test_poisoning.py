@@ -17,14 +17,22 @@ from hetkd.clients.device import DistillClient
 from hetkd.config import ConfigError, resolve_config, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.codec import decode_answers
-from hetkd.distill.divergence import mean_divergence, pairwise_distance
-from hetkd.distill.ensemble import class_balanced, ensemble_responses
+from hetkd.distill.divergence import check_reference_labels, mean_divergence, pairwise_distance
+from hetkd.distill.ensemble import (
+    EnsembleSettings,
+    answer_outliers,
+    answer_quality,
+    class_balanced,
+    ensemble_responses,
+)
 from hetkd.distill.exchange import mix_targets, robust_targets, teacher_targets, uniform_weights
+from hetkd.distill.queries import QuerySpec, reference_rows, resolve_queries
 from hetkd.distill.robust import robust_aggregate, robust_outliers, robust_probabilities, screened_weights
 from hetkd.distill.similarity import NeighbourSearch, candidate_pool, outlier_devices, reference_quality
 from hetkd.results import RunRecorder, final_figures, honest_figures, read_metrics
 from hetkd.simulations.compare import _markdown
 from hetkd.simulations.registry import build_strategy
+from hetkd.strategies import FedDF, FedMD
 from tests.conftest import InProcessGrid, small_config
 
 # --------------------------------------------------------------------------- the outlier test
@@ -218,6 +226,62 @@ def test_ensemble_responses_screened_mean_leaves_the_divergent_teacher_out():
         ensemble_responses(answers, "soft", torch.ones(1, 6), aggregate="mode")
 
 
+
+def _label_skewed_experts(honest=8, colluding=2, r=200, c=10, seed=0):
+    """Honest devices that each know 3 classes (and answer one of them on every other input),
+    and ``colluding`` devices trained on one shared label permutation (they agree with each other)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, c, (r,), generator=g)
+    rows = []
+    for _ in range(honest):
+        known = torch.randperm(c, generator=g)[:3]
+        rows.append(torch.where(torch.isin(labels, known), labels, known[torch.randint(0, 3, (r,), generator=g)]))
+    rows += [torch.roll(torch.arange(c), 1)[labels]] * colluding
+    return F.softmax(6.0 * F.one_hot(torch.stack(rows), c).float(), -1), labels
+
+
+def test_labels_find_colluding_poisoners_that_the_divergence_screen_misses():
+    answers, labels = _label_skewed_experts()
+    quality = answer_quality(answers, "soft", labels)
+    assert answer_outliers(answers, "soft") == []  # honest experts disagree as much as the pair does
+    assert answer_outliers(answers, "soft", quality) == [8, 9]
+    screened, _ = ensemble_responses(answers, "soft", torch.ones(1, 10), aggregate="screened_mean", quality=quality)
+    assert torch.allclose(screened[0], answers[:8].mean(0), atol=1e-6)
+    # logits and hard answers score alike; one loss per teacher
+    assert answer_outliers(answers.log(), "logits", answer_quality(answers.log(), "logits", labels)) == [8, 9]
+    hard = F.one_hot(answers.argmax(-1), 10).float()
+    assert answer_outliers(hard, "hard", answer_quality(hard, "hard", labels)) == [8, 9]
+    with pytest.raises(ValueError, match=r"one loss per teacher \(10,\), got \(9,\)"):
+        answer_outliers(answers, "soft", quality[:9])
+
+
+def test_a_reference_query_names_its_rows():
+    spec = QuerySpec(source="reference", seed=7, count=30)
+    rows = reference_rows(spec, 100)
+    assert len(rows.unique()) == 30 and int(rows.max()) < 100
+    inputs = torch.arange(100.0)[:, None].repeat(1, 3)
+    assert torch.equal(resolve_queries(spec, reference_inputs=inputs)[:, 0].long(), rows)
+    with pytest.raises(ValueError, match="asks for 30 reference rows, the reference set has 20"):
+        reference_rows(spec, 20)
+    with pytest.raises(ValueError, match="source is 'generator'"):
+        reference_rows(QuerySpec(source="generator", seed=7, count=30), 100)
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (torch.tensor([0, 1, 12, 3]), r"classes in \[0, 10\); rows \[2\] hold \[12\]"),
+    (torch.tensor([0, -1, 2, 3]), r"rows \[1\] hold \[-1\]"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integer classes, got dtype torch.float32"),
+    (torch.tensor([0, 1, 2]), r"shape \(4,\), got \(3,\)"),
+])
+def test_bad_reference_labels_are_refused_naming_the_values(labels, message):
+    with pytest.raises(ValueError, match=message):
+        check_reference_labels(labels, 4, 10)
+    with pytest.raises(ValueError, match=message):
+        FedDF(num_classes=10, public_inputs=torch.zeros(4, 3), reference_labels=labels, ensemble=EnsembleSettings(student=""))
+    with pytest.raises(ValueError, match=message):
+        FedMD(num_classes=10, num_reference=4, reference_labels=labels)
+
+
 # --------------------------------------------------------------------------- adversarial devices
 
 
@@ -381,6 +445,38 @@ def test_fedmd_screened_mean_keeps_an_inverting_device_from_teaching(tmp_path):
     expected = mix_targets(uniform_weights(len(kept)), logits[kept], "probs", cfg.strategy.kd.temperature)[0]
     assert figures.metrics["screened_teachers"] == len(ids) - len(kept)
     assert all(torch.allclose(targets[d], expected, atol=1e-4) for d in ids)
+
+
+
+def test_feddf_screens_teachers_by_their_recall_on_the_queried_reference_rows(tmp_path):
+    cfg = small_config(tmp_path, "strategy=feddf", "strategy.ensemble.aggregate=screened_mean", "adversary.fraction=0.34",
+                       "strategy.ensemble.warmup_rounds=1", "strategy.ensemble.server_steps=5",
+                       "strategy.ensemble.num_queries=64", "training.local_epochs=8", "partition.alpha=1.0",
+                       "strategy.ensemble.min_steps=0", "num-server-rounds=2", devices=6)
+    bad = adversarial_devices(6, 0.34, cfg.seed)
+    federation = build_federation(cfg)
+    strategy = build_strategy(cfg, federation, to_yaml(cfg))
+    labels = federation.reference.base.targets(federation.reference.indices)
+    assert torch.equal(strategy.reference_labels, torch.as_tensor(labels).long())  # the run hands FedDF the labels
+    seen, reports = [], []
+    form_targets = strategy.form_targets
+
+    def spy(query, device_ids, answers):
+        seen.append((query, device_ids, answers))
+        return form_targets(query, device_ids, answers)
+
+    strategy.form_targets = spy
+    strategy.start(grid=InProcessGrid(6), num_rounds=2, on_round_end=reports.append)
+    (query, ids, answers), report = seen[-1], reports[-1]
+    quality = answer_quality(answers, "soft", strategy.reference_labels[reference_rows(query, 200)])
+    for k, device in enumerate(ids):  # each teacher's score on the rows it answered, in the round's figures
+        assert report.devices[device]["best_class_recall"] == pytest.approx(1 - float(quality[k]), abs=1e-6)
+    screened = answer_outliers(answers, "soft", quality)
+    assert screened and {ids[k] for k in screened} <= set(bad)  # a label-permuted device, no honest one
+    assert report.metrics["screened_teachers"] == len(screened)
+    assert {d for d, v in report.devices.items() if v.get("screened_teacher")} == {ids[k] for k in screened}
+    kept = [k for k in range(len(ids)) if k not in screened]
+    assert torch.allclose(strategy.targets.common, class_balanced(answers[kept].mean(0, keepdim=True))[0], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- the honest devices' figures

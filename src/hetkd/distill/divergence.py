@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-__all__ = ["SIMILARITIES", "check_logits", "distance_block", "mean_divergence", "pairwise_distance",
-           "reference_quality"]
+__all__ = ["SIMILARITIES", "check_logits", "check_reference_labels", "distance_block", "mean_divergence",
+           "pairwise_distance", "reference_quality"]
 
 SIMILARITIES = ("kl", "js", "cosine")
 
@@ -115,6 +115,22 @@ def _indices(values: Sequence[int] | None, n: int, name: str) -> torch.Tensor:
     if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise ValueError(f"{name} must be device indices in 0..{n - 1}, got {sorted(set(idx.tolist()))[:10]}...")
     return idx
+
+
+def check_reference_labels(labels: object, num_reference: int | None, num_classes: int) -> torch.Tensor:
+    """``labels`` as a ``(R,)`` integer tensor of classes in ``[0, num_classes)``, checked
+    (``num_reference``: the reference set's size R, ``None`` when not yet known)."""
+    tensor = torch.as_tensor(labels)
+    want = num_reference if num_reference is not None else "R"
+    if tensor.dim() != 1 or (num_reference is not None and len(tensor) != num_reference):
+        raise ValueError(f"reference_labels must have shape ({want},), got {tuple(tensor.shape)}")
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise ValueError(f"reference_labels must be integer classes, got dtype {tensor.dtype}")
+    bad = ((tensor < 0) | (tensor >= num_classes)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"reference_labels must be classes in [0, {num_classes}); rows {bad[:5].tolist()} hold "
+                         f"{tensor[bad[:5]].tolist()}")
+    return tensor.long()
 
 
 def reference_quality(reference_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

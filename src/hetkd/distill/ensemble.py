@@ -54,6 +54,7 @@ __all__ = [
     "label_smoothing_margin",
     "teacher_confidence",
     "class_balanced",
+    "answer_outliers",
     "ensemble_responses",
     "combine_responses",
 ]
@@ -267,9 +268,51 @@ def class_balanced(probabilities: torch.Tensor) -> torch.Tensor:
     return q / q.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+def answer_outliers(responses: torch.Tensor, kind: str, quality: torch.Tensor | None = None) -> list[int]:
+    """The teachers (rows of ``responses`` ``(n, N, C)``) the ``screened_mean`` aggregate leaves out.
+
+    With ``quality`` ``(n,)`` — each teacher's score on labelled query inputs,
+    lower is better (:func:`answer_quality`) — those whose score is an
+    outlier; otherwise those whose answers' mean divergence from the others'
+    is (:func:`~hetkd.distill.similarity.outlier_devices`). Two poisoners that
+    agree with each other can escape the divergence test; the labels cannot
+    be escaped by agreeing.
+    """
+    check_kind(kind)
+    if responses.dim() != 3:
+        raise ValueError(f"responses must be (teachers, N, C), got {tuple(responses.shape)}")
+    if quality is not None and tuple(quality.shape) != (responses.shape[0],):
+        raise ValueError(f"quality must hold one loss per teacher ({responses.shape[0]},), got {tuple(quality.shape)}")
+    probs = F.softmax(responses.float(), 2) if kind == "logits" else responses.float()
+    return outlier_devices(probs.clamp_min(1e-6).log(), temperature=1.0, quality=quality)
+
+
+def answer_quality(responses: torch.Tensor, kind: str, labels: torch.Tensor) -> torch.Tensor:
+    """How far each teacher ``(n,)`` is from knowing any class: ``1 −`` its best per-class
+    recall on query inputs whose classes ``labels`` ``(N,)`` are known (lower is better).
+
+    A label-skewed honest device knows a few classes well and is confidently
+    wrong on the rest, so its cross-entropy on all rows can be as bad as a
+    poisoner's; but it recalls the classes it holds, while a device trained on
+    permuted labels recalls none (measured on FedDF's private answers:
+    digits, Dirichlet 0.5, 2 of 10 devices label-permuted, best recall of
+    honest devices 0.84–1.0, of the poisoners 0.03–0.35).
+    """
+    check_kind(kind)
+    if responses.dim() != 3 or labels.shape != (responses.shape[1],):
+        raise ValueError(f"need responses (teachers, N, C) and N labels, got {tuple(responses.shape)} "
+                         f"and {tuple(labels.shape)}")
+    num_classes = responses.shape[2]
+    predicted = F.one_hot(responses.argmax(2), num_classes).float()  # (n, N, C)
+    truth = F.one_hot(labels.long(), num_classes).float()  # (N, C)
+    present = truth.sum(0) > 0
+    recall = (predicted * truth).sum(1)[:, present] / truth.sum(0)[present]  # (n, classes present)
+    return 1.0 - recall.max(1).values
+
+
 def ensemble_responses(
     responses: torch.Tensor, kind: str, weights: torch.Tensor, *, balance: bool = False, aggregate: str = "mean",
-    trim_fraction: float = 0.2,
+    trim_fraction: float = 0.2, quality: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Ensemble answers ``(m, N, C)`` from ``n`` teachers' answers ``(n, N, C)`` and an ``m x n`` weight matrix.
 
@@ -281,10 +324,10 @@ def ensemble_responses(
     With ``balance`` each ensemble is first corrected to a uniform class prior
     over the ``N`` inputs (:func:`class_balanced`; for hard answers, the vote
     shares, before the vote). Rows with zero total weight come back as
-    all-zero answers. With ``aggregate`` ``screened_mean`` the teachers whose
-    mean divergence from the others is an outlier
-    (:func:`~hetkd.distill.similarity.outlier_devices`) lose their weight
-    first; with ``median`` or ``trimmed_mean`` each ensemble is instead the
+    all-zero answers. With ``aggregate`` ``screened_mean`` the teachers
+    :func:`answer_outliers` flags (by their loss ``quality`` on labelled
+    inputs when given, else by their divergence from the others) lose their
+    weight first; with ``median`` or ``trimmed_mean`` each ensemble is instead the
     coordinate-wise robust aggregate of the probabilities (or one-hot votes)
     of the teachers its row weighs, counting equally
     (:func:`~hetkd.distill.robust.robust_probabilities`).
@@ -302,7 +345,7 @@ def ensemble_responses(
     if kind == "logits":
         r = F.softmax(r, dim=2)
     if aggregate == "screened_mean":
-        w = screened_weights(w, outlier_devices(r.clamp_min(1e-6).log(), temperature=1.0, test="divergence"))
+        w = screened_weights(w, answer_outliers(r, "soft", quality))
     totals = w.sum(1, keepdim=True)
     w = torch.where(totals > 0, w / totals.clamp_min(1e-12), w)
     if aggregate in ("mean", "screened_mean"):

@@ -29,7 +29,10 @@ import torch
 from hetkd.distill.generative import Generator
 from hetkd.settings import require, require_choice, require_types
 
-__all__ = ["QUERY_SOURCES", "QuerySpec", "GeneratorSpec", "query_latents", "generate_queries", "resolve_queries"]
+__all__ = [
+    "QUERY_SOURCES", "QuerySpec", "GeneratorSpec", "query_latents", "generate_queries", "reference_rows",
+    "resolve_queries",
+]
 
 QUERY_SOURCES: tuple[str, ...] = ("reference", "generator", "inputs")
 
@@ -103,6 +106,16 @@ def generate_queries(
         generator.train(was_training)
 
 
+def reference_rows(spec: QuerySpec, num_reference: int) -> torch.Tensor:
+    """The reference-set row indices ``(count,)`` a ``reference`` query names, for a reference set
+    of ``num_reference`` rows: the first ``count`` of a permutation seeded by the query's seed."""
+    if spec.source != "reference":
+        raise ValueError(f"only a 'reference' query names reference rows, this one's source is {spec.source!r}")
+    if spec.count > num_reference:
+        raise ValueError(f"query asks for {spec.count} reference rows, the reference set has {num_reference}")
+    return torch.randperm(num_reference, generator=torch.Generator().manual_seed(spec.seed))[: spec.count]
+
+
 def resolve_queries(
     spec: QuerySpec,
     *,
@@ -114,10 +127,7 @@ def resolve_queries(
     if spec.source == "reference":
         if reference_inputs is None or len(reference_inputs) == 0:
             raise ValueError("a 'reference' query needs the reference set, and none is held here")
-        if spec.count > len(reference_inputs):
-            raise ValueError(f"query asks for {spec.count} reference rows, the reference set has {len(reference_inputs)}")
-        order = torch.randperm(len(reference_inputs), generator=torch.Generator().manual_seed(spec.seed))
-        return reference_inputs[order[: spec.count]]
+        return reference_inputs[reference_rows(spec, len(reference_inputs))]
     if spec.source == "generator":
         if generator is None:
             raise ValueError("a 'generator' query needs the generator's weights, and none are held here")
