@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip "setuptools>=68" wheel
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,dp]"
 	touch $@
 
 run: install
@@ -44,7 +44,7 @@ test-fast: install
 $(LOWEST_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LOWEST_VENV)
 	$(LOWEST_VENV)/bin/python -m pip install --upgrade pip "setuptools>=68" wheel
-	$(LOWEST_VENV)/bin/python -m pip install -e ".[dev]" "flwr[simulation]==$(LOWEST_FLOWER)"
+	$(LOWEST_VENV)/bin/python -m pip install -e ".[dev,dp]" "flwr[simulation]==$(LOWEST_FLOWER)"
 	touch $@
 
 test-lowest-flower: $(LOWEST_VENV)/.installed

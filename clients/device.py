@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 import resource
 import time
@@ -24,6 +25,17 @@ from hetkd.config import HetkdConfig
 from hetkd.data import DataView, DeviceData, build_federation
 from hetkd.distill.losses import KDTerm, ReferenceKD
 from hetkd.models import build_model, count_parameters, state_bytes
+from hetkd.privacy import (
+    DeviceAccountant,
+    PrivacyError,
+    PrivacySettings,
+    dp_step,
+    dp_training,
+    planned_steps,
+    poisson_steps,
+    private_model,
+    public_step,
+)
 from hetkd.training import (
     LossFn,
     TrainingConfig,
@@ -39,10 +51,20 @@ from hetkd.training import (
 
 __all__ = ["DistillClient", "peak_rss_mb"]
 
+_log = logging.getLogger(__name__)
+
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _models_per_round(cfg: HetkdConfig) -> int:
+    """How many models a zoo device of ``cfg``'s strategy trains on its private data each round
+    (2 with a private answer model), for DP noise calibration."""
+    if cfg.strategy.name in ("feddf", "mekd") and cfg.strategy.ensemble.answer_model == "private":
+        return 2
+    return 1
 
 
 class DistillClient:
@@ -71,6 +93,15 @@ class DistillClient:
         (:mod:`hetkd.adversary`; ``None``, the default: honest). Zoo devices
         take it from the run's data picture; ``random_predictions`` and
         ``inverted_predictions`` poison what :meth:`outgoing` lets out.
+    privacy : PrivacySettings | None
+        With ``enabled``, every step that reads private data is a DP-SGD step,
+        counted by the device's :class:`~hetkd.privacy.DeviceAccountant`
+        (:mod:`hetkd.privacy`); a model DP-SGD cannot train is refused (or
+        fixed with ``fix_layers``).
+    planned_rounds, planned_models : int
+        What the device plans to train, for ``privacy.target_epsilon``: rounds,
+        and the models trained on its private data each round (2 with a private
+        answer model); see :func:`~hetkd.privacy.planned_steps`.
 
     A device may also keep a **private model** (:meth:`fork_private_model`): a
     copy of its architecture that only ever trains on its private data, so its
@@ -90,10 +121,28 @@ class DistillClient:
         seed: int = 0,
         reference: DataView | None = None,
         adversary: str | None = None,
+        privacy: PrivacySettings | None = None,
+        planned_rounds: int = 0,
+        planned_models: int = 1,
     ) -> None:
         self.device_id = device_id
         self.architecture = architecture
         self.torch_device = resolve_device(training.device)
+        self.accountant: DeviceAccountant | None = None
+        #: whether the privacy budget stopped training this round
+        self.privacy_exhausted = False
+        if privacy is not None and privacy.enabled:
+            model = private_model(model, architecture, privacy)
+            planned = 0
+            if privacy.target_epsilon > 0:
+                if planned_rounds < 1:
+                    raise PrivacyError("privacy.target_epsilon needs the rounds the device plans to train "
+                                       f"(planned_rounds >= 1), got {planned_rounds}")
+                planned = planned_steps(num_train=len(data.train), batch_size=training.batch_size,
+                                        local_epochs=training.local_epochs, rounds=planned_rounds,
+                                        max_steps=training.max_steps, models=planned_models)
+            self.accountant = DeviceAccountant(privacy, num_train=len(data.train), batch_size=training.batch_size,
+                                               planned=planned)
         self.model = model.to(self.torch_device)
         self.data = data
         self.global_test = global_test
@@ -123,7 +172,8 @@ class DistillClient:
             model = build_model(architecture, federation.input_shape, federation.num_classes)
         return cls(
             device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed, federation.reference,
-            adversary=data.adversary,
+            adversary=data.adversary, privacy=cfg.privacy, planned_rounds=cfg.simulation.num_rounds,
+            planned_models=_models_per_round(cfg),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -151,6 +201,8 @@ class DistillClient:
         if self.private_model is not None and self.private_optimizer is not None:
             state["private_model"] = self.private_model.state_dict()
             state["private_optimizer"] = self.private_optimizer.state_dict()
+        if self.accountant is not None:
+            state["privacy"] = self.accountant.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -163,6 +215,11 @@ class DistillClient:
             self.fork_private_model()
             self.private_model.load_state_dict(state["private_model"])  # type: ignore[union-attr]
             self.private_optimizer.load_state_dict(state["private_optimizer"])  # type: ignore[union-attr]
+        if self.accountant is not None and "privacy" in state:
+            self.accountant.load_state_dict(state["privacy"])
+        elif self.accountant is not None and self.rounds_trained:
+            raise PrivacyError(f"device {self.device_id}'s saved state has no privacy ledger but it trained "
+                               f"{self.rounds_trained} round(s): it was trained without privacy.enabled")
         self.set_training(self.training)
 
     def set_training(self, training: TrainingConfig) -> None:
@@ -214,9 +271,10 @@ class DistillClient:
         device, round), so results do not depend on scheduling. With
         ``training.max_steps`` > 0 the round stops after that many steps.
         """
+        self.privacy_exhausted = False
         metrics = self._train(self.model, self.optimizer, server_round, epochs, loss_fn, min_steps)
         self.rounds_trained += 1
-        return metrics
+        return metrics | self.privacy_report()
 
     def fit_private(self, server_round: int, epochs: int | None = None, min_steps: int = 0) -> dict[str, float]:
         """Train the private model (:meth:`fork_private_model`) on the private data
@@ -224,7 +282,15 @@ class DistillClient:
         ``private-``."""
         model = self.fork_private_model()
         metrics = self._train(model, self.private_optimizer, server_round, epochs, cross_entropy_step, min_steps)  # type: ignore[arg-type]
-        return {"private_train_loss": metrics["train_loss"], "private_train_seconds": metrics["train_seconds"]}
+        loss = None if self.accountant is not None else metrics["train_loss"]  # a DP device keeps its loss home
+        return {"private_train_loss": loss, "private_train_seconds": metrics["train_seconds"], **self.privacy_report()}
+
+    def privacy_report(self) -> dict[str, Any]:
+        """What a DP device reports of its privacy after training: its ε so far and whether the
+        budget stopped training this round (empty without DP)."""
+        if self.accountant is None:
+            return {}
+        return {"epsilon": self.accountant.epsilon(), "privacy_exhausted": self.privacy_exhausted}
 
     def _train(
         self,
@@ -237,6 +303,8 @@ class DistillClient:
     ) -> dict[str, float]:
         """One round of ``epochs`` over the private data (see :meth:`fit`)."""
         epochs = self.training.local_epochs if epochs is None else epochs
+        if self.accountant is not None:
+            return self._train_private(model, optimizer, server_round, epochs, loss_fn, min_steps)
         budget = self.training.max_steps or None
         start = time.perf_counter()
         losses, seen = [], 0
@@ -258,6 +326,62 @@ class DistillClient:
             "samples_seen": seen,
             "train_seconds": time.perf_counter() - start,
         }
+
+    def _train_private(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        server_round: int,
+        epochs: int,
+        loss_fn: LossFn,
+        min_steps: int,
+    ) -> dict[str, Any]:
+        """:meth:`_train` with DP-SGD: ``epochs`` of Poisson-sampled private batches
+        (:func:`~hetkd.privacy.poisson_steps` each, at most ``training.max_steps``), every
+        step clipped, noised and counted; refused before any step when the round would
+        take the device over its budget. A distillation term's public half runs as a
+        separate plain step beside each private one, and ``min_steps`` (enough
+        distillation for a device with little data) adds public steps only: they are free."""
+        accountant = self.accountant
+        assert accountant is not None
+        batch_size = self.training.batch_size
+        public = loss_fn if isinstance(loss_fn, ReferenceKD) else None
+        steps = epochs * poisson_steps(len(self.data.train), batch_size)
+        public_steps = epochs * poisson_steps(len(self.data.train), batch_size, min_steps) if public else 0
+        if self.training.max_steps:
+            steps, public_steps = min(steps, self.training.max_steps), min(public_steps, self.training.max_steps)
+        report: dict[str, Any] = {"train_loss": math.nan, "num_examples": len(self.data.train), "samples_seen": 0,
+                                  "train_seconds": 0.0}
+        if not accountant.allows(steps):
+            _log.warning("device %d: %d more DP step(s) would take epsilon from %.3f to %.3f, over the budget %.3f; "
+                         "it stops training and keeps answering with the model it has", self.device_id, steps,
+                         accountant.epsilon(), accountant.epsilon(steps), accountant.settings.budget())
+            self.privacy_exhausted = True
+            return report
+        which = "private" if model is self.private_model else "own"
+        noise_seed = derive_seed(self.seed, "dp-noise", self.device_id, server_round, which)
+        # distillation beside a private batch (ReferenceKD) splits in two steps: the private
+        # cross-entropy, a DP step; the public term, free (it reads public data and DP weights only)
+        private_loss = cross_entropy_step if public is not None else loss_fn
+        private_weight = 1.0 - public.rho if public is not None else 1.0
+        start = time.perf_counter()
+        seen = 0
+        with seeded(self.seed, "train", self.device_id, server_round) as generator, \
+                dp_training(model, optimizer, accountant, expected_batch_size=batch_size,
+                            noise_seed=noise_seed) as (dp_model, dp_optimizer):
+            dp_model.train()
+            draws = self.data.train.poisson_batches(batch_size, steps, generator)
+            for step in range(max(steps, public_steps)):
+                if step < steps:
+                    x, y = next(draws)
+                    x, y = x.to(self.torch_device), y.to(self.torch_device)
+                    dp_step(dp_model, dp_optimizer, private_loss, x, y, weight=private_weight)
+                    seen += len(y)
+                if step < public_steps and public is not None and public.rho > 0:
+                    public_step(dp_model, dp_optimizer, public, self.torch_device)
+        accountant.record(steps)
+        # the loss is a statistic of the private data: it stays on the device
+        return report | {"samples_seen": seen, "train_seconds": time.perf_counter() - start}
 
     def _epoch_batches(self, generator: torch.Generator, min_steps: int, taken: list[int] | None = None):
         """Shuffled private batches: one pass, repeated until ``min_steps`` batches

@@ -250,7 +250,8 @@ def train_ensemble_distill(request: P.EnsembleDistill, context: Context, devices
             inputs = resolve_queries(request.query, inputs=shipped, **held)
             mine = client.outgoing(client.predict(inputs, private=private), round_)
             answers_now = encode_answers(mine, request.response, request.precision)
-        return P.QueryAnswers(**metrics, **extra, answers=answers_now, distilled=targets is not None)
+        # the private model trained last: its privacy report is the round's
+        return P.QueryAnswers(**(metrics | extra), answers=answers_now, distilled=targets is not None)
 
 
 #: Flower message type -> handler(message, context, devices): every action a hetkd device answers

@@ -51,9 +51,13 @@ FIGURES = (
     ("final_honest_global_accuracy_mean", "global, honest devices", True),
     ("final_student_accuracy", "global student", True),
     ("final_personalised_accuracy_sparse", "sparse devices", True),
+    ("final_epsilon_max", "ε, largest device", None),
+    ("final_epsilon_mean", "ε, mean device", None),
     ("bytes_per_device_per_round", "bytes/device/round", False),
     ("wall_seconds", "wall s", False),
 )
+#: columns shown only where some run has them (adversarial devices, DP devices)
+OPTIONAL_FIGURES = ("_honest_", "_epsilon_")
 
 
 def _stats(values: list[float | None]) -> dict[str, Any]:
@@ -224,18 +228,22 @@ def compare(
     return payload
 
 
-def _cell(stat: dict[str, Any], fraction: bool) -> str:
+def _cell(stat: dict[str, Any], fraction: bool | None) -> str:
+    """``fraction``: a percentage; ``False``: a count; ``None``: a privacy budget ε."""
     if stat["mean"] is None:
         return "–"
+    if fraction is None:
+        return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
     if fraction:
         return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
     return f"{stat['mean']:,.0f} ± {stat['std']:,.0f}"
 
 
 def _markdown(table: dict[str, Any], seeds: list[int], command: str = "") -> str:
-    # the honest devices' columns only where some run had adversarial devices (adversary.fraction)
-    figures = [f for f in FIGURES if "_honest_" not in f[0] or any(row[f[0]]["mean"] is not None
-                                                                 for row in table.values())]
+    # the honest devices' columns only where some run had adversarial devices (adversary.fraction),
+    # the privacy budget's where some had DP devices (privacy.enabled)
+    figures = [f for f in FIGURES if not any(part in f[0] for part in OPTIONAL_FIGURES)
+               or any(row[f[0]]["mean"] is not None for row in table.values())]
     head = "| strategy | " + " | ".join(title for _, title, _ in figures) + " |"
     rule = "|" + "---|" * (len(figures) + 1)
     lines = [f"Made with `{command}`.", ""] if command else []

@@ -23,6 +23,7 @@ from hetkd.config import ConfigError, HetkdConfig, to_yaml
 from hetkd.data import DatasetUnavailableError, Federation, PartitionError, build_federation
 from hetkd.interrupt import RunInterrupted
 from hetkd.models import ModelError, build_model, largest_architecture
+from hetkd.privacy import PrivacyError, private_model, require_opacus
 from hetkd.results import RunRecorder, subset_accuracy
 from hetkd.simulations.checkpoint import ResumePoint, resume_point, save_checkpoint
 from hetkd.simulations.registry import CENTRAL, ENSEMBLE_STRATEGIES, build_strategy, check_strategy, initial_arrays
@@ -115,8 +116,18 @@ def prepare(cfg: HetkdConfig, shared_output: bool = False, resume: bool = False)
     point = resume_point(cfg) if resume else None
     federation = build_federation(cfg)
     archs = cfg.models.assign(cfg.simulation.num_devices)
+    if cfg.privacy.enabled:
+        try:
+            require_opacus()
+        except PrivacyError as err:
+            raise ConfigError("privacy.enabled", str(err)) from None
     for arch in sorted(set(archs)):
-        build_model(arch, federation.input_shape, federation.num_classes)  # raises if it does not fit
+        model = build_model(arch, federation.input_shape, federation.num_classes)  # raises if it does not fit
+        if cfg.privacy.enabled:
+            try:
+                private_model(model, arch, cfg.privacy)  # DP-SGD can train it (or fix_layers can make it so)
+            except PrivacyError as err:
+                raise ConfigError("privacy.fix_layers", str(err)) from None
     if cfg.strategy.name in ENSEMBLE_STRATEGIES:
         try:
             build_model(cfg.strategy.ensemble.student, federation.input_shape, federation.num_classes)

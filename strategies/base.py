@@ -58,6 +58,7 @@ from hetkd.strategies.rounds import (
     RoundReport,
     decode_reply,
     finite,
+    privacy_figures,
     sum_finite,
     warn_ignored_flower_config,
 )
@@ -321,6 +322,7 @@ class DeviceStrategy(Strategy):
                 losses.append(reply.train_loss)
                 weights.append(float(reply.num_examples))
         train = [r for r in valid.values() if isinstance(r, P.TrainReply)]
+        self._round.figures.add(privacy_figures(valid))
         metrics = self._round.figures.metrics
         # where the devices' time went (summed): their handlers, and training within them
         metrics["devices_handler_seconds"] = sum_finite(r.handler_seconds for r in train)

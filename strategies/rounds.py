@@ -21,7 +21,7 @@ from flwr.supercore import log
 
 from hetkd import protocol as P
 
-__all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "decode_reply", "finite", "sum_finite",
+__all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "decode_reply", "finite", "privacy_figures", "sum_finite",
            "warn_ignored_flower_config"]
 
 
@@ -127,3 +127,17 @@ def warn_ignored_flower_config(keys: list[str], name: str) -> None:
             "from Flower's config only lr, local-epochs and batch-size; configure the rest through the strategy's "
             "settings", name, sorted(keys))
 
+
+def privacy_figures(replies: dict[int, P.Reply]) -> Figures:
+    """What differentially private devices report of their budget: each one's ``epsilon`` and
+    ``privacy_exhausted``, and the round's ``epsilon_max`` / ``epsilon_mean`` over them (no
+    figures when no device runs with DP)."""
+    figures = Figures()
+    spent = {d: r for d, r in replies.items() if isinstance(r, P.TrainReply) and r.epsilon is not None}
+    for device, reply in spent.items():
+        figures.devices[device] = {"epsilon": reply.epsilon, "privacy_exhausted": bool(reply.privacy_exhausted)}
+    if spent:
+        epsilons = [float(r.epsilon) for r in spent.values()]  # type: ignore[arg-type]
+        figures.metrics.update(epsilon_max=max(epsilons), epsilon_mean=sum(epsilons) / len(epsilons),
+                               privacy_exhausted_devices=sum(bool(r.privacy_exhausted) for r in spent.values()))
+    return figures

@@ -88,7 +88,7 @@ def test_every_message_survives_the_wire_exactly(message):
 
 def test_what_a_device_may_send_derives_from_the_reply_types():
     assert P.DEVICE_TO_SERVER["train.reference_distill"] == {"metrics", "config", "arrays"}
-    assert P.DEVICE_TO_SERVER["train.local"] == {"metrics"}
+    assert P.DEVICE_TO_SERVER["train.local"] == {"metrics", "config"}  # config: a DP device's privacy_exhausted
     assert P.DEVICE_TO_SERVER["evaluate"] == {"metrics"}
     assert P.DEVICE_TO_SERVER["query.setup"] == {"metrics", "config"}
     assert "weights" in P.DEVICE_TO_SERVER["train"]  # the FedAvg baseline, and only it, sends weights

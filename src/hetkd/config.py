@@ -18,6 +18,7 @@ checks, next to its code — composed here:
 ``output``          :class:`hetkd.results.OutputConfig`
 ``mekd``            :class:`hetkd.distill.emulation.MEKDSettings` (``response``, ``gan``, ``distill``)
 ``adversary``       :class:`hetkd.adversary.AdversarySettings` (poisoning devices, for measurements)
+``privacy``         :class:`hetkd.privacy.PrivacySettings` (differentially private devices)
 ==================  ==============================================================
 
 so a strategy built with no arguments runs with exactly the settings
@@ -59,6 +60,7 @@ from hetkd.distill.ensemble import EnsembleSettings
 from hetkd.distill.exchange import ReferenceDistillSettings
 from hetkd.distill.similarity import NeighbourSearch
 from hetkd.models import ModelError, ModelsConfig
+from hetkd.privacy import PrivacySettings
 from hetkd.results import OutputConfig
 from hetkd.runtime import SimulationConfig
 from hetkd.sampling import Sampling
@@ -125,6 +127,7 @@ class HetkdConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     mekd: MEKDSettings = field(default_factory=MEKDSettings)
     adversary: AdversarySettings = field(default_factory=AdversarySettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
 
 #: Flower-style run-config keys and the schema keys they stand for.

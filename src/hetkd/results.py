@@ -178,6 +178,12 @@ def final_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in evaluated if r.get(key) is not None]
         if values:
             out[f"final_{key}"], out[f"best_{key}"] = values[-1], max(values)
+    spent: dict[str, float] = {}  # each DP device's latest epsilon (it only grows)
+    for r in rows:
+        spent.update({d: v["epsilon"] for d, v in (r.get("devices") or {}).items() if v.get("epsilon") is not None})
+    if spent:
+        out["final_epsilon_max"] = max(spent.values())
+        out["final_epsilon_mean"] = float(np.mean(list(spent.values())))
     student = [r["student_accuracy"] for r in rows if r.get("student_accuracy") is not None]
     if student:  # the server's global student (ensemble-distillation strategies)
         out["final_student_accuracy"] = student[-1]

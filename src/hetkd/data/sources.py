@@ -211,6 +211,21 @@ class DataView:
                 break
             yield self.base.inputs(chunk), self.base.targets(chunk)
 
+    def poisson_batches(
+        self, batch_size: int, steps: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``steps`` batches of Poisson sampling: each example joins each batch independently with
+        probability ``batch_size / len(self)`` (batches vary in size and may be empty), the
+        sampling that DP-SGD's privacy analysis assumes (:mod:`hetkd.privacy`)."""
+        if batch_size < 1 or steps < 0:
+            raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size} and {steps}")
+        if len(self.indices) == 0:
+            raise ValueError("Poisson sampling needs at least one example")
+        rate = min(1.0, batch_size / len(self.indices))
+        for _ in range(steps):
+            chunk = self.indices[(torch.rand(len(self.indices), generator=generator) < rate).numpy()]
+            yield self.base.inputs(chunk), self.base.targets(chunk)
+
 
 # --------------------------------------------------------------------------- sources
 

@@ -140,9 +140,21 @@ class ReferenceKD:
         self.generator = generator
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        idx = torch.randint(len(self.inputs), (self.batch_size,), generator=self.generator)
+        idx = self._draw()
         ref_x = self.inputs[idx].to(x.device)
         logits = model(torch.cat([x, ref_x]))
         ce = F.cross_entropy(logits[: len(x)], y)
         kd = self.loss(logits[len(x) :], self.targets[idx].to(x.device))
         return (1.0 - self.rho) * ce + self.rho * kd
+
+    def public_loss(self, model: torch.nn.Module, device: torch.device | None = None) -> torch.Tensor:
+        """``rho · loss`` on a public batch alone: the distillation half of a step, taken on its
+        own when the private half must be a separate (differentially private) step. It draws
+        the same public rows :meth:`__call__` would have drawn at this point."""
+        idx = self._draw()
+        ref_x = self.inputs[idx] if device is None else self.inputs[idx].to(device)
+        target = self.targets[idx] if device is None else self.targets[idx].to(device)
+        return self.rho * self.loss(model(ref_x), target)
+
+    def _draw(self) -> torch.Tensor:
+        return torch.randint(len(self.inputs), (self.batch_size,), generator=self.generator)

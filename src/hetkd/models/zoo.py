@@ -61,12 +61,15 @@ class Architecture:
 
     ``inputs`` is ``"image"`` (C x H x W), ``"signal"`` (C x L) or ``"any"``;
     ``min_size`` is the smallest spatial side an image architecture supports.
+    ``dp_compatible``: DP-SGD trains it as it is (no BatchNorm, no fused RNN;
+    :func:`hetkd.privacy.unsupported_layers`); the others need ``privacy.fix_layers``.
     """
 
     factory: ModelFactory
     inputs: str
     min_size: int = 1
     description: str = ""
+    dp_compatible: bool = True
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -318,20 +321,21 @@ ARCHITECTURES: dict[str, Architecture] = {
     "cnn_m": Architecture(lambda s, c: SmallCNN(s, c, [[32, 32], [64, 64]]), "image", 4, "4 conv layers, 32/64"),
     "cnn_l": Architecture(lambda s, c: SmallCNN(s, c, [[32, 32], [64, 64], [128]]), "image", 4, "5 conv layers, 32-128"),
     "cnn4": Architecture(CNN4, "image", 8, "HtFLlib's 4-layer CNN (FedAvgCNN)"),
-    "resnet8": Architecture(lambda s, c: CifarResNet(s, c, 1), "image", 4, "CIFAR ResNet-8"),
+    "resnet8": Architecture(lambda s, c: CifarResNet(s, c, 1), "image", 4, "CIFAR ResNet-8", dp_compatible=False),
     "resnet8_gn": Architecture(lambda s, c: CifarResNet(s, c, 1, norm="gn"), "image", 4, "ResNet-8, GroupNorm"),
-    "resnet20": Architecture(lambda s, c: CifarResNet(s, c, 3), "image", 4, "CIFAR ResNet-20"),
-    "resnet32": Architecture(lambda s, c: CifarResNet(s, c, 5), "image", 4, "CIFAR ResNet-32"),
-    "mobilenet_s": Architecture(SeparableCNN, "image", 4, "tiny depthwise-separable CNN"),
+    "resnet20": Architecture(lambda s, c: CifarResNet(s, c, 3), "image", 4, "CIFAR ResNet-20", dp_compatible=False),
+    "resnet32": Architecture(lambda s, c: CifarResNet(s, c, 5), "image", 4, "CIFAR ResNet-32", dp_compatible=False),
+    "mobilenet_s": Architecture(SeparableCNN, "image", 4, "tiny depthwise-separable CNN", dp_compatible=False),
     # 1-D signals
-    "cnn1d_s": Architecture(lambda s, c: CNN1D(s, c, [16, 32]), "signal", description="1-D CNN 16/32"),
-    "cnn1d_m": Architecture(lambda s, c: CNN1D(s, c, [32, 64, 64]), "signal", description="1-D CNN 32/64/64"),
-    "resnet1d": Architecture(lambda s, c: CifarResNet(s, c, 1), "signal", description="1-D ResNet-8"),
-    "resnet1d_20": Architecture(lambda s, c: CifarResNet(s, c, 3), "signal", description="1-D ResNet-20"),
-    "gru": Architecture(lambda s, c: GRUClassifier(s, c), "signal", description="GRU, 64 hidden"),
+    "cnn1d_s": Architecture(lambda s, c: CNN1D(s, c, [16, 32]), "signal", description="1-D CNN 16/32", dp_compatible=False),
+    "cnn1d_m": Architecture(lambda s, c: CNN1D(s, c, [32, 64, 64]), "signal", description="1-D CNN 32/64/64", dp_compatible=False),
+    "resnet1d": Architecture(lambda s, c: CifarResNet(s, c, 1), "signal", description="1-D ResNet-8", dp_compatible=False),
+    "resnet1d_20": Architecture(lambda s, c: CifarResNet(s, c, 3), "signal", description="1-D ResNet-20", dp_compatible=False),
+    "gru": Architecture(lambda s, c: GRUClassifier(s, c), "signal", description="GRU, 64 hidden", dp_compatible=False),
     # torchvision families, for 28x28 and larger images
     **{
-        name: Architecture(_torchvision(kw.pop("family", name), **kw), "image", 28, f"torchvision {name}")
+        name: Architecture(_torchvision(kw.pop("family", name), **kw), "image", 28, f"torchvision {name}",
+                           dp_compatible=name == "squeezenet1_1")  # the others hold BatchNorm
         for name, kw in {
             "resnet18": {},
             "resnet34": {},

@@ -93,12 +93,17 @@ class SetupRequest(Request):
 @dataclass(frozen=True, kw_only=True, eq=False)
 class TrainReply(Reply):
     """What every training round reports: the private data's size and the training loss
-    (NaN when no batch was trained), samples seen, seconds spent training."""
+    (NaN when no batch was trained, and from a DP device, which keeps it home), samples
+    seen, seconds spent training; a DP device (:mod:`hetkd.privacy`) adds its ``epsilon``
+    so far and whether its budget stopped training this round (``privacy_exhausted``;
+    both ``None`` from a device without DP, so nothing about privacy travels then)."""
 
     num_examples: int
     train_loss: float
     samples_seen: int
     train_seconds: float
+    epsilon: float | None = None
+    privacy_exhausted: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
