@@ -50,6 +50,7 @@ from hetkd.clients.device import DistillClient
 from hetkd.clients.node_config import parse_node_config
 from hetkd.clients.state import ContextStateStore, DiskStateStore, StateStore
 from hetkd.data import ArrayDataset, DataView, DeviceData
+from hetkd.privacy import PrivacySettings
 from hetkd.training import TrainingConfig, TrainingUpdate, seeded
 
 __all__ = ["DataLike", "DeviceDataset", "OwnDevices", "make_client_app", "to_array_dataset"]
@@ -155,6 +156,7 @@ class OwnDevices:
         training: TrainingConfig | None = None,
         seed: int = 0,
         state_dir: str | Path | None = None,
+        privacy: PrivacySettings | None = None,
     ) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn must be callable (context -> torch.nn.Module), got {type(model_fn).__name__}")
@@ -168,6 +170,7 @@ class OwnDevices:
         self.training = training if training is not None else TrainingConfig()
         self.seed = seed
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
+        self.privacy = privacy
 
     def training_for(self, context: Context) -> TrainingConfig:
         """The device's training settings: ``make_client_app``'s, with the run config's ``lr``,
@@ -205,6 +208,8 @@ class OwnDevices:
             training=self.training_for(context),
             seed=self.seed,
             reference=reference,
+            privacy=self.privacy,
+            planned_rounds=int(context.run_config.get("num-server-rounds", 0)),  # Flower's template key
         )
         state_dir = node.state_dir or self.state_dir
         store: StateStore = DiskStateStore(state_dir, device_id) if state_dir is not None else ContextStateStore(context)
@@ -219,6 +224,7 @@ def make_client_app(
     training: TrainingConfig | None = None,
     seed: int = 0,
     state_dir: str | Path | None = None,
+    privacy: PrivacySettings | None = None,
 ) -> ClientApp:
     """A Flower ``ClientApp`` whose devices hold your model and your data.
 
@@ -248,5 +254,10 @@ def make_client_app(
         wins), instead of Flower's ``Context.state``: the personalised models
         then outlive the run, and ``hetkd.clients.DiskStateStore(state_dir,
         device_id).load()["model"]`` reads one back.
+    privacy : PrivacySettings | None
+        With ``enabled``, every device trains with DP-SGD and reports its ε
+        (:mod:`hetkd.privacy`); a model DP-SGD cannot train is refused at
+        set-up naming its layers. ``target_epsilon`` plans over the run
+        config's ``num-server-rounds``.
     """
-    return build_client_app(OwnDevices(model_fn, data_fn, num_classes, training, seed, state_dir))
+    return build_client_app(OwnDevices(model_fn, data_fn, num_classes, training, seed, state_dir, privacy))

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hetkd import protocol as P
+from hetkd.clients import make_client_app
 from hetkd.clients.device import DistillClient
 from hetkd.config import ConfigError, resolve_config, to_yaml
 from hetkd.data import build_federation
@@ -36,7 +37,8 @@ from hetkd.results import final_figures
 from hetkd.simulations.compare import _markdown
 from hetkd.simulations.experiment import prepare
 from hetkd.simulations.registry import build_strategy
-from hetkd.training import cross_entropy_step
+from hetkd.strategies import SDDist
+from hetkd.training import TrainingConfig, cross_entropy_step
 from tests.conftest import InProcessGrid, small_config
 
 DP = ("privacy.enabled=true", "privacy.fix_layers=true", "training.local_epochs=1", "training.batch_size=16",
@@ -278,3 +280,26 @@ def test_the_compare_table_shows_epsilon_only_for_dp_runs():
     plain = {key: stat(None if "epsilon" in key or "honest" in key else 0.5) for key, _, _ in FIGURES}
     assert "ε, largest device" in _markdown({"fedmd": row}, [0]) and "0.50 ± 0.00" in _markdown({"fedmd": row}, [0])
     assert "ε" not in _markdown({"fedmd": plain}, [0])
+
+
+def test_your_own_devices_train_privately_and_a_batchnorm_model_is_refused_at_set_up():
+    from tests.test_dropin import Net, _data
+
+    class NormNet(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+    settings = PrivacySettings(enabled=True, noise_multiplier=1.0)
+    private = make_client_app(lambda ctx: Net(), _data, num_classes=10, training=TrainingConfig(local_epochs=1),
+                              privacy=settings)
+    strategy, reports = SDDist(num_classes=10, num_devices=3), []
+    strategy.start(grid=InProcessGrid(3, client_app=private), num_rounds=2, on_round_end=reports.append)
+    assert reports[-1].metrics["epsilon_max"] > reports[0].metrics["epsilon_max"] > 0
+    refused = make_client_app(lambda ctx: NormNet(), _data, num_classes=10, training=TrainingConfig(local_epochs=1),
+                              privacy=settings)
+    strategy, reports = SDDist(num_classes=10, num_devices=3, wait_for_devices=5), []
+    strategy.start(grid=InProcessGrid(3, client_app=refused), num_rounds=1, on_round_end=reports.append)
+    assert len(reports[0].failures) == 3
+    assert all(f["phase"] == "setup" and "'NormNet'" in f["reason"] and "body.2 (BatchNorm1d)" in f["reason"]
+               for f in reports[0].failures)
