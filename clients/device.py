@@ -347,7 +347,7 @@ class DistillClient:
         batch_size = self.training.batch_size
         public = loss_fn if isinstance(loss_fn, ReferenceKD) else None
         steps = epochs * poisson_steps(len(self.data.train), batch_size)
-        public_steps = epochs * poisson_steps(len(self.data.train), batch_size, min_steps) if public else 0
+        public_steps = epochs * poisson_steps(len(self.data.train), batch_size, min_steps) if public and public.rho else 0
         if self.training.max_steps:
             steps, public_steps = min(steps, self.training.max_steps), min(public_steps, self.training.max_steps)
         report: dict[str, Any] = {"train_loss": math.nan, "num_examples": len(self.data.train), "samples_seen": 0,
@@ -377,7 +377,7 @@ class DistillClient:
                     x, y = x.to(self.torch_device), y.to(self.torch_device)
                     dp_step(dp_model, dp_optimizer, private_loss, x, y, weight=private_weight)
                     seen += len(y)
-                if step < public_steps and public is not None and public.rho > 0:
+                if step < public_steps:
                     public_step(dp_model, dp_optimizer, public, self.torch_device)
         accountant.record(steps)
         # the loss is a statistic of the private data: it stays on the device

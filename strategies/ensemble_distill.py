@@ -229,7 +229,7 @@ class EnsembleDistill(DeviceStrategy):
 
     def screened(self, answers: torch.Tensor, quality: torch.Tensor | None) -> list[int]:
         """The teachers (rows of ``answers``) the ``screened_mean`` aggregate leaves out this round:
-        outliers by their loss ``quality`` on the query's labels when known, else by divergence
+        outliers by their score ``quality`` on the query's labels when known, else by divergence
         (:func:`~hetkd.distill.ensemble.answer_outliers`); nobody under another aggregate."""
         if self.ensemble.aggregate != "screened_mean":
             return []

@@ -41,8 +41,9 @@ class FedDF(EnsembleDistill):
     set to 0: FedDF's loss is ``w_kl · T · KL`` alone. ``reference_labels``
     ``(R,)``: the reference set's classes when it is labelled; with
     ``aggregate=screened_mean`` they score each device's answers on the
-    queried rows, so the screen finds poisoners by their loss, not only by
-    their disagreement (never a training target).
+    queried rows (:func:`~hetkd.distill.ensemble.answer_quality`), so the screen
+    finds poisoners by the labels, not only by their disagreement (never a
+    training target).
     """
 
     def __init__(self, *, distill: DistillSettings | None = None, reference_labels: torch.Tensor | None = None,

@@ -21,8 +21,8 @@ from flwr.supercore import log
 
 from hetkd import protocol as P
 
-__all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "decode_reply", "finite", "privacy_figures", "sum_finite",
-           "warn_ignored_flower_config"]
+__all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "decode_reply", "finite", "privacy_figures",
+           "sum_finite", "warn_ignored_flower_config"]
 
 
 @dataclass(frozen=True)
