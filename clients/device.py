@@ -60,11 +60,16 @@ def peak_rss_mb() -> float:
 
 
 def _models_per_round(cfg: HetkdConfig) -> int:
-    """How many models a zoo device of ``cfg``'s strategy trains on its private data each round
-    (2 with a private answer model), for DP noise calibration."""
-    if cfg.strategy.name in ("feddf", "mekd") and cfg.strategy.ensemble.answer_model == "private":
-        return 2
-    return 1
+    """How many models a zoo device of ``cfg``'s strategy trains on its private data each round,
+    for DP noise calibration: 2 with a private answer model beside an own model that keeps a
+    private term (``rho < 1``), else 1."""
+    if cfg.strategy.name in ("feddf", "mekd"):
+        settings = cfg.strategy.ensemble
+    elif cfg.strategy.name in ("fedmd", "sd-dist"):
+        settings = cfg.strategy.kd
+    else:
+        return 1
+    return 2 if settings.answer_model == "private" and settings.rho < 1 else 1
 
 
 class DistillClient:
@@ -346,7 +351,8 @@ class DistillClient:
         assert accountant is not None
         batch_size = self.training.batch_size
         public = loss_fn if isinstance(loss_fn, ReferenceKD) else None
-        steps = epochs * poisson_steps(len(self.data.train), batch_size)
+        # rho = 1: the private term weighs nothing, so the model takes public steps only and reads no private data
+        steps = epochs * poisson_steps(len(self.data.train), batch_size) if public is None or public.rho < 1 else 0
         public_steps = epochs * poisson_steps(len(self.data.train), batch_size, min_steps) if public and public.rho else 0
         if self.training.max_steps:
             steps, public_steps = min(steps, self.training.max_steps), min(public_steps, self.training.max_steps)
@@ -367,8 +373,7 @@ class DistillClient:
         start = time.perf_counter()
         seen = 0
         with seeded(self.seed, "train", self.device_id, server_round) as generator, \
-                dp_training(model, optimizer, accountant, expected_batch_size=batch_size,
-                            noise_seed=noise_seed) as (dp_model, dp_optimizer):
+                dp_training(model, optimizer, accountant, noise_seed=noise_seed) as (dp_model, dp_optimizer):
             dp_model.train()
             draws = self.data.train.poisson_batches(batch_size, steps, generator)
             for step in range(max(steps, public_steps)):
@@ -427,9 +432,10 @@ class DistillClient:
             raise ValueError(f"device {self.device_id} holds no reference set (reference.size=0?)")
         return self.reference.base.inputs(self.reference.indices)
 
-    def reference_logits(self) -> torch.Tensor:
-        """The model's logits on the reference set: its "messenger", ``(R, C)``."""
-        return self.predict(self.reference_inputs())
+    def reference_logits(self, private: bool = False) -> torch.Tensor:
+        """The model's logits on the reference set: its "messenger", ``(R, C)`` (with
+        ``private``, its private model's, as :meth:`predict`)."""
+        return self.predict(self.reference_inputs(), private=private)
 
     def evaluate(self, include_global: bool = True) -> dict[str, float]:
         """Personalised (own test split) and global (global test set, when the device holds one) accuracy."""

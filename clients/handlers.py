@@ -144,7 +144,7 @@ def pick_own_target(
     if not keep:
         return None, {}
     others = decode_logits(population.reference_logits)
-    own = client.reference_logits().log_softmax(-1)
+    own = client.reference_logits(private=request.answer_model == "private").log_softmax(-1)  # what it sends
     logits = torch.cat([own[None], others[keep]])
     quality = None
     if population.quality is not None:
@@ -171,21 +171,28 @@ def train_reference_distill(
     request: P.ReferenceDistill, context: Context, devices: DeviceSource
 ) -> P.ReferencePredictions:
     """Logit exchange (FedMD, SD-Dist): distil towards targets on the reference set,
-    then send back predictions on the reference set and nothing else."""
-    with device_session(context, devices, training=request.training,
-                        server_round=request.server_round) as client:
+    then send back predictions on the reference set (of the model ``answer_model``
+    names) and nothing else."""
+    round_ = request.server_round
+    private = request.answer_model == "private"
+    with device_session(context, devices, training=request.training, server_round=round_) as client:
         target, picked = None, {}
         if request.targets is not None:
             target = decode_logits(request.targets)
         elif request.population is not None:
             target, picked = pick_own_target(client, request, context)
         if target is None:
-            metrics = client.fit(request.server_round)
+            metrics = client.fit(round_)
         else:
-            metrics = client.fit_towards(request.server_round, target, request.kd, request.kl)
-        predictions = encode_logits(client.outgoing(client.reference_logits(), request.server_round), request.precision)
-        return P.ReferencePredictions(**metrics, reference_logits=predictions, distilled=target is not None,
-                                      **picked)  # type: ignore[arg-type]
+            if private:
+                client.fork_private_model()  # before the device's model first learns from the others
+            metrics = client.fit_towards(round_, target, request.kd, request.kl)
+        extra = client.fit_private(round_) if private and client.private_model is not None else {}
+        predictions = encode_logits(client.outgoing(client.reference_logits(private=private), round_),
+                                    request.precision)
+        # the private model trained last: its privacy report is the round's
+        return P.ReferencePredictions(**(metrics | extra), reference_logits=predictions,
+                                      distilled=target is not None, **picked)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- ensemble distillation

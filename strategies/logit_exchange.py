@@ -156,7 +156,7 @@ class LogitExchange(DeviceStrategy):
         """A round's request without targets: the settings every device gets."""
         e = self.exchange
         return P.ReferenceDistill(server_round=server_round, kd=e.kd_term(), kl=e.kl_loss(), mix=e.mix,
-                                  precision=e.precision)
+                                  precision=e.precision, answer_model=e.answer_model)
 
     def plan_train(self, server_round: int, device_ids: list[int], arrays: ArrayRecord) -> RoundPlan:
         targets, figures = self.targets(server_round, device_ids)

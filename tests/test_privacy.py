@@ -131,6 +131,46 @@ def test_distillation_steps_beyond_the_private_ones_are_public_and_free(tmp_path
     assert metrics["epsilon"] == pytest.approx(client.accountant.epsilon())
 
 
+def test_with_rho_one_the_devices_model_reads_no_private_data_and_spends_nothing(tmp_path, monkeypatch):
+    client, _ = _device(tmp_path, "privacy.noise_multiplier=1.0")
+    drawn = []
+    poisson = type(client.data.train).poisson_batches
+    monkeypatch.setattr(type(client.data.train), "poisson_batches",
+                        lambda self, *a, **k: (drawn.append(b) or b for b in poisson(self, *a, **k)))
+    before = copy.deepcopy(client.model.state_dict())
+    metrics = client.fit_towards(1, torch.randn(len(client.reference), 10), KDTerm(rho=1.0, batch_size=8, min_steps=4),
+                                 KLLoss(temperature=2.0, scale=1.0))
+    assert not drawn and client.accountant.steps == 0 and metrics["epsilon"] == 0.0
+    assert metrics["samples_seen"] == 0
+    assert any(not torch.equal(before[k], v) for k, v in client.model.state_dict().items())  # it learnt, publicly
+
+
+@pytest.mark.parametrize("strategy", ["fedmd", "sd-dist"])
+def test_private_answers_at_rho_one_spend_what_local_training_spends(tmp_path, strategy):
+    """With answer_model=private and rho = 1 only the private model reads private data: the
+    noise is planned for one model, every device's epsilon is what local-only training of
+    that model costs, and the predictions sent are the private model's."""
+    common = (*DP, "privacy.target_epsilon=4", "reference.size=100", "num-server-rounds=3")
+    cfg = small_config(tmp_path, *common, f"strategy={strategy}", "strategy.kd.answer_model=private",
+                       "strategy.kd.rho=1", "strategy.kd.min_steps=2")
+    grid = InProcessGrid(4)
+    reports = []
+    build_strategy(cfg, build_federation(cfg), to_yaml(cfg)).start(grid=grid, num_rounds=3,
+                                                                 on_round_end=reports.append)
+    local_cfg = small_config(tmp_path / "local", *common)
+    local = [DistillClient.from_config(local_cfg, d) for d in range(4)]
+    for round_ in (1, 2, 3):
+        spent = [client.fit(round_)["epsilon"] for client in local]
+    assert reports[-1].metrics["epsilon_max"] == pytest.approx(max(spent), rel=1e-9)
+    assert reports[-1].metrics["epsilon_max"] <= 4.0 + 1e-6
+    last = [t for t in grid.traffic if t.message.metadata.message_type == "train.reference_distill"][-4:]
+    for t in last:
+        request = P.ReferenceDistill.from_record(t.message.content)
+        reply = P.ReferencePredictions.from_record(t.reply.content)
+        assert request.answer_model == "private" and reply.distilled
+        assert reply.private_train_loss is None and reply.epsilon > 0  # a DP device keeps its loss home
+
+
 # --------------------------------------------------------------------------- one DP-SGD step
 
 
@@ -147,7 +187,7 @@ def test_without_noise_and_clipping_a_dp_step_is_the_plain_mean_gradient_step():
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     model, reference = _linear(), _linear()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    with dp_training(model, optimizer, _ledger(noise_multiplier=1e-12, max_grad_norm=1e6), expected_batch_size=8,
+    with dp_training(model, optimizer, _ledger(noise_multiplier=1e-12, max_grad_norm=1e6),
                      noise_seed=0) as (dp_model, dp_optimizer):
         dp_step(dp_model, dp_optimizer, cross_entropy_step, x, y, weight=0.25)
     F.cross_entropy(reference(x), y).backward()
@@ -161,7 +201,7 @@ def test_each_example_is_clipped_and_an_empty_draw_still_adds_noise():
     model = _linear()
     start = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    with dp_training(model, optimizer, _ledger(noise_multiplier=1e-12, max_grad_norm=0.1), expected_batch_size=8,
+    with dp_training(model, optimizer, _ledger(noise_multiplier=1e-12, max_grad_norm=0.1),
                      noise_seed=0) as (dp_model, dp_optimizer):
         dp_step(dp_model, dp_optimizer, cross_entropy_step, x, y)
     moved = torch.cat([(p.detach() - s).flatten() for p, s in zip(model.parameters(), start)]).norm()
@@ -169,7 +209,7 @@ def test_each_example_is_clipped_and_an_empty_draw_still_adds_noise():
     model = _linear()
     start = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    with dp_training(model, optimizer, _ledger(noise_multiplier=1.0), expected_batch_size=8,
+    with dp_training(model, optimizer, _ledger(noise_multiplier=1.0),
                      noise_seed=0) as (dp_model, dp_optimizer):
         dp_step(dp_model, dp_optimizer, cross_entropy_step, x[:0], y[:0])
     assert any(not torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
@@ -181,7 +221,7 @@ def test_the_public_half_of_a_distillation_step_is_a_plain_step():
     term = ReferenceKD(inputs, targets, 0.8, 5, KLLoss(temperature=2.0, scale=1.0), torch.Generator().manual_seed(3))
     same = ReferenceKD(inputs, targets, 0.8, 5, KLLoss(temperature=2.0, scale=1.0), torch.Generator().manual_seed(3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    with dp_training(model, optimizer, _ledger(noise_multiplier=5.0), expected_batch_size=8,
+    with dp_training(model, optimizer, _ledger(noise_multiplier=5.0),
                      noise_seed=0) as (dp_model, dp_optimizer):
         public_step(dp_model, dp_optimizer, term, torch.device("cpu"))
     same.public_loss(reference).backward()

@@ -41,7 +41,7 @@ EXAMPLES: list[P.WireMessage] = [
                  num_reference=30, handler_seconds=0.5, peak_rss_mb=10.0),
     P.LocalTrainRequest(server_round=4),
     P.TrainReply(num_examples=10, train_loss=math.nan, samples_seen=0, train_seconds=0.0),
-    P.ReferenceDistill(server_round=2, kd=KD, kl=KL, mix="probs", precision="float16",
+    P.ReferenceDistill(server_round=2, kd=KD, kl=KL, mix="probs", precision="float16", answer_model="personal",
                        targets=np.zeros((5, 3), np.float16),
                        population=P.Population(reference_logits=np.zeros((2, 5, 3), np.float16),
                                                device_ids=np.arange(2), quality=np.ones(2, np.float32),
@@ -126,7 +126,7 @@ def test_a_device_refuses_a_malformed_request_naming_the_field(tmp_path, how, ke
     cfg = small_config(tmp_path, "strategy=sd-dist", devices=2)
     setup = client_app(P.SetupRequest(run_config=to_yaml(cfg)).message(node), grid.contexts[node])
     assert not setup.has_error()
-    good = P.ReferenceDistill(server_round=1, kd=KD, kl=KL, mix="probs", precision="float16")
+    good = P.ReferenceDistill(server_round=1, kd=KD, kl=KL, mix="probs", precision="float16", answer_model="personal")
     message = Message(_broken(good.to_record(), how, key), node, good.message_type)
     reply = client_app(message, grid.contexts[node])
     assert reply.has_error()
@@ -221,11 +221,12 @@ def test_device_handlers_read_only_the_fields_their_request_type_declares():
 
 def test_settings_travel_as_the_settings_objects_of_the_code_that_uses_them():
     """The wire form of a setting is its field: a strategy's settings reach the device unchanged."""
-    exchange = ReferenceDistillSettings(rho=0.45, temperature=2.5, reference_batch_size=7, min_steps=3)
+    exchange = ReferenceDistillSettings(rho=0.45, temperature=2.5, reference_batch_size=7, min_steps=3,
+                                        answer_model="private")
     request = P.ReferenceDistill(server_round=1, kd=exchange.kd_term(), kl=exchange.kl_loss(), mix=exchange.mix,
-                                 precision=exchange.precision)
+                                 precision=exchange.precision, answer_model=exchange.answer_model)
     config = dict(request.to_record()["config"])
     assert config["kd.rho"] == 0.45 and config["kd.batch_size"] == 7 and config["kd.min_steps"] == 3
-    assert config["kl.temperature"] == 2.5 and config["kl.scale"] == 2.5**2
+    assert config["kl.temperature"] == 2.5 and config["kl.scale"] == 2.5**2 and config["answer_model"] == "private"
     decoded = P.ReferenceDistill.from_record(request.to_record())
     assert decoded.kd == exchange.kd_term() and decoded.kl == exchange.kl_loss()

@@ -32,6 +32,17 @@ Which steps are accounted, and why:
   evaluation on the global test set: a function of the DP models and public
   data, so it costs nothing further.
 
+How to spend the budget well: a device whose strategy answers with a
+**private model** (``strategy.kd.answer_model=private`` for FedMD/SD-Dist,
+FedDF's and MEKD's default) and distils with ``rho = 1`` keeps its private data
+to that one model: the private model takes the DP steps and its predictions
+are what the device sends, while the device's own model takes public steps
+only, towards the others' (and through them its own) predictions — it never
+reads private data, is never noised, and costs nothing. The noise is then
+planned for one model instead of two, and the own model's knowledge, learnt
+in plain steps, is not erased by the noise of later private steps
+(measured in ``docs/results/privacy.md``).
+
 Not covered: the device's size (``num_examples``, sent as Flower does) and
 its evaluation replies (accuracy on its own held-out split), which are
 measurements of the experiment; a deployment that must not reveal them turns
@@ -233,6 +244,8 @@ class DeviceAccountant:
 
         self.settings = settings
         self.sample_rate = min(1.0, batch_size / num_train)
+        #: the mean size of a Poisson draw, ``q · num_train``: what a DP step's summed gradient is divided by
+        self.expected_batch_size = max(1, round(self.sample_rate * num_train))
         if settings.target_epsilon > 0:
             if planned < 1:
                 raise ValueError("privacy.target_epsilon needs the planned number of steps (planned >= 1)")
@@ -286,12 +299,15 @@ class DeviceAccountant:
 
 @contextmanager
 def dp_training(model: nn.Module, optimizer: torch.optim.Optimizer, accountant: DeviceAccountant, *,
-                expected_batch_size: int, noise_seed: int) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
+                noise_seed: int) -> Iterator[tuple[nn.Module, torch.optim.Optimizer]]:
     """``(model, optimizer)`` that take DP-SGD steps for the duration of the block.
 
     The model computes per-example gradients (Opacus' ``GradSampleModule``),
-    the optimizer clips them and adds seeded noise (``DPOptimizer``; the
-    noise is drawn from ``noise_seed``, so a run is reproducible). The
+    the optimizer clips them, adds seeded noise (``DPOptimizer``; the
+    noise is drawn from ``noise_seed``, so a run is reproducible) and divides
+    the sum by the expected size of a draw (``accountant.expected_batch_size``:
+    a device with fewer examples than ``batch_size`` averages over its whole
+    data, not over an absent batch). The
     wrapped ``optimizer``'s state is the one that persists; the hooks are
     removed when the block ends. The caller counts the steps with
     :meth:`DeviceAccountant.record`.
@@ -302,7 +318,8 @@ def dp_training(model: nn.Module, optimizer: torch.optim.Optimizer, accountant: 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(noise_seed)
     wrapped = GradSampleModule(model, loss_reduction="mean")
     dp = DPOptimizer(optimizer, noise_multiplier=accountant.noise_multiplier,
-                     max_grad_norm=accountant.settings.max_grad_norm, expected_batch_size=expected_batch_size,
+                     max_grad_norm=accountant.settings.max_grad_norm,
+                     expected_batch_size=accountant.expected_batch_size,
                      loss_reduction="mean", generator=generator)
     try:
         with warnings.catch_warnings():  # the hooks' note that inputs need no gradient is expected here

@@ -61,8 +61,8 @@ __all__ = [
 
 #: what a teacher may answer with
 RESPONSE_KINDS: tuple[str, ...] = ("logits", "soft", "hard")
-#: which model a device answers queries with: its own (which also distils from the
-#: ensemble), or a private one that trains on its private data alone
+#: which model a device answers with (queries, reference predictions): its own (which
+#: also distils from the others), or a private one that trains on its private data alone
 ANSWER_MODELS: tuple[str, ...] = ("personal", "private")
 
 

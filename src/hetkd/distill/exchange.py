@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from hetkd.distill.codec import PRECISIONS
 from hetkd.distill.divergence import check_logits
+from hetkd.distill.ensemble import ANSWER_MODELS
 from hetkd.distill.losses import KDTerm, KLLoss
 from hetkd.distill.robust import AGGREGATES, robust_aggregate, robust_probabilities, screened_weights
 from hetkd.distill.similarity import outlier_devices
@@ -57,6 +58,15 @@ class ReferenceDistillSettings:
     paper); 10 is about one pass over a 300-sample reference set at batch
     size 32, so devices with a few samples still distil.
 
+    ``answer_model`` says which model's predictions a device sends:
+    ``personal`` (its own, which distils: the published behaviour) or
+    ``private`` (a copy of it that trains on the private data alone from the
+    first distillation round on, as FedDF's answer model, so the predictions
+    never echo the neighbours'). With ``rho = 1`` the device's own model then
+    learns only by distillation on public inputs; under differential privacy
+    (:mod:`hetkd.privacy`) it never reads private data, and only the private
+    model's steps are accounted.
+
     ``aggregate`` says how a learner's teachers combine: ``mean`` (``W @ Z``,
     the published behaviour), or, robust to a poisoning minority,
     ``screened_mean`` (``W @ Z`` without the teachers the outlier test of
@@ -86,10 +96,12 @@ class ReferenceDistillSettings:
     min_steps: int = 10
     aggregate: str = "mean"
     trim_fraction: float = 0.2
+    answer_model: str = "personal"
 
     def __post_init__(self) -> None:
         require_types(self)
         require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1], got {self.rho}")
+        require_choice(self.answer_model, "answer_model", ANSWER_MODELS)
         require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         require(self.reference_batch_size >= 0, "reference_batch_size",
                 f"must be >= 0 (0 = the private batch size), got {self.reference_batch_size}")

@@ -96,7 +96,9 @@ class TrainReply(Reply):
     (NaN when no batch was trained, and from a DP device, which keeps it home), samples
     seen, seconds spent training; a DP device (:mod:`hetkd.privacy`) adds its ``epsilon``
     so far and whether its budget stopped training this round (``privacy_exhausted``;
-    both ``None`` from a device without DP, so nothing about privacy travels then)."""
+    both ``None`` from a device without DP, so nothing about privacy travels then); a
+    device that keeps a private answer model adds that model's training loss and seconds
+    (``None`` otherwise; the loss ``None`` from a DP device too)."""
 
     num_examples: int
     train_loss: float
@@ -104,6 +106,8 @@ class TrainReply(Reply):
     train_seconds: float
     epsilon: float | None = None
     privacy_exhausted: bool | None = None
+    private_train_loss: float | None = None
+    private_train_seconds: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -156,7 +160,8 @@ class ReferenceDistill(TrainRequest):
     """FedMD / SD-Dist: train on the private data, distilling towards ``targets``
     (log-probabilities ``(R, C)`` on the reference set) when there are any, or towards
     the mix of neighbours the device picks from ``population``; reply with predictions
-    on the reference set encoded at ``precision``."""
+    on the reference set encoded at ``precision``, made by the model ``answer_model``
+    names (``private``: a copy trained on its private data alone)."""
 
     message_type: ClassVar[str] = "train.reference_distill"
     reply_type: ClassVar[type[Reply]] = ReferencePredictions
@@ -165,8 +170,12 @@ class ReferenceDistill(TrainRequest):
     kl: KLLoss
     mix: str
     precision: str
+    answer_model: str
     targets: np.ndarray | None = None
     population: Population | None = None
+
+    def __post_init__(self) -> None:
+        require_choice(self.answer_model, "answer_model", ANSWER_MODELS)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -184,13 +193,11 @@ class Targets:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class QueryAnswers(TrainReply):
-    """The device's answers on this round's query (``None`` when there was none), whether it
-    distilled, and its private model's training loss when it keeps one."""
+    """The device's answers on this round's query (``None`` when there was none) and whether it
+    distilled."""
 
     answers: np.ndarray | None = None
     distilled: bool
-    private_train_loss: float | None = None
-    private_train_seconds: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
