@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from hetkd.clients import DiskStateStore
+from hetkd.clients.device import DistillClient
 from hetkd.config import resolve_config
 from hetkd.results import read_metrics
 from hetkd.simulations.deploy import LocalFederation, run_config_overrides, running_in_group
@@ -146,3 +148,38 @@ def test_hetkd_deploy_rejects_a_bad_config_before_starting_anything(tmp_path, ca
     assert main(["deploy", "--devices", "2", "--home", str(tmp_path / "home"), "partition.alpah=0.1"]) == 2
     assert "partition.alpah" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()  # no FLWR_HOME, no process
+
+
+@pytest.mark.slow
+def test_dp_devices_over_grpc_report_their_epsilon_and_keep_their_ledger_with_their_state(tmp_path):
+    """2 SuperNodes training with DP-SGD (FedMD, private answers, rho = 1), 2 rounds: each device's
+    epsilon reaches the round's metrics and grows, and the ledger is in the device's state file
+    on its node: a device rebuilt from that file gives the epsilon it reported."""
+    app_dir = tmp_path / "app"
+    shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__",
+                                                                 "*.egg-info", ".pytest_cache", ".ruff_cache"))
+    out, state_dir = tmp_path / "out", tmp_path / "device-state"
+    cfg = resolve_config(None, [
+        "strategy=fedmd", "simulation.num_devices=2", "num-server-rounds=2",
+        "models.assignment=per_device", "models.architectures=[mlp_s,cnn_s]",
+        "reference.size=100", "partition.min_samples=5", "training.local_epochs=1",
+        "privacy.enabled=true", "privacy.noise_multiplier=1.0",
+        "strategy.kd.answer_model=private", "strategy.kd.rho=1", "strategy.kd.min_steps=2",
+        "simulation.round_timeout=180", "output.plots=false", "output.progress=false", f"output.dir={out}",
+    ])
+    fed = LocalFederation(2, tmp_path / "flwr-home", node_configs=[{"state-dir": str(state_dir)}] * 2)
+    try:
+        fed.start()
+        run = fed.submit(app_dir, run_config_overrides(cfg))
+        assert run.popen.wait(timeout=300) == 0, run.log_text()[-4000:]
+    finally:
+        fed.stop()
+    assert all(not running_in_group(pid) for pid in fed.pids()), "every process started was stopped"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and rows[1]["distilled_devices"] == 2
+    assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"]
+    for device in (0, 1):
+        reported = rows[1]["devices"][str(device)]["epsilon"]
+        rebuilt = DistillClient.from_config(cfg, device)
+        rebuilt.load_state_dict(DiskStateStore(state_dir, device).load())
+        assert rebuilt.accountant.steps > 0 and rebuilt.accountant.epsilon() == pytest.approx(reported, rel=1e-9)
