@@ -71,6 +71,29 @@ def test_only_reference_predictions_and_scalars_leave_a_device(tmp_path):
     assert reports[1].metrics["bytes_up_per_device"] < 2 * r * c + 1000
 
 
+@pytest.mark.parametrize("selection", ["server", "device"])
+def test_private_answers_never_echo_what_the_device_distils(tmp_path, selection):
+    """With answer_model=private the reference predictions a device sends come from a model
+    trained on its private data alone: the same whatever it distils (rho); with its own
+    model they follow the targets."""
+
+    def sent(answer_model, rho):
+        cfg = small_config(tmp_path, *SD, f"strategy.kd.answer_model={answer_model}", f"strategy.kd.rho={rho}",
+                           f"strategy.sd_dist.neighbour_selection={selection}")
+        grid = InProcessGrid(4)
+        _start(cfg, grid, rounds=3)
+        replies = [t for t in grid.traffic if t.message.metadata.message_type == P.ReferenceDistill.message_type]
+        assert all(P.ReferenceDistill.from_record(t.message.content).answer_model == answer_model for t in replies)
+        return [P.ReferencePredictions.from_record(t.reply.content) for t in replies]
+
+    private_low, private_high = sent("private", 0.2), sent("private", 0.9)
+    assert all(np.array_equal(a.reference_logits, b.reference_logits) for a, b in zip(private_low, private_high))
+    assert all(r.private_train_loss > 0 for r in private_low if r.distilled)  # the private model trained too
+    own_low, own_high = sent("personal", 0.2), sent("personal", 0.9)
+    assert not np.array_equal(own_low[-1].reference_logits, own_high[-1].reference_logits)
+    assert all(r.private_train_loss is None for r in own_low)
+
+
 def test_distillation_rounds_report_neighbours_and_churn(tmp_path):
     cfg = small_config(tmp_path, *SD)
     strategy, reports = _start(cfg, InProcessGrid(4), rounds=3)
