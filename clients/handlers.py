@@ -32,7 +32,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
@@ -124,6 +124,24 @@ def evaluate(request: P.EvaluateRequest, context: Context, devices: DeviceSource
 
 # --------------------------------------------------------------------------- logit exchange
 
+def train_round(client: DistillClient, server_round: int, private: bool,
+                distil: Callable[[], dict[str, Any]] | None, min_steps: int = 0) -> dict[str, Any]:
+    """One round's training of a distilling device: ``distil()`` when the server sent targets,
+    its private data alone otherwise (``min_steps`` per epoch). With a private answer model
+    (``private``) the device forks it before its model first learns from the others and
+    trains it on the private data alone every round after; that model trains last, so its
+    privacy report is the round's."""
+    if distil is None:
+        metrics = client.fit(server_round, min_steps=min_steps)
+    else:
+        if private:
+            client.fork_private_model()  # before the device's model first learns from the others
+        metrics = distil()
+    if private and client.private_model is not None:
+        metrics |= client.fit_private(server_round, min_steps=min_steps)
+    return metrics
+
+
 NEIGHBOURS_STATE_KEY = "hetkd.neighbours"
 
 
@@ -181,18 +199,12 @@ def train_reference_distill(
             target = decode_logits(request.targets)
         elif request.population is not None:
             target, picked = pick_own_target(client, request, context)
-        if target is None:
-            metrics = client.fit(round_)
-        else:
-            if private:
-                client.fork_private_model()  # before the device's model first learns from the others
-            metrics = client.fit_towards(round_, target, request.kd, request.kl)
-        extra = client.fit_private(round_) if private and client.private_model is not None else {}
+        distil = None if target is None else lambda: client.fit_towards(round_, target, request.kd, request.kl)
+        metrics = train_round(client, round_, private, distil)
         predictions = encode_logits(client.outgoing(client.reference_logits(private=private), round_),
                                     request.precision)
-        # the private model trained last: its privacy report is the round's
-        return P.ReferencePredictions(**(metrics | extra), reference_logits=predictions,
-                                      distilled=target is not None, **picked)  # type: ignore[arg-type]
+        return P.ReferencePredictions(**metrics, reference_logits=predictions, distilled=target is not None,
+                                      **picked)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- ensemble distillation
@@ -239,26 +251,24 @@ def train_ensemble_distill(request: P.EnsembleDistill, context: Context, devices
                 "generator": generator}
         private = request.answer_model == "private"
         targets = request.targets
-        if targets is not None:
-            if private:
-                client.fork_private_model()  # before the device's model first learns from the others
+
+        def distil() -> dict[str, Any]:
+            assert targets is not None
             answers = decode_answers(targets.answers, targets.kind, client.global_test.num_classes)
             loss = request.loss.bind(generator if request.loss.w_f > 0 else None)
-            metrics = client.fit_towards(
+            return client.fit_towards(
                 round_, teacher_logits(answers, targets.kind, hard_margin=request.loss.hard_margin), request.kd, loss,
                 inputs=resolve_queries(targets.query, **held),
             )
-        else:
-            metrics = client.fit(round_, min_steps=request.kd.min_steps)
-        extra = client.fit_private(round_, min_steps=request.kd.min_steps) if private and client.private_model is not None else {}
+
+        metrics = train_round(client, round_, private, None if targets is None else distil, request.kd.min_steps)
         answers_now = None
         if request.query is not None:
             shipped = None if request.query_inputs is None else torch.from_numpy(request.query_inputs.copy())
             inputs = resolve_queries(request.query, inputs=shipped, **held)
             mine = client.outgoing(client.predict(inputs, private=private), round_)
             answers_now = encode_answers(mine, request.response, request.precision)
-        # the private model trained last: its privacy report is the round's
-        return P.QueryAnswers(**(metrics | extra), answers=answers_now, distilled=targets is not None)
+        return P.QueryAnswers(**metrics, answers=answers_now, distilled=targets is not None)
 
 
 #: Flower message type -> handler(message, context, devices): every action a hetkd device answers
