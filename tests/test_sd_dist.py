@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from hetkd import protocol as P
-from hetkd.config import to_yaml
+from hetkd.config import ConfigError, resolve_config, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.exchange import ReferenceDistillSettings
 from hetkd.distill.similarity import NeighbourSearch
@@ -224,3 +224,8 @@ def test_strategy_rejects_bad_arguments_by_name():
         SDDist(num_reference=10, num_classes=3, exchange=ReferenceDistillSettings(precision="int4"))
     with pytest.raises(ValueError, match="reference_labels"):
         SDDist(num_reference=10, num_classes=3, reference_labels=torch.zeros(9, dtype=torch.long))
+
+
+def test_an_unknown_answer_model_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"strategy\.kd\.answer_model.*'public'"):
+        resolve_config(None, ["strategy.kd.answer_model=public"])
