@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,19 @@ from hetkd.simulations.fleet import superlink_address_args
 from hetkd.simulations.local_grid import InProcessGrid, Traffic  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_app(dst: Path) -> Path:
+    """Copy the project to ``dst`` as git sees it: without ``.git`` and what ``.gitignore`` names
+    (virtual environments, outputs, caches, build folders), so a test's ``flwr run`` gets a copy of
+    the app it may rewrite and CI's disk never holds a copy of a venv."""
+    ignored = [line.strip().rstrip("/") for line in (PROJECT_ROOT / ".gitignore").read_text().splitlines()]
+    patterns = [pattern for pattern in ignored if pattern and not pattern.startswith("#")]
+    shutil.copytree(PROJECT_ROOT, dst, ignore=shutil.ignore_patterns(".git", *patterns))
+    return dst
 
 
 def small_config(tmp_path, *overrides: str, devices: int = 4) -> HetkdConfig:

@@ -11,8 +11,6 @@ folder) and free ports, and is stopped by its process group, also when the test 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +20,7 @@ from hetkd.config import resolve_config
 from hetkd.results import read_metrics
 from hetkd.simulations.deploy import LocalFederation, run_config_overrides, running_in_group
 from hetkd.simulations.fleet import FLEET_ON_SUPERLINK_PORT, FLOWER_VERSION, fleet_address, superlink_address_args
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import copy_app
 
 
 def test_the_fleet_api_layout_follows_the_installed_flower():
@@ -72,8 +69,7 @@ def test_sd_dist_over_grpc_survives_a_supernode_killed_mid_round(tmp_path):
     """3 SuperNodes with 3 different models, 2 rounds of SD-Dist; SuperNode 2 is stopped while it trains
     in round 1 and started again: the run goes on without it and it trains again in round 2."""
     app_dir = tmp_path / "app"  # flwr run may rewrite an app's pyproject: give it a copy
-    shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__",
-                                                                 "*.egg-info", ".pytest_cache", ".ruff_cache"))
+    copy_app(app_dir)
     out = tmp_path / "out"
     cfg = resolve_config(None, [
         "strategy=sd-dist", "simulation.num_devices=3", "num-server-rounds=2",
@@ -156,8 +152,7 @@ def test_dp_devices_over_grpc_report_their_epsilon_and_keep_their_ledger_with_th
     epsilon reaches the round's metrics and grows, and the ledger is in the device's state file
     on its node: a device rebuilt from that file gives the epsilon it reported."""
     app_dir = tmp_path / "app"
-    shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__",
-                                                                 "*.egg-info", ".pytest_cache", ".ruff_cache"))
+    copy_app(app_dir)
     out, state_dir = tmp_path / "out", tmp_path / "device-state"
     cfg = resolve_config(None, [
         "strategy=fedmd", "simulation.num_devices=2", "num-server-rounds=2",

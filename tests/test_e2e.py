@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,8 @@ import pytest
 
 from hetkd.results import read_metrics
 from hetkd.simulations import run
-from tests.conftest import simulation_superlink, small_config
+from tests.conftest import copy_app, simulation_superlink, small_config
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 RUN_FILES = ("config.yaml", "federation.json", "metrics.jsonl", "summary.json", "accuracy.png")
@@ -63,7 +61,7 @@ def test_flwr_run_drives_the_same_apps(tmp_path):
     if not flwr.exists():
         pytest.skip("flwr CLI not installed beside this Python")
     app_dir = tmp_path / "app"
-    shutil.copytree(ROOT, app_dir, ignore=shutil.ignore_patterns(".git", ".venv*", "outputs", "__pycache__", "*.egg-info"))
+    copy_app(app_dir)
     with simulation_superlink(tmp_path) as env:
         out = tmp_path / "out"
         result = subprocess.run(
