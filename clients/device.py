@@ -290,6 +290,10 @@ class DistillClient:
         loss = None if self.accountant is not None else metrics["train_loss"]  # a DP device keeps its loss home
         return {"private_train_loss": loss, "private_train_seconds": metrics["train_seconds"], **self.privacy_report()}
 
+    def untrained_report(self) -> dict[str, Any]:
+        """What training reports of a round in which the model takes no step (privacy aside)."""
+        return {"train_loss": math.nan, "num_examples": len(self.data.train), "samples_seen": 0, "train_seconds": 0.0}
+
     def privacy_report(self) -> dict[str, Any]:
         """What a DP device reports of its privacy after training: its ε so far and whether the
         budget stopped training this round (empty without DP)."""
@@ -356,8 +360,7 @@ class DistillClient:
         public_steps = epochs * poisson_steps(len(self.data.train), batch_size, min_steps) if public and public.rho else 0
         if self.training.max_steps:
             steps, public_steps = min(steps, self.training.max_steps), min(public_steps, self.training.max_steps)
-        report: dict[str, Any] = {"train_loss": math.nan, "num_examples": len(self.data.train), "samples_seen": 0,
-                                  "train_seconds": 0.0}
+        report = self.untrained_report()
         if not accountant.allows(steps):
             _log.warning("device %d: %d more DP step(s) would take epsilon from %.3f to %.3f, over the budget %.3f; "
                          "it stops training and keeps answering with the model it has", self.device_id, steps,

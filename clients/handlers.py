@@ -125,18 +125,22 @@ def evaluate(request: P.EvaluateRequest, context: Context, devices: DeviceSource
 # --------------------------------------------------------------------------- logit exchange
 
 def train_round(client: DistillClient, server_round: int, private: bool,
-                distil: Callable[[], dict[str, Any]] | None, min_steps: int = 0) -> dict[str, Any]:
+                distil: Callable[[], dict[str, Any]] | None, rho: float, min_steps: int = 0) -> dict[str, Any]:
     """One round's training of a distilling device: ``distil()`` when the server sent targets,
     its private data alone otherwise (``min_steps`` per epoch). With a private answer model
     (``private``) the device forks it before its model first learns from the others and
     trains it on the private data alone every round after; that model trains last, so its
-    privacy report is the round's."""
-    if distil is None:
-        metrics = client.fit(server_round, min_steps=min_steps)
-    else:
+    privacy report is the round's. Once forked, with ``rho = 1`` (the distillation term
+    alone) the device's own model learns from the others only: a round without targets
+    leaves it as it is, so under DP one model reads the private data, as the budget plans."""
+    if distil is not None:
         if private:
             client.fork_private_model()  # before the device's model first learns from the others
         metrics = distil()
+    elif private and client.private_model is not None and rho == 1:
+        metrics = client.untrained_report()
+    else:
+        metrics = client.fit(server_round, min_steps=min_steps)
     if private and client.private_model is not None:
         metrics |= client.fit_private(server_round, min_steps=min_steps)
     return metrics
@@ -200,7 +204,7 @@ def train_reference_distill(
         elif request.population is not None:
             target, picked = pick_own_target(client, request, context)
         distil = None if target is None else lambda: client.fit_towards(round_, target, request.kd, request.kl)
-        metrics = train_round(client, round_, private, distil)
+        metrics = train_round(client, round_, private, distil, request.kd.rho)
         predictions = encode_logits(client.outgoing(client.reference_logits(private=private), round_),
                                     request.precision)
         return P.ReferencePredictions(**metrics, reference_logits=predictions, distilled=target is not None,
@@ -261,7 +265,8 @@ def train_ensemble_distill(request: P.EnsembleDistill, context: Context, devices
                 inputs=resolve_queries(targets.query, **held),
             )
 
-        metrics = train_round(client, round_, private, None if targets is None else distil, request.kd.min_steps)
+        metrics = train_round(client, round_, private, None if targets is None else distil, request.kd.rho,
+                              request.kd.min_steps)
         answers_now = None
         if request.query is not None:
             shipped = None if request.query_inputs is None else torch.from_numpy(request.query_inputs.copy())

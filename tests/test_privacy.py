@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from hetkd import protocol as P
 from hetkd.clients import make_client_app
 from hetkd.clients.device import DistillClient
+from hetkd.clients.handlers import train_round
 from hetkd.config import ConfigError, resolve_config, to_yaml
 from hetkd.data import build_federation
 from hetkd.distill.losses import KDTerm, KLLoss, ReferenceKD
@@ -169,6 +170,31 @@ def test_private_answers_at_rho_one_spend_what_local_training_spends(tmp_path, s
         reply = P.ReferencePredictions.from_record(t.reply.content)
         assert request.answer_model == "private" and reply.distilled
         assert reply.private_train_loss is None and reply.epsilon > 0  # a DP device keeps its loss home
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.5])
+def test_a_round_without_targets_leaves_a_rho_one_model_to_the_others_and_spends_one_models_steps(tmp_path, rho):
+    """Once a device keeps a private answer model, a round in which no targets come (no teacher
+    replied) trains that model on the private data; at rho = 1 the device's own model learns
+    from the others only, so it is left as it is and the round costs one model's DP steps, as
+    the budget plans. At rho < 1 the own model trains on its private data as well."""
+    client, _ = _device(tmp_path, "privacy.noise_multiplier=1.0")
+    kd = KDTerm(rho=rho, batch_size=8, min_steps=2)
+    targets = torch.randn(len(client.reference), 10)
+    train_round(client, 1, True, lambda: client.fit_towards(1, targets, kd, KLLoss(temperature=2.0, scale=1.0)), rho)
+    one_model = math.ceil(len(client.data.train) / 16)  # DP steps of one model's epoch
+    assert client.accountant.steps == (1 if rho == 1 else 2) * one_model
+    own, private = (copy.deepcopy(m.state_dict()) for m in (client.model, client.private_model))
+    spent = client.accountant.steps
+    metrics = train_round(client, 2, True, None, rho)
+    own_changed = any(not torch.equal(own[k], v) for k, v in client.model.state_dict().items())
+    assert any(not torch.equal(private[k], v) for k, v in client.private_model.state_dict().items())
+    if rho == 1:
+        assert not own_changed and metrics["samples_seen"] == 0
+        assert client.accountant.steps == spent + one_model
+    else:
+        assert own_changed and client.accountant.steps == spent + 2 * one_model
+    assert metrics["epsilon"] == pytest.approx(client.accountant.epsilon())
 
 
 # --------------------------------------------------------------------------- one DP-SGD step
