@@ -157,11 +157,15 @@ class OwnDevices:
         seed: int = 0,
         state_dir: str | Path | None = None,
         privacy: PrivacySettings | None = None,
+        private_model_fn: Callable[[Context], nn.Module] | None = None,
     ) -> None:
         if not callable(model_fn):
             raise TypeError(f"model_fn must be callable (context -> torch.nn.Module), got {type(model_fn).__name__}")
         if not callable(data_fn):
             raise TypeError(f"data_fn must be callable (context -> DeviceDataset), got {type(data_fn).__name__}")
+        if private_model_fn is not None and not callable(private_model_fn):
+            raise TypeError("private_model_fn must be callable (context -> torch.nn.Module) or None, "
+                            f"got {type(private_model_fn).__name__}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.model_fn = model_fn
@@ -171,6 +175,7 @@ class OwnDevices:
         self.seed = seed
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
         self.privacy = privacy
+        self.private_model_fn = private_model_fn
 
     def training_for(self, context: Context) -> TrainingConfig:
         """The device's training settings: ``make_client_app``'s, with the run config's ``lr``,
@@ -199,6 +204,12 @@ class OwnDevices:
             model = self.model_fn(context)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+        private_init = None
+        if self.private_model_fn is not None:
+            with seeded(self.seed, "init-private", device_id):
+                private_init = self.private_model_fn(context)
+            if not isinstance(private_init, nn.Module):
+                raise TypeError(f"private_model_fn must return a torch.nn.Module, got {type(private_init).__name__}")
         client = DistillClient(
             device_id=device_id,
             architecture=type(model).__name__,
@@ -210,6 +221,7 @@ class OwnDevices:
             reference=reference,
             privacy=self.privacy,
             planned_rounds=int(context.run_config.get("num-server-rounds", 0)),  # Flower's template key
+            private_model_init=private_init,
         )
         state_dir = node.state_dir or self.state_dir
         store: StateStore = DiskStateStore(state_dir, device_id) if state_dir is not None else ContextStateStore(context)
@@ -225,6 +237,7 @@ def make_client_app(
     seed: int = 0,
     state_dir: str | Path | None = None,
     privacy: PrivacySettings | None = None,
+    private_model_fn: Callable[[Context], nn.Module] | None = None,
 ) -> ClientApp:
     """A Flower ``ClientApp`` whose devices hold your model and your data.
 
@@ -259,5 +272,12 @@ def make_client_app(
         (:mod:`hetkd.privacy`); a model DP-SGD cannot train is refused at
         set-up naming its layers. ``target_epsilon`` plans over the run
         config's ``num-server-rounds``.
+    private_model_fn : Callable[[Context], nn.Module] | None
+        Builds the node's private answer model, when the strategy asks devices
+        to answer with one (``answer_model="private"``): a model that trains on
+        the private data alone, of any architecture (under DP a small one, such
+        as a linear model, learns most for its ε). None: a copy of the node's
+        model, forked when it first distils.
     """
-    return build_client_app(OwnDevices(model_fn, data_fn, num_classes, training, seed, state_dir, privacy))
+    return build_client_app(OwnDevices(model_fn, data_fn, num_classes, training, seed, state_dir, privacy,
+                                       private_model_fn))

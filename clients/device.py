@@ -108,11 +108,15 @@ class DistillClient:
         and the models trained on its private data each round (2 with a private
         answer model); see :func:`~hetkd.privacy.planned_steps`.
 
+    private_model_init : nn.Module | None
+        The model to start the private answer model from (:meth:`fork_private_model`):
+        a fresh model, of any architecture (``models.private_architecture``); None:
+        a copy of ``model`` forked when it first distils.
+
     A device may also keep a **private model** (:meth:`fork_private_model`): a
-    copy of its architecture that only ever trains on its private data, so its
-    answers to queries say what the device learnt itself and never echo the
-    ensemble the device's own model distils from (ensemble distillation with
-    ``answer_model="private"``).
+    model that only ever trains on its private data, so its answers and
+    predictions say what the device learnt itself and never echo what the
+    device's own model distils from (``answer_model="private"``).
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class DistillClient:
         privacy: PrivacySettings | None = None,
         planned_rounds: int = 0,
         planned_models: int = 1,
+        private_model_init: nn.Module | None = None,
     ) -> None:
         self.device_id = device_id
         self.architecture = architecture
@@ -138,6 +143,8 @@ class DistillClient:
         self.privacy_exhausted = False
         if privacy is not None and privacy.enabled:
             model = private_model(model, architecture, privacy)
+            if private_model_init is not None:
+                private_model_init = private_model(private_model_init, type(private_model_init).__name__, privacy)
             planned = 0
             if privacy.target_epsilon > 0:
                 if planned_rounds < 1:
@@ -157,6 +164,7 @@ class DistillClient:
         self.adversary = adversary
         self.optimizer = make_optimizer(self.model, training)
         self.rounds_trained = 0
+        self.private_model_init = private_model_init
         self.private_model: nn.Module | None = None
         self.private_optimizer: torch.optim.Optimizer | None = None
 
@@ -175,10 +183,15 @@ class DistillClient:
             architecture = cfg.models.assign(cfg.simulation.num_devices)[device_id]
         with seeded(cfg.seed, "init", device_id):
             model = build_model(architecture, federation.input_shape, federation.num_classes)
+        private_init = None
+        if cfg.models.private_architecture:
+            with seeded(cfg.seed, "init-private", device_id):
+                private_init = build_model(cfg.models.private_architecture, federation.input_shape,
+                                           federation.num_classes)
         return cls(
             device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed, federation.reference,
             adversary=data.adversary, privacy=cfg.privacy, planned_rounds=cfg.simulation.num_rounds,
-            planned_models=_models_per_round(cfg),
+            planned_models=_models_per_round(cfg), private_model_init=private_init,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -236,17 +249,22 @@ class DistillClient:
                     group["lr"] = training.lr
 
     def fork_private_model(self) -> nn.Module:
-        """The private model, forked from the device's model (weights and optimizer
-        state) the first time it is asked for.
+        """The private model: ``private_model_init`` or else a fork of the device's model
+        (weights and optimizer state), made the first time it is asked for.
 
         Fork it before the device's model first learns from others: until then
         both have trained on the private data alone, so the fork continues the
-        very model the device would have trained by itself.
+        very model the device would have trained by itself. A model of its own
+        (``private_model_init``) is asked for from the first round.
         """
         if self.private_model is None:
-            self.private_model = copy.deepcopy(self.model)
-            self.private_optimizer = make_optimizer(self.private_model, self.training)
-            self.private_optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+            if self.private_model_init is not None:
+                self.private_model = self.private_model_init.to(self.torch_device)
+                self.private_optimizer = make_optimizer(self.private_model, self.training)
+            else:
+                self.private_model = copy.deepcopy(self.model)
+                self.private_optimizer = make_optimizer(self.private_model, self.training)
+                self.private_optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
         return self.private_model
 
     def get_weights(self) -> dict[str, torch.Tensor]:

@@ -128,14 +128,15 @@ def train_round(client: DistillClient, server_round: int, private: bool,
                 distil: Callable[[], dict[str, Any]] | None, rho: float, min_steps: int = 0) -> dict[str, Any]:
     """One round's training of a distilling device: ``distil()`` when the server sent targets,
     its private data alone otherwise (``min_steps`` per epoch). With a private answer model
-    (``private``) the device forks it before its model first learns from the others and
-    trains it on the private data alone every round after; that model trains last, so its
-    privacy report is the round's. Once forked, with ``rho = 1`` (the distillation term
-    alone) the device's own model learns from the others only: a round without targets
-    leaves it as it is, so under DP one model reads the private data, as the budget plans."""
+    (``private``) the device forks it before its model first learns from the others (one of
+    another architecture exists from the first round) and trains it on the private data
+    alone every round after; that model trains last, so its privacy report is the round's.
+    Once it exists, with ``rho = 1`` (the distillation term alone) the device's own model
+    learns from the others only: a round without targets leaves it as it is, so under DP
+    one model reads the private data, as the budget plans."""
+    if private and (distil is not None or client.private_model_init is not None):
+        client.fork_private_model()  # before the device's model first learns from the others
     if distil is not None:
-        if private:
-            client.fork_private_model()  # before the device's model first learns from the others
         metrics = distil()
     elif private and client.private_model is not None and rho == 1:
         metrics = client.untrained_report()

@@ -16,6 +16,7 @@ from hetkd.config import (
     to_yaml,
 )
 from hetkd.models import ModelError
+from hetkd.settings import SettingsError
 from hetkd.simulations.b2kd import B2KDRunConfig
 from hetkd.simulations.bench import BenchRunConfig
 from hetkd.simulations.registry import check_strategy
@@ -142,6 +143,13 @@ def test_per_device_assignment_needs_one_architecture_per_device():
     with pytest.raises(ConfigError, match="models.architectures"):
         resolve_config(None, ["models.assignment=per_device", "simulation.num_devices=3",
                               "models.architectures=[cnn_s,mlp_s]"])
+
+
+@pytest.mark.parametrize(("value", "says"), [("linaer", "did you mean 'linear'"), ("digits-5", "not the group")])
+def test_a_bad_private_architecture_is_refused_naming_its_key(value, says):
+    with pytest.raises(SettingsError, match="models.private_architecture") as err:
+        resolve_config(None, [f"models.private_architecture={value}"])
+    assert says in str(err.value)
 
 
 def test_missing_yaml_file_is_named():

@@ -14,11 +14,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from hetkd import protocol as P
-from hetkd.clients import make_client_app
+from hetkd.clients import DiskStateStore, make_client_app
 from hetkd.clients.device import DistillClient
 from hetkd.clients.handlers import train_round
 from hetkd.config import ConfigError, resolve_config, to_yaml
 from hetkd.data import build_federation
+from hetkd.distill.exchange import ReferenceDistillSettings
 from hetkd.distill.losses import KDTerm, KLLoss, ReferenceKD
 from hetkd.models import build_model
 from hetkd.models.zoo import ARCHITECTURES
@@ -146,14 +147,17 @@ def test_with_rho_one_the_devices_model_reads_no_private_data_and_spends_nothing
     assert any(not torch.equal(before[k], v) for k, v in client.model.state_dict().items())  # it learnt, publicly
 
 
-@pytest.mark.parametrize("strategy", ["fedmd", "sd-dist"])
-def test_private_answers_at_rho_one_spend_what_local_training_spends(tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "private_architecture"), [("fedmd", ""), ("sd-dist", ""), ("sd-dist", "linear")])
+def test_private_answers_at_rho_one_spend_what_local_training_spends(tmp_path, strategy, private_architecture):
     """With answer_model=private and rho = 1 only the private model reads private data: the
     noise is planned for one model, every device's epsilon is what local-only training of
-    that model costs, and the predictions sent are the private model's."""
+    that model costs, and the predictions sent are the private model's. A private model of
+    its own architecture (models.private_architecture) trains from the first round, and the
+    device's own model then never reads a private example."""
     common = (*DP, "privacy.target_epsilon=4", "reference.size=100", "num-server-rounds=3")
     cfg = small_config(tmp_path, *common, f"strategy={strategy}", "strategy.kd.answer_model=private",
-                       "strategy.kd.rho=1", "strategy.kd.min_steps=2")
+                       "strategy.kd.rho=1", "strategy.kd.min_steps=2",
+                       f"models.private_architecture={private_architecture!r}")
     grid = InProcessGrid(4)
     reports = []
     build_strategy(cfg, build_federation(cfg), to_yaml(cfg)).start(grid=grid, num_rounds=3,
@@ -170,6 +174,10 @@ def test_private_answers_at_rho_one_spend_what_local_training_spends(tmp_path, s
         reply = P.ReferencePredictions.from_record(t.reply.content)
         assert request.answer_model == "private" and reply.distilled
         assert reply.private_train_loss is None and reply.epsilon > 0  # a DP device keeps its loss home
+    if private_architecture:
+        replies = [P.ReferencePredictions.from_record(t.reply.content) for t in grid.traffic
+                   if t.message.metadata.message_type == "train.reference_distill"]
+        assert all(r.samples_seen == 0 and r.private_train_seconds is not None for r in replies)
 
 
 @pytest.mark.parametrize("rho", [1.0, 0.5])
@@ -346,6 +354,27 @@ def test_the_compare_table_shows_epsilon_only_for_dp_runs():
     plain = {key: stat(None if "epsilon" in key or "honest" in key else 0.5) for key, _, _ in FIGURES}
     assert "ε, largest device" in _markdown({"fedmd": row}, [0]) and "0.50 ± 0.00" in _markdown({"fedmd": row}, [0])
     assert "ε" not in _markdown({"fedmd": plain}, [0])
+
+
+def test_your_own_devices_answer_with_a_private_model_of_the_architecture_you_give(tmp_path):
+    """make_client_app(private_model_fn=...): under DP at rho = 1 the user's linear model is the
+    one that reads the private data (it is in each device's state), their own Net learns from
+    the others only, and a private_model_fn that is not callable is refused naming it."""
+    from tests.test_dropin import Net, _data
+
+    app = make_client_app(lambda ctx: Net(), _data, num_classes=10, training=TrainingConfig(local_epochs=1),
+                          state_dir=tmp_path, privacy=PrivacySettings(enabled=True, noise_multiplier=1.0),
+                          private_model_fn=lambda ctx: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    exchange = ReferenceDistillSettings(answer_model="private", rho=1.0, min_steps=2)
+    strategy, reports = SDDist(num_classes=10, num_devices=3, exchange=exchange), []
+    strategy.start(grid=InProcessGrid(3, client_app=app), num_rounds=2, on_round_end=reports.append)
+    assert reports[-1].metrics["epsilon_max"] > reports[0].metrics["epsilon_max"] > 0
+    for device in range(3):
+        state = DiskStateStore(tmp_path, device).load()
+        assert {k: tuple(v.shape) for k, v in state["private_model"].items()} == {"1.weight": (10, 64), "1.bias": (10,)}
+        assert state["model"].keys() == Net().state_dict().keys()
+    with pytest.raises(TypeError, match="private_model_fn must be callable"):
+        make_client_app(lambda ctx: Net(), _data, num_classes=10, private_model_fn="linear")
 
 
 def test_your_own_devices_train_privately_and_a_batchnorm_model_is_refused_at_set_up():

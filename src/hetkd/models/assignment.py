@@ -26,11 +26,21 @@ class ModelsConfig:
     from :func:`hetkd.models.available_architectures`, a group of
     :data:`hetkd.models.MODEL_GROUPS`, or a dotted path ``package.module:factory``
     to ``factory(input_shape, num_classes)``.
+
+    ``private_architecture``: the architecture of every device's private answer
+    model (``strategy.kd.answer_model`` / ``strategy.ensemble.answer_model`` =
+    ``private``), the one model that trains on the device's private data alone;
+    empty: a copy of the device's own model, forked when it first distils. Under
+    differential privacy a small model learns far more per unit of ε than a deep
+    one (DP-SGD's noise grows with the parameter count; Tramèr & Boneh, ICLR 2021):
+    ``linear`` there lets the devices' own models, of any architecture, learn from
+    answers worth having.
     """
 
     assignment: str = "round_robin"
     architectures: list[str] = field(default_factory=lambda: ["cnn_s", "cnn_m", "resnet8", "mlp_s", "mlp_m"])
     tiers: list[float] = field(default_factory=list)
+    private_architecture: str = ""
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -38,6 +48,10 @@ class ModelsConfig:
         require(len(self.architectures) > 0, "architectures", "must list at least one architecture")
         for i, arch in enumerate(self.architectures):
             check_architecture(arch, f"architectures[{i}]")
+        if self.private_architecture:
+            require(self.private_architecture not in MODEL_GROUPS, "private_architecture",
+                    f"must name one architecture, not the group {self.private_architecture!r}")
+            check_architecture(self.private_architecture, "private_architecture")
         if self.assignment == "tiers":
             require(len(self.tiers) == len(self.architectures), "tiers",
                     f"needs one fraction per architecture ({len(self.architectures)}), got {len(self.tiers)}")

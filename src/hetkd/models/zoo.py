@@ -313,6 +313,7 @@ def _torchvision(name: str, **kwargs: object) -> ModelFactory:
 
 ARCHITECTURES: dict[str, Architecture] = {
     # any input: flattened
+    "linear": Architecture(lambda s, c: MLP(s, c, []), "any", description="linear (softmax regression)"),
     "mlp_s": Architecture(lambda s, c: MLP(s, c, [64]), "any", description="MLP 64"),
     "mlp_m": Architecture(lambda s, c: MLP(s, c, [128, 64]), "any", description="MLP 128-64"),
     "mlp_l": Architecture(lambda s, c: MLP(s, c, [256, 128, 64]), "any", description="MLP 256-128-64"),
