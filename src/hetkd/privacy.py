@@ -40,7 +40,13 @@ are what the device sends, while the device's own model takes public steps
 only, towards the others' (and through them its own) predictions — it never
 reads private data, is never noised, and costs nothing. The noise is then
 planned for one model instead of two, and the own model's knowledge, learnt
-in plain steps, is not erased by the noise of later private steps
+in plain steps, is not erased by the noise of later private steps. Give that
+private model a small architecture of its own (``models.private_architecture=
+linear``; ``make_client_app(private_model_fn=...)``): DP-SGD adds noise to every
+parameter it updates while the clipped signal stays the same size, so a linear
+model learns far more for the same ε than a CNN on a device's few examples
+(Tramèr & Boneh, "Differentially Private Learning Needs Better Features",
+ICLR 2021), and the own models, of any architecture, learn it from its answers
 (measured in ``docs/results/privacy.md``).
 
 Not covered: the device's size (``num_examples``, sent as Flower does) and
