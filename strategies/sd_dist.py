@@ -88,8 +88,9 @@ class SDDist(LogitExchange):
         super().summary()
         s, e = self.search, self.exchange
         log(INFO, "\t│\t└── K<=%d Q<=%d rule=%s similarity=%s weighting=%s selection=%s outliers=%s(t=%.1f) "
-            "rho=%.2f T=%.1f aggregate=%s", s.num_neighbours, s.num_candidates, s.neighbour_rule, s.similarity,
-            s.weighting, s.neighbour_selection, s.outlier_test, s.outlier_threshold, e.rho, e.temperature, e.aggregate)
+            "self=%.2f rho=%.2f T=%.1f aggregate=%s", s.num_neighbours, s.num_candidates, s.neighbour_rule, s.similarity,
+            s.weighting, s.neighbour_selection, s.outlier_test, s.outlier_threshold, s.self_weight, e.rho, e.temperature,
+            e.aggregate)
 
     # ------------------------------------------------------------------ server-side selection
 

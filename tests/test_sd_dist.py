@@ -217,6 +217,24 @@ def test_fedmd_targets_are_the_population_average(tmp_path):
         assert torch.allclose(targets[device], expected, atol=1e-5)
 
 
+def test_with_a_self_weight_each_target_mixes_the_device_itself_beside_its_neighbours(tmp_path):
+    """strategy.sd_dist.self_weight = s: a device's target is (1 - s) x its neighbours' mean + s x its
+    own predictions (in the mix space), so what its private answer model knows reaches its own model."""
+    cfg = small_config(tmp_path, *SD, "strategy.kd.mix=logits", "strategy.sd_dist.self_weight=0.25")
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    _start(cfg, InProcessGrid(4), rounds=1, strategy=strategy)
+    ids, logits = strategy.population()
+    targets, _ = strategy.targets(2, [strategy.device_id(n) for n in strategy.devices])
+    row = {device: k for k, device in enumerate(ids)}
+    for device in ids:
+        neighbours = [row[d] for d in strategy.neighbours[device]]
+        assert len(neighbours) == 2
+        expected = 0.75 * logits[neighbours].mean(0) + 0.25 * logits[row[device]]
+        assert torch.allclose(targets[device], expected, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"strategy\.sd_dist\.self_weight"):
+        resolve_config(None, ["strategy.sd_dist.self_weight=1"])
+
+
 def test_strategy_rejects_bad_arguments_by_name():
     with pytest.raises(ValueError, match="neighbour_rule"):
         SDDist(num_reference=10, num_classes=3, search=NeighbourSearch(neighbour_rule="closest"))

@@ -22,6 +22,7 @@ from hetkd.distill import (
     select_neighbours,
     uniform_weights,
 )
+from hetkd.distill.similarity import with_self_weight
 
 
 def _devices(seed: int = 0, n: int = 6, r: int = 20, c: int = 4) -> torch.Tensor:
@@ -257,3 +258,19 @@ def test_sparse_mixing_equals_the_dense_product():
     mixed = mix_targets(w, logits, "probs", 2.0)
     assert torch.allclose(F.softmax(mixed[[1, 5]] / 2.0, -1).double(), probs[[1, 5]], atol=1e-6)
     assert torch.all(mix_targets(w, logits, "logits")[[0, 2, 3, 4, 6]] == 0), "rows without teachers stay empty"
+
+
+def test_self_weight_mixes_each_taught_device_with_itself_in_both_layouts():
+    w = torch.zeros(5, 5)
+    w[1, [0, 3]] = torch.tensor([0.25, 0.75])
+    w[4, [1, 2, 3]] = 1 / 3
+    mixed = with_self_weight(w, 0.4)
+    expected = w * 0.6
+    expected[1, 1] += 0.4
+    expected[4, 4] += 0.4
+    assert torch.allclose(mixed, expected)
+    assert torch.allclose(with_self_weight(w.to_sparse(), 0.4).to_dense(), expected)
+    assert torch.allclose(mixed.sum(1), torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0])), "devices without teachers stay empty"
+    assert with_self_weight(w, 0.0) is w
+    with pytest.raises(ValueError, match="self_weight must be in \\[0, 1\\), got 1.0"):
+        with_self_weight(w, 1.0)

@@ -63,6 +63,7 @@ __all__ = [
     "select_neighbours",
     "neighbour_weights",
     "neighbour_plan",
+    "with_self_weight",
     "candidate_pool",
     "mean_divergence",
     "nearest_in_block",
@@ -292,6 +293,26 @@ def neighbour_plan(
     return neighbour_weights(neighbours, distance, weighting, rows, sparse=True), distance, neighbours
 
 
+def with_self_weight(weights: torch.Tensor, self_weight: float) -> torch.Tensor:
+    """The mixing matrix ``weights`` (``n × n``, dense or sparse COO, rows summing to 1 or
+    empty) with every device that has teachers also learning from itself: its row becomes
+    ``(1 − self_weight) · row + self_weight · e_i``. Empty rows (no teachers) stay empty."""
+    if not 0.0 <= self_weight < 1.0:
+        raise ValueError(f"self_weight must be in [0, 1), got {self_weight}")
+    if self_weight == 0.0:
+        return weights
+    if weights.is_sparse:
+        w = weights.coalesce()
+        taught = torch.unique(w.indices()[0][w.values() > 0])
+        indices = torch.cat([w.indices(), taught.repeat(2, 1)], dim=1)
+        values = torch.cat([w.values() * (1.0 - self_weight), torch.full((len(taught),), self_weight)])
+        return torch.sparse_coo_tensor(indices, values, w.shape, check_invariants=False).coalesce()
+    taught = torch.nonzero(weights.sum(1) > 0).flatten()
+    mixed = weights * (1.0 - self_weight)
+    mixed[taught, taught] += self_weight
+    return mixed
+
+
 @dataclass(frozen=True)
 class NeighbourPlan:
     """The outcome of one neighbour search (see :meth:`NeighbourSearch.plan`).
@@ -345,6 +366,13 @@ class NeighbourSearch:
     labelled and the latter when not, ``none`` nobody. On by default: in the
     clean 10-device runs of ``docs/results`` it excluded no candidate that
     the quality ranking kept, so every published figure is unchanged.
+
+    ``self_weight``: the share of a device's own predictions in its targets
+    (:func:`with_self_weight`; 0, the paper's: its neighbours' alone). With
+    private answers at ``rho = 1`` (``answer_model=private``) a device's own
+    model reads no private data, and this is how what its private model knows
+    of the device's own classes still reaches it: a larger share buys
+    personalised accuracy at the cost of global accuracy.
     """
 
     num_neighbours: int = 5
@@ -359,6 +387,7 @@ class NeighbourSearch:
     search_sample: int = 1000
     outlier_test: str = "auto"
     outlier_threshold: float = OUTLIER_THRESHOLD
+    self_weight: float = 0.0
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -376,6 +405,7 @@ class NeighbourSearch:
         require(self.search_sample >= 1, "search_sample", f"must be >= 1, got {self.search_sample}")
         require_choice(self.outlier_test, "outlier_test", OUTLIER_TESTS)
         require(self.outlier_threshold > 0, "outlier_threshold", f"must be > 0, got {self.outlier_threshold}")
+        require(0.0 <= self.self_weight < 1.0, "self_weight", f"must be in [0, 1), got {self.self_weight}")
 
     @classmethod
     def paper(cls) -> NeighbourSearch:
@@ -414,7 +444,7 @@ class NeighbourSearch:
             generator=generator, exact_search_max=self.exact_search_max, search_sample=self.search_sample,
             excluded=outliers,
         )
-        return NeighbourPlan(weights, distance, neighbours, outliers)
+        return NeighbourPlan(with_self_weight(weights, self.self_weight), distance, neighbours, outliers)
 
     def outliers(self, reference_logits: torch.Tensor, *, temperature: float,
                  quality: torch.Tensor | None = None) -> list[int]:
