@@ -188,6 +188,8 @@ class DistillClient:
             with seeded(cfg.seed, "init-private", device_id):
                 private_init = build_model(cfg.models.private_architecture, federation.input_shape,
                                            federation.num_classes)
+            if cfg.privacy.enabled:  # refused naming the configured architecture
+                private_init = private_model(private_init, cfg.models.private_architecture, cfg.privacy)
         return cls(
             device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed, federation.reference,
             adversary=data.adversary, privacy=cfg.privacy, planned_rounds=cfg.simulation.num_rounds,

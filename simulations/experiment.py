@@ -121,7 +121,8 @@ def prepare(cfg: HetkdConfig, shared_output: bool = False, resume: bool = False)
             require_opacus()
         except PrivacyError as err:
             raise ConfigError("privacy.enabled", str(err)) from None
-    for arch in sorted(set(archs)):
+    private = {cfg.models.private_architecture} - {""}  # the devices' private answer models, when set
+    for arch in sorted(set(archs) | private):
         model = build_model(arch, federation.input_shape, federation.num_classes)  # raises if it does not fit
         if cfg.privacy.enabled:
             try:

@@ -289,6 +289,12 @@ def test_a_layer_dp_sgd_cannot_train_is_refused_by_name(tmp_path):
     cfg = small_config(tmp_path, "privacy.enabled=true", "models.architectures=[mlp_s,resnet8]")
     with pytest.raises(ConfigError, match="privacy.fix_layers.*'resnet8'.*BatchNorm2d"):
         prepare(cfg)
+    private = small_config(tmp_path, "privacy.enabled=true", "models.architectures=[mlp_s]",
+                           "models.private_architecture=resnet8")  # the private answer model too
+    with pytest.raises(ConfigError, match="privacy.fix_layers.*'resnet8'.*BatchNorm2d"):
+        prepare(private)
+    with pytest.raises(PrivacyError, match="'resnet8'"):
+        DistillClient.from_config(private, 0)
     # a device built with its own model goes through the same check
     with pytest.raises(PrivacyError, match="'my-resnet'"):
         plain = DistillClient.from_config(small_config(tmp_path), 2)
