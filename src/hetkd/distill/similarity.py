@@ -305,7 +305,7 @@ def with_self_weight(weights: torch.Tensor, self_weight: float) -> torch.Tensor:
         w = weights.coalesce()
         taught = torch.unique(w.indices()[0][w.values() > 0])
         indices = torch.cat([w.indices(), taught.repeat(2, 1)], dim=1)
-        values = torch.cat([w.values() * (1.0 - self_weight), torch.full((len(taught),), self_weight)])
+        values = torch.cat([w.values() * (1.0 - self_weight), torch.full((len(taught),), self_weight, dtype=w.dtype)])
         return torch.sparse_coo_tensor(indices, values, w.shape, check_invariants=False).coalesce()
     taught = torch.nonzero(weights.sum(1) > 0).flatten()
     mixed = weights * (1.0 - self_weight)
