@@ -112,6 +112,8 @@ class DistillClient:
         The model to start the private answer model from (:meth:`fork_private_model`):
         a fresh model, of any architecture (``models.private_architecture``); None:
         a copy of ``model`` forked when it first distils.
+    private_architecture : str | None
+        ``private_model_init``'s architecture, as messages name it (default: its class name).
 
     A device may also keep a **private model** (:meth:`fork_private_model`): a
     model that only ever trains on its private data, so its answers and
@@ -134,6 +136,7 @@ class DistillClient:
         planned_rounds: int = 0,
         planned_models: int = 1,
         private_model_init: nn.Module | None = None,
+        private_architecture: str | None = None,
     ) -> None:
         self.device_id = device_id
         self.architecture = architecture
@@ -144,7 +147,8 @@ class DistillClient:
         if privacy is not None and privacy.enabled:
             model = private_model(model, architecture, privacy)
             if private_model_init is not None:
-                private_model_init = private_model(private_model_init, type(private_model_init).__name__, privacy)
+                private_model_init = private_model(private_model_init,
+                                                   private_architecture or type(private_model_init).__name__, privacy)
             planned = 0
             if privacy.target_epsilon > 0:
                 if planned_rounds < 1:
@@ -188,12 +192,11 @@ class DistillClient:
             with seeded(cfg.seed, "init-private", device_id):
                 private_init = build_model(cfg.models.private_architecture, federation.input_shape,
                                            federation.num_classes)
-            if cfg.privacy.enabled:  # refused naming the configured architecture
-                private_init = private_model(private_init, cfg.models.private_architecture, cfg.privacy)
         return cls(
             device_id, architecture, model, data, federation.global_test, cfg.training, cfg.seed, federation.reference,
             adversary=data.adversary, privacy=cfg.privacy, planned_rounds=cfg.simulation.num_rounds,
             planned_models=_models_per_round(cfg), private_model_init=private_init,
+            private_architecture=cfg.models.private_architecture or None,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -260,12 +263,10 @@ class DistillClient:
         (``private_model_init``) is asked for from the first round.
         """
         if self.private_model is None:
-            if self.private_model_init is not None:
-                self.private_model = self.private_model_init.to(self.torch_device)
-                self.private_optimizer = make_optimizer(self.private_model, self.training)
-            else:
-                self.private_model = copy.deepcopy(self.model)
-                self.private_optimizer = make_optimizer(self.private_model, self.training)
+            fork = self.private_model_init is None
+            self.private_model = copy.deepcopy(self.model) if fork else self.private_model_init.to(self.torch_device)
+            self.private_optimizer = make_optimizer(self.private_model, self.training)
+            if fork:  # the fork continues the device's optimizer too
                 self.private_optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
         return self.private_model
 
