@@ -220,8 +220,9 @@ GENERATOR_VERSION_STATE_KEY = "hetkd.generator-version"
 
 def held_generator(request: P.EnsembleDistill, context: Context, client: DistillClient) -> Generator | None:
     """The generator this round uses (MEKD): the weights the request carries, kept in the
-    node's state for later rounds, or the kept copy of the version the server names.
-    ``None`` when the request names no generator."""
+    node's state for later rounds, or the kept copy of the version the server names, on the
+    device's ``training.device`` (the distillation loss runs it on the model's logits; the
+    query inputs it generates come back on the CPU). ``None`` when the request names no generator."""
     spec = request.generator
     if spec is None:
         return None
@@ -241,7 +242,7 @@ def held_generator(request: P.EnsembleDistill, context: Context, client: Distill
     generator = make_generator(client.global_test.input_shape, client.global_test.num_classes,
                                (spec.low, spec.high), spec.width)
     generator.load_state_dict(record.to_torch_state_dict())  # type: ignore[union-attr]
-    return freeze(generator)
+    return freeze(generator.to(client.torch_device))
 
 
 @handles(P.EnsembleDistill)

@@ -1,6 +1,6 @@
 """``hetkd bench CONFIG [--out DIR]``: how hetkd scales, measured (``bench.json`` + ``bench.png``).
 
-Four parts (``bench.parts``), each a function that returns plain JSON rows:
+Five parts (``bench.parts``), each a function that returns plain JSON rows:
 
 1. :func:`bench_scale` — real simulations (Flower + Ray, the config's
    strategy and state store) of ``bench.populations`` devices, and of the
@@ -20,7 +20,14 @@ Four parts (``bench.parts``), each a function that returns plain JSON rows:
 4. :func:`bench_similarity` — SD-Dist's neighbour search
    (:meth:`hetkd.distill.similarity.NeighbourSearch.plan`, every device a learner) against
    population size, exact and as configured (sampled above
-   ``strategy.sd_dist.exact_search_max``).
+   ``strategy.sd_dist.exact_search_max``);
+5. :func:`~hetkd.simulations.gpu_bench.bench_gpu` — seconds per step on the CPU and, when
+   ``torch.cuda.is_available()``, on CUDA, and the speed-up, of the
+   tensor-heavy paths: a device's training step for each architecture of
+   ``models.architectures`` (``training.batch_size``), the server student's
+   distillation step (``strategy.ensemble.student``, ``mekd.distill``, through
+   G) and MEKD's D-then-G step (``mekd.gan``). Without CUDA it writes the
+   CPU rows and says no GPU was present.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from hetkd.results import read_metrics
 from hetkd.settings import require, require_choice, require_types
 from hetkd.simulations.cli import add_items_arguments, config_from_args
 from hetkd.simulations.experiment import prepare
+from hetkd.simulations.gpu_bench import bench_gpu
 from hetkd.simulations.local_grid import InProcessGrid
 from hetkd.simulations.memory import GIB, TreeMemoryMonitor
 from hetkd.simulations.registry import build_strategy, initial_arrays
@@ -63,11 +71,12 @@ __all__ = [
     "bench_overhead",
     "bench_bytes",
     "bench_similarity",
+    "bench_gpu",
     "run_bench",
     "add_parser",
 ]
 
-BENCH_PARTS = ("scale", "overhead", "bytes", "similarity")
+BENCH_PARTS = ("scale", "overhead", "bytes", "similarity", "gpu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,9 +94,12 @@ class BenchConfig:
     4. neighbour search time for ``similarity_sizes`` devices with
        ``similarity_reference`` reference samples each, ``similarity_learners``
        of them learning (1.0: all; 0.1: a round sampling 10 %), exact up to
-       ``similarity_exact_max`` devices and as configured.
+       ``similarity_exact_max`` devices and as configured;
+    5. seconds per step on the CPU and on CUDA: the mean of ``gpu_steps``
+       steps after ``gpu_warmup_steps`` untimed ones (CUDA's kernels and
+       allocator warm up).
     ``parts`` selects which of ``scale``, ``overhead``, ``bytes``,
-    ``similarity`` run; memory is sampled every ``memory_poll_seconds``.
+    ``similarity``, ``gpu`` run; memory is sampled every ``memory_poll_seconds``.
     """
 
     parts: list[str] = field(default_factory=lambda: list(BENCH_PARTS))
@@ -104,6 +116,8 @@ class BenchConfig:
     similarity_learners: list[float] = field(default_factory=lambda: [1.0, 0.1])
     similarity_exact_max: int = 3000
     memory_poll_seconds: float = 0.5
+    gpu_steps: int = 30
+    gpu_warmup_steps: int = 5
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -112,8 +126,10 @@ class BenchConfig:
         for key in ("populations", "sampled", "similarity_sizes"):
             values = getattr(self, key)
             require(all(v >= 1 for v in values), key, f"must list sizes >= 1, got {list(values)}")
-        for key in ("bench_rounds", "overhead_devices", "overhead_rounds", "overhead_epochs", "similarity_reference"):
+        for key in ("bench_rounds", "overhead_devices", "overhead_rounds", "overhead_epochs", "similarity_reference",
+                    "gpu_steps"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.gpu_warmup_steps >= 0, "gpu_warmup_steps", f"must be >= 0, got {self.gpu_warmup_steps}")
         require(len(self.similarity_learners) > 0 and all(0 < f <= 1 for f in self.similarity_learners),
                 "similarity_learners", f"must list fractions in (0, 1], got {list(self.similarity_learners)}")
         require(self.similarity_exact_max >= 0, "similarity_exact_max", f"must be >= 0, got {self.similarity_exact_max}")
@@ -411,6 +427,7 @@ def run_bench(cfg: BenchRunConfig, out: str | Path) -> dict[str, Any]:
     (out / "config.yaml").write_text(to_yaml(cfg))
     parts = {
         "similarity": lambda: bench_similarity(cfg),
+        "gpu": lambda: bench_gpu(cfg, steps=cfg.bench.gpu_steps, warmup=cfg.bench.gpu_warmup_steps),
         "bytes": lambda: bench_bytes(cfg, out),
         "overhead": lambda: bench_overhead(cfg, out),
         "scale": lambda: bench_scale(cfg, out),
@@ -429,7 +446,7 @@ def run_bench(cfg: BenchRunConfig, out: str | Path) -> dict[str, Any]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
 
-    cfg = config_from_args(args.items)
+    cfg = config_from_args(args.items, schema=BenchRunConfig)  # the run config and bench.*
     out = args.out or str(Path(cfg.output.root) / "bench")
     named = args.items[0] if args.items and "=" not in args.items[0] else ""
     cfg = replace(cfg, output=replace(cfg.output, run_name=named))
@@ -440,6 +457,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """``hetkd bench CONFIG [key=value ...] [--out DIR]``."""
 
-    p = sub.add_parser("bench", help="measure scale, framework overhead, bytes and neighbour search (bench.json/png)")
+    p = sub.add_parser("bench", help="measure scale, framework overhead, bytes, neighbour search and GPU speed-up "
+                                     "(bench.json/png)")
     add_items_arguments(p)
     p.set_defaults(func=_cmd_bench)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from hetkd.distill.robust import screened_weights
 from hetkd.distill.similarity import NeighbourSearch
 from hetkd.models import build_model
 from hetkd.strategies.base import DeviceStrategy, Figures, RoundPlan
-from hetkd.training import seeded
+from hetkd.training import resolve_device, seeded, to_cpu
 
 __all__ = ["EnsembleDistill", "EnsembleRound", "EnsembleTargets"]
 
@@ -107,6 +108,7 @@ class EnsembleDistill(DeviceStrategy):
         The server's global student (any architecture). ``None``: the zoo
         architecture ``ensemble.student`` for the public inputs' shape
         (``""``: no server-side model; devices still distil from the ensemble).
+        It is moved to ``ensemble.device`` (:attr:`torch_device`).
     global_test : tuple[torch.Tensor, torch.Tensor] | None
         Inputs and labels the student is evaluated on after every round.
     ensemble : EnsembleSettings | None
@@ -150,10 +152,12 @@ class EnsembleDistill(DeviceStrategy):
         self.response = response
         self.ensemble = ensemble if ensemble is not None else EnsembleSettings()
         self.distill = distill if distill is not None else DistillSettings()
+        #: where the server computes (``strategy.ensemble.device``); its tensors that leave it are on the CPU
+        self.torch_device = resolve_device(self.ensemble.device, "strategy.ensemble.device")
         if student is None and self.ensemble.student:
-            with seeded(self.seed, "student-init"):
+            with seeded(self.seed, "student-init"):  # built on the CPU: the same weights on any device
                 student = build_model(self.ensemble.student, tuple(self.public_inputs.shape[1:]), num_classes)
-        self.student = student
+        self.student = None if student is None else student.to(self.torch_device)
         self.global_test = global_test
         #: what the devices distil towards next round (``None`` before the first ensemble)
         self.targets: EnsembleTargets | None = None
@@ -295,9 +299,20 @@ class EnsembleDistill(DeviceStrategy):
         inputs = torch.cat([x for x, _ in self.student_memory])
         logits = torch.cat([t for _, t in self.student_memory])
         with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
-            losses = kd_steps(self._student_optimizer, steps,
-                              transfer_batches(inputs, logits, self.distill.batch_size, rng), self.student_loss)
+            draw = transfer_batches(inputs, logits, self.distill.batch_size, rng)
+            losses = kd_steps(self._student_optimizer, steps, self._on_device(draw), self.student_loss)
         return Figures({"student_loss": sum(losses) / len(losses), "student_inputs": len(inputs)})
+
+    def _on_device(self, draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+                   ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+        """``draw``'s batches moved to the server's device: rows are drawn on the CPU (from the
+        CPU generator), so the batches and a CPU run do not depend on where the student is."""
+
+        def next_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs, targets = draw(step)
+            return inputs.to(self.torch_device), targets.to(self.torch_device)
+
+        return next_batch
 
     def _new_student_optimizer(self) -> StudentOptimizer:
         """The student's optimizer, its schedule spread over every distillation round of the run."""
@@ -306,12 +321,13 @@ class EnsembleDistill(DeviceStrategy):
         return StudentOptimizer(self.student, replace(self.distill, steps=total))
 
     def state_dict(self) -> dict[str, Any]:
-        """The student and its optimizer, the targets the devices distil towards next, the student's memory."""
+        """The student and its optimizer (on the CPU, whatever the server's device), the targets
+        the devices distil towards next, the student's memory."""
         t = self.targets
         optimizer = self._student_optimizer
         return super().state_dict() | {
-            "student": None if self.student is None else self.student.state_dict(),
-            "student_optimizer": None if optimizer is None else optimizer.state_dict(),
+            "student": None if self.student is None else to_cpu(self.student.state_dict()),
+            "student_optimizer": None if optimizer is None else to_cpu(optimizer.state_dict()),
             "targets": None if t is None else {"query": asdict(t.query), "kind": t.kind, "common": t.common,
                                                "own": dict(t.own)},
             "student_memory": list(self.student_memory),
@@ -337,7 +353,8 @@ class EnsembleDistill(DeviceStrategy):
             return None
         self.student.eval()
         x, y = self.global_test
-        correct = sum(int((self.student(xb).argmax(1) == yb).sum()) for xb, yb in zip(x.split(512), y.split(512)))
+        correct = sum(int((self.student(xb.to(self.torch_device)).argmax(1).cpu() == yb).sum())
+                      for xb, yb in zip(x.split(512), y.split(512)))
         return correct / max(1, len(y))
 
     def initial_global(self, initial_arrays: ArrayRecord) -> ArrayRecord | None:
@@ -358,8 +375,8 @@ class EnsembleDistill(DeviceStrategy):
         return self.global_arrays()
 
     def global_arrays(self) -> ArrayRecord | None:
-        """The global student's weights: what a Flower ServerApp saves as its final model."""
-        return None if self.student is None else ArrayRecord(self.student.state_dict())
+        """The global student's weights (on the CPU): what a Flower ServerApp saves as its final model."""
+        return None if self.student is None else ArrayRecord(to_cpu(self.student.state_dict()))
 
     # ------------------------------------------------------------------ round plumbing
 
@@ -424,5 +441,5 @@ class EnsembleDistill(DeviceStrategy):
             return []
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "student.pt"
-        torch.save({"state_dict": self.student.state_dict(), "num_classes": self.num_classes}, path)
+        torch.save({"state_dict": to_cpu(self.student.state_dict()), "num_classes": self.num_classes}, path)
         return [path]

@@ -32,6 +32,7 @@ or weights.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +49,7 @@ from hetkd.distill.queries import GeneratorSpec, QuerySpec, query_latents, resol
 from hetkd.models import state_bytes
 from hetkd.strategies.base import Figures, RoundPlan
 from hetkd.strategies.ensemble_distill import EnsembleDistill, EnsembleRound
-from hetkd.training import derive_seed, seeded
+from hetkd.training import derive_seed, seeded, to_cpu
 
 __all__ = ["MEKD", "MEKDRound"]
 
@@ -100,8 +101,13 @@ class MEKD(EnsembleDistill):
         self.gan = self.mekd.gan
         self.output_range = output_range
         self.deprivatizer = Deprivatizer(self.input_shape, self.num_classes, self.gan, seed=self.seed,
-                                         output_range=output_range)
+                                         output_range=output_range, device=self.torch_device)
         self.generator: Generator = self.deprivatizer.generator
+        mixed = self.mekd.reference_queries
+        if mixed >= self.ensemble.num_queries or mixed > len(self.public_inputs):
+            raise ValueError(f"mekd.reference_queries ({mixed}) must be below strategy.ensemble.num_queries "
+                             f"({self.ensemble.num_queries}) and at most the reference set's "
+                             f"{len(self.public_inputs)} rows")
         #: bumped whenever G's weights change; devices are sent the weights once per version
         self.generator_version = 0
         self._device_version: dict[int, int] = {}  # device id -> G version it acknowledged
@@ -132,11 +138,12 @@ class MEKD(EnsembleDistill):
                              batch_size=batch, train_mode=True)
         if phase == "distill":
             return QuerySpec(source="generator", seed=seed, count=self.ensemble.num_queries,
-                             batch_size=self.gan.batch_size, train_mode=False)
+                             batch_size=self.gan.batch_size, train_mode=False,
+                             reference_count=self.mekd.reference_queries)
         return None
 
     def query_inputs(self, query: QuerySpec) -> torch.Tensor:
-        return resolve_queries(query, generator=self.generator)
+        return resolve_queries(query, generator=self.generator, reference_inputs=self.public_inputs)
 
     def loss_generator(self) -> nn.Module | None:
         return self.generator if not self.generator.training else None
@@ -168,7 +175,8 @@ class MEKD(EnsembleDistill):
             return {"generator": spec}
         assert isinstance(plan, MEKDRound)
         plan.sent_versions[device_id] = spec.version
-        return {"generator": spec, "generator_weights": {k: v.detach().clone() for k, v in self.generator.state_dict().items()}}
+        return {"generator": spec, "generator_weights": {k: v.detach().to("cpu", copy=True)
+                                                         for k, v in self.generator.state_dict().items()}}
 
     def on_device_failed(self, device_id: int, reason: str, phase: str) -> None:
         """A device that failed may have lost its copy of G: send the weights again next time."""
@@ -215,13 +223,14 @@ class MEKD(EnsembleDistill):
     # ------------------------------------------------------------------ checkpoints and outputs
 
     def state_dict(self) -> dict[str, Any]:
-        """The student's state (:class:`EnsembleDistill`), G and D with their optimizers and random
-        streams, G's version and the proxy data's order (which devices hold which G is not kept:
-        a resumed run's devices start without one)."""
+        """The student's state (:class:`EnsembleDistill`), G and D with their optimizers (on the CPU)
+        and random streams, G's version and the proxy data's order (which devices hold which G is
+        not kept: a resumed run's devices start without one)."""
         d = self.deprivatizer
-        return super().state_dict() | {
+        return super().state_dict() | to_cpu({
             "generator": d.generator.state_dict(), "discriminator": d.discriminator.state_dict(),
             "generator_optimizer": d.opt_g.state_dict(), "discriminator_optimizer": d.opt_d.state_dict(),
+        }) | {
             "latent_rng": d.latent_rng.get_state(), "generator_frozen": not any(
                 p.requires_grad for p in d.generator.parameters()),
             "generator_version": self.generator_version, "proxy_rng": self._proxy_rng.get_state(),
@@ -250,12 +259,15 @@ class MEKD(EnsembleDistill):
         paths = super().write_artifacts(out_dir)
         path = out_dir / "generator.pt"
         spec = self.generator_spec()
-        torch.save({"state_dict": self.generator.state_dict(), "input_shape": self.input_shape,
+        torch.save({"state_dict": to_cpu(self.generator.state_dict()), "input_shape": self.input_shape,
                     "generator-width": spec.width, "generator-low": spec.low, "generator-high": spec.high}, path)
         paths.append(path)
         if self.student is not None:
             from hetkd.plots import plot_generator_samples
 
-            paths.append(plot_generator_samples({"ensemble": self.generator}, self.student, self.num_classes,
+            generator, student = self.generator, self.student
+            if self.torch_device.type != "cpu":  # the plot samples on the CPU
+                generator, student = copy.deepcopy(generator).cpu(), copy.deepcopy(student).cpu()
+            paths.append(plot_generator_samples({"ensemble": generator}, student, self.num_classes,
                                                 out_dir / "samples.png", title="G, labelled by the global student"))
         return paths

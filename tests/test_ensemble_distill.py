@@ -14,7 +14,7 @@ from hetkd.distill.deprivatization import GanSettings
 from hetkd.distill.emulation import MEKDSettings, freeze
 from hetkd.distill.ensemble import EnsembleSettings, class_balanced, ensemble_responses, teacher_logits
 from hetkd.distill.generative import make_generator
-from hetkd.distill.queries import QuerySpec, generate_queries, resolve_queries
+from hetkd.distill.queries import QuerySpec, generate_queries, reference_rows, resolve_queries
 from hetkd.simulations.registry import build_strategy, check_strategy
 from hetkd.strategies import MEKD, EnsembleDistill, FedDF
 from tests.conftest import InProcessGrid, small_config
@@ -151,6 +151,51 @@ def test_a_device_rebuilds_exactly_the_servers_queries_from_weights_and_a_seed()
     assert z.shape == (16, 10) and x.shape == (16, 1, 8, 8)
     with pytest.raises(ValueError, match="multiple"):
         generate_queries(g, 7, 10, 8, train_mode=True)
+
+
+
+def test_a_mixed_query_is_reference_rows_then_generator_samples_on_server_and_device_alike():
+    g = make_generator((1, 8, 8), 10)
+    reference = _public(40)
+    spec = QuerySpec("generator", seed=5, count=24, batch_size=8, reference_count=10)
+    assert spec.generated_count == 14
+    x = resolve_queries(spec, generator=g, reference_inputs=reference)
+    rows = reference_rows(spec, len(reference))
+    assert x.shape == (24, 1, 8, 8) and len(set(rows.tolist())) == 10
+    assert torch.equal(x[:10], reference[rows]), "the first reference_count inputs are real reference rows"
+    assert torch.equal(x[10:], generate_queries(g, 5, 14, 8, train_mode=False)[1])
+    device_g = make_generator((1, 8, 8), 10)
+    device_g.load_state_dict(g.state_dict())
+    assert torch.equal(x, resolve_queries(spec, generator=freeze(device_g), reference_inputs=reference.clone()))
+    request = P.EnsembleDistill(server_round=1, kd=EnsembleSettings().kd_term(), loss=MEKDSettings().distill.loss(),
+                                response="soft", answer_model="private", precision="float16", query=spec)
+    assert P.EnsembleDistill.from_record(request.to_record()).query == spec  # the mix survives the wire
+    with pytest.raises(ValueError, match="mixes in 10 reference rows and no reference set is held here"):
+        resolve_queries(spec, generator=g)
+    with pytest.raises(ValueError, match="reference set has 5"):
+        resolve_queries(spec, generator=g, reference_inputs=reference[:5])
+    with pytest.raises(ValueError, match=r"'reference_count': must be in \[0, count = 24\), got 24"):
+        QuerySpec("generator", seed=5, count=24, reference_count=24)
+    with pytest.raises(ValueError, match="'reference_count': only a 'generator' query mixes"):
+        QuerySpec("reference", seed=5, count=24, reference_count=4)
+
+
+def test_mekd_reference_queries_must_fit_the_queries_and_the_reference_set(tmp_path):
+    mekd = MEKD(num_classes=10, public_inputs=_public(40), input_shape=(1, 8, 8),
+                ensemble=EnsembleSettings(student="", num_queries=32),
+                mekd=MEKDSettings(reference_queries=12, gan=GanSettings(steps=8, batch_size=8)))
+    q = mekd.make_query(9, "distill")
+    assert (q.source, q.count, q.reference_count) == ("generator", 32, 12)
+    assert mekd.make_query(3, "deprivatize").reference_count == 0, "G trains on its own samples only"
+    for bad, ensemble in ((32, EnsembleSettings(student="", num_queries=32)),
+                          (41, EnsembleSettings(student="", num_queries=64))):
+        with pytest.raises(ValueError, match=f"mekd.reference_queries \\({bad}\\)"):
+            MEKD(num_classes=10, public_inputs=_public(40), input_shape=(1, 8, 8), ensemble=ensemble,
+                 mekd=MEKDSettings(reference_queries=bad))
+    with pytest.raises(ConfigError, match="mekd.reference_queries"):
+        small_config(tmp_path, "strategy=mekd", "mekd.reference_queries=-1")
+    with pytest.raises(ConfigError, match="mekd.reference_queries.*num_queries \\(64\\)"):
+        check_strategy(small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=64"))
 
 
 # --------------------------------------------------------------------------- protocol (in-process grid)
@@ -346,6 +391,23 @@ def test_mekd_global_student_beats_chance_by_a_wide_margin(tmp_path):
     out = tmp_path / "run"
     for name in ("student.pt", "generator.pt", "samples.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
+
+
+def test_mekd_devices_answer_real_reference_rows_beside_generator_samples(tmp_path):
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=24", devices=3)
+    grid = InProcessGrid(3)
+    strategy, reports = _start(cfg, grid, rounds=5)
+    distilling = [t for t in _replies(grid) if _request(t).server_round >= 4]
+    assert distilling
+    for t in distilling:
+        request = _request(t)
+        assert (request.query.reference_count, request.query.count) == (24, 64)
+        assert request.query_inputs is None, "a seed names the reference rows; no input travels"
+        assert _answers(t).answers.shape == (64, 10)
+    inputs = strategy.query_inputs(_request(distilling[-1]).query)
+    rows = reference_rows(_request(distilling[-1]).query, len(strategy.public_inputs))
+    assert torch.equal(inputs[:24], strategy.public_inputs[rows])
+    assert reports[-1].metrics["student_inputs"] == 64 and not any(r.failures for r in reports)
 
 
 def test_deprivatization_ships_inputs_instead_of_weights_when_they_are_smaller(tmp_path):

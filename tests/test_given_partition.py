@@ -168,3 +168,23 @@ def test_two_rounds_of_sd_dist_on_four_mnist_clients(tmp_path):
     assert summary["failures"] == 0
     assert summary["final_personalised_accuracy_mean"] > 0.5, "4 skewed clients after 2 rounds"
     assert summary["final_personalised_accuracy_weighted"] is not None
+
+
+def test_the_peer_protocol_config_trains_as_htfllib_does_with_its_kind_of_models():
+    """configs/experiments/mnist_htfllib_protocol.yaml: one whole local epoch per round in batches of
+    10, plain SGD at 0.01, every round evaluated, HtFLlib's FedAvgCNN and FedAvgMLP (same parameter
+    counts as the published modules) beside a wider MLP, over its 20 clients."""
+    from hetkd.models import build_model, count_parameters
+
+    cfg = resolve_config(ROOT / "configs" / "experiments" / "mnist_htfllib_protocol.yaml")
+    t = cfg.training
+    assert (t.local_epochs, t.max_steps, t.batch_size, t.optimizer, t.lr, t.momentum, t.weight_decay) == (
+        1, 0, 10, "sgd", 0.01, 0.0, 0.0)
+    assert cfg.strategy.evaluate_every == 1 and cfg.partition.method == "given"
+    archs = cfg.models.assign(cfg.simulation.num_devices)
+    assert len(archs) == 20 and set(archs) == {"cnn4", "mlp_200", "mlp_512"}
+    sizes = {name: count_parameters(build_model(name, (1, 28, 28), 10)) for name in set(archs)}
+    # FedAvgCNN: conv 1->32 (5x5), conv 32->64 (5x5), FC 1024->512, FC 512->10; FedAvgMLP: 784->200->10
+    assert sizes["cnn4"] == (25 * 32 + 32) + (25 * 32 * 64 + 64) + (1024 * 512 + 512) + (512 * 10 + 10)
+    assert sizes["mlp_200"] == 784 * 200 + 200 + 200 * 10 + 10
+    assert sizes["mlp_512"] == 784 * 512 + 512 + 512 * 10 + 10

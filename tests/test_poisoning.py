@@ -263,7 +263,7 @@ def test_a_reference_query_names_its_rows():
     assert torch.equal(resolve_queries(spec, reference_inputs=inputs)[:, 0].long(), rows)
     with pytest.raises(ValueError, match="asks for 30 reference rows, the reference set has 20"):
         reference_rows(spec, 20)
-    with pytest.raises(ValueError, match="source is 'generator'"):
+    with pytest.raises(ValueError, match="this 'generator' query names no reference rows"):
         reference_rows(QuerySpec(source="generator", seed=7, count=30), 100)
 
 

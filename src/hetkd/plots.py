@@ -147,7 +147,9 @@ def plot_generator_samples(
 def plot_bench(result: dict[str, Any], path: Path) -> Path:
     """``bench.png`` of ``hetkd bench``: one panel per part of its ``bench.json`` that ran."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    _plot_gpu(axes[0, 2], result.get("gpu"))
+    axes[1, 2].set_axis_off()
     ax = axes[0, 0]
     scale = result.get("scale")
     if scale:
@@ -222,3 +224,21 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_gpu(ax: Any, gpu: dict[str, Any] | None) -> None:
+    """Panel 5 of ``bench.png``: seconds per step on the CPU and on CUDA (when a GPU was present)."""
+    if not gpu:
+        ax.set_axis_off()
+        return
+    rows = gpu["rows"]
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["cpu_seconds_per_step"] for r in rows], 0.4, label="CPU")
+    if gpu["gpu_present"]:
+        ax.bar(x + 0.2, [r["cuda_seconds_per_step"] for r in rows], 0.4, label=f"CUDA ({gpu['gpu_name']})")
+    ax.set_xticks(x, [f"{r['workload']}\n{r['model']}" + (f"\n×{r['speedup']:.1f}" if r["speedup"] else "")
+                      for r in rows], fontsize=7, rotation=30)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds per step")
+    ax.set_title("5. GPU speed-up" if gpu["gpu_present"] else "5. seconds per step (no GPU present)")
+    ax.legend(fontsize=7)

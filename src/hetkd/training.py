@@ -7,8 +7,11 @@ works as well as our :class:`~hetkd.data.DataView`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,7 +29,11 @@ __all__ = [
     "seeded",
     "torch_threads",
     "make_optimizer",
+    "DEVICE_CHOICES",
+    "require_device_name",
     "resolve_device",
+    "module_device",
+    "to_cpu",
     "train_epoch",
     "evaluate_accuracy",
     "predict_logits",
@@ -35,6 +42,15 @@ __all__ = [
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 OPTIMIZERS = ("sgd", "adam")
+#: where a model may compute (``cuda:N``: the N-th GPU; ``auto``: CUDA when there is one)
+DEVICE_CHOICES = ("cpu", "auto", "cuda", "cuda:N")
+
+
+def require_device_name(name: str, key: str) -> None:
+    """Raise :class:`~hetkd.settings.SettingsError` for ``key`` unless ``name`` is one of
+    :data:`DEVICE_CHOICES` (checked when the settings are read, before any GPU is looked for)."""
+    require(re.fullmatch(r"cpu|auto|cuda(:\d+)?", name) is not None, key,
+            f"unknown value {name!r}; valid choices: {', '.join(DEVICE_CHOICES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,8 +88,7 @@ class TrainingConfig:
         require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
         require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.num_threads >= 1, "num_threads", f"must be >= 1, got {self.num_threads}")
-        require(self.device in ("cpu", "auto") or self.device.startswith("cuda"), "device",
-                f"unknown value {self.device!r}; valid choices: cpu, auto, cuda, cuda:N")
+        require_device_name(self.device, "device")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,13 +183,42 @@ class torch_threads:
         torch.set_num_threads(self._previous)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``/``cuda:N``, or ``auto`` (CUDA when available)."""
+def resolve_device(name: str, key: str = "training.device") -> torch.device:
+    """``cpu``, ``cuda``/``cuda:N``, or ``auto`` (CUDA when available); a ``RuntimeError`` naming the
+    config ``key`` when the CUDA device asked for is not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"training.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    return torch.device(name)
+        raise RuntimeError(f"{key}={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"{key}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); the CPU for a module that holds neither."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_cpu(state: Any) -> Any:
+    """``state`` (a ``state_dict`` of a module or optimizer: nested dicts, lists, tuples) with every
+    tensor on the CPU, for what leaves a GPU-side server (messages, checkpoints, artifacts).
+    A CPU tensor is not copied; dicts keep their type and attributes (a module's ``_metadata``)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        moved = copy.copy(state)
+        for key, value in state.items():
+            moved[key] = to_cpu(value)
+        return moved
+    if isinstance(state, list):
+        return [to_cpu(value) for value in state]
+    if type(state) is tuple:
+        return tuple(to_cpu(value) for value in state)
+    return state
 
 
 def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:

@@ -110,6 +110,11 @@ class Deprivatizer:
     one step of :func:`~hetkd.distill.blackbox.deprivatize`. ``teacher`` is a responder or the
     responses already collected on ``self.generator(z)`` (same weights, same
     batch: G is deterministic given them), so answers can come from devices.
+
+    G and D live on ``device``; latent codes are drawn on the CPU (from
+    :attr:`latent_rng`) and moved there, as are the batches and answers the
+    steps are given, so on the CPU the device changes nothing. A responder
+    ``teacher`` is asked about inputs on ``device``.
     """
 
     def __init__(
@@ -120,21 +125,23 @@ class Deprivatizer:
         *,
         seed: int = 0,
         output_range: tuple[float, float] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.settings = settings or GanSettings()
         self.num_classes = int(num_classes)
-        with seeded("mekd-deprivatize-init", seed):
+        self.device = torch.device(device)
+        with seeded("mekd-deprivatize-init", seed):  # built on the CPU: the same weights on any device
             width = self.settings.generator_width or None
-            self.generator: Generator = make_generator(input_shape, num_classes, output_range, width)
-            self.discriminator: Discriminator = make_discriminator(input_shape)
+            self.generator: Generator = make_generator(input_shape, num_classes, output_range, width).to(self.device)
+            self.discriminator: Discriminator = make_discriminator(input_shape).to(self.device)
         betas = (self.settings.beta1, self.settings.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.settings.lr_generator, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.settings.lr_discriminator, betas=betas)
         self.latent_rng = torch.Generator().manual_seed(derive_seed("mekd-deprivatize-latent", seed))
 
     def sample_latent(self, n: int) -> torch.Tensor:
-        """``n`` latent codes ~ N(0, I) from this run's own random stream."""
-        return torch.randn(n, self.num_classes, generator=self.latent_rng)
+        """``n`` latent codes ~ N(0, I) from this run's own random stream (drawn on the CPU), on G's device."""
+        return torch.randn(n, self.num_classes, generator=self.latent_rng).to(self.device)
 
     def discriminator_step(self, real: torch.Tensor) -> float:
         """Update D on a real proxy batch against as many fresh G samples."""
@@ -143,7 +150,7 @@ class Deprivatizer:
         with torch.no_grad():
             fake = self.generator(self.sample_latent(len(real)))
         self.opt_d.zero_grad(set_to_none=True)
-        loss = discriminator_loss(self.discriminator(real), self.discriminator(fake))
+        loss = discriminator_loss(self.discriminator(real.to(self.device)), self.discriminator(fake))
         loss.backward()
         self.opt_d.step()
         return float(loss.item())
@@ -153,11 +160,11 @@ class Deprivatizer:
         check_kind(kind)
         self.generator.train()
         self.discriminator.train()
-        fake = self.generator(z)
+        fake = self.generator(z.to(self.device))
         if isinstance(teacher, torch.Tensor):
-            responses = check_responses(teacher, kind, len(z), self.num_classes)
+            responses = check_responses(teacher, kind, len(z), self.num_classes).to(self.device)
         else:
-            responses = query_teacher(teacher, fake.detach(), kind, self.num_classes)
+            responses = query_teacher(teacher, fake.detach(), kind, self.num_classes).to(self.device)
         adversarial, information = generator_loss(self.discriminator(fake), teacher_confidence(responses, kind))
         loss = adversarial + self.settings.w_info * information
         self.opt_g.zero_grad(set_to_none=True)

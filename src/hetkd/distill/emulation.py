@@ -253,15 +253,26 @@ class MEKDSettings:
     loss and the student's optimizer (:class:`DistillSettings`), which FedDF's
     student uses too (with ``w_f = 0``). ``hetkd b2kd`` reads ``gan`` and
     ``distill`` (its responses are ``b2kd.responses``).
+
+    ``reference_queries``: how many of each distillation round's queries
+    (``strategy.ensemble.num_queries``) are rows of the public reference set
+    rather than G's samples. 0 is the paper's transfer set (G's samples only).
+    On real images a generator trained on a CPU budget draws few class-typical
+    samples, and real public inputs beside them give the student (and the
+    devices) targets on the data's own manifold; the mapping-emulation loss
+    still compares the answers through G. The devices must hold the reference
+    set; it stays source-blind: the server still sees only answers.
     """
 
     response: str = "soft"
+    reference_queries: int = 0
     gan: GanSettings = field(default_factory=GanSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
 
     def __post_init__(self) -> None:
         require_types(self)
         require_choice(self.response, "response", ("soft", "hard"))
+        require(self.reference_queries >= 0, "reference_queries", f"must be >= 0, got {self.reference_queries}")
 
 
 # --------------------------------------------------------------------------- the student

@@ -42,6 +42,7 @@ from hetkd.distill.robust import AGGREGATES, robust_probabilities, screened_weig
 from hetkd.distill.similarity import SIMILARITIES, WEIGHTINGS, outlier_devices
 from hetkd.models import check_architecture
 from hetkd.settings import require, require_choice, require_types
+from hetkd.training import require_device_name
 
 __all__ = [
     "ANSWER_MODELS",
@@ -100,7 +101,11 @@ class EnsembleSettings:
     than the others' do: :func:`~hetkd.distill.similarity.outlier_devices`)
     or their coordinate-wise ``median`` or ``trimmed_mean`` (``trim_fraction``
     of them dropped at each end of every coordinate), the teachers with
-    weight counting equally.
+    weight counting equally. The server computes — its student, MEKD's
+    generator and discriminator — on ``device``: ``cpu``, ``cuda``/``cuda:N``
+    or ``auto`` (CUDA when there is one); its random draws stay on the CPU,
+    so a run on the CPU does not depend on this setting, and whatever leaves
+    the server (weights, query inputs, checkpoints, artifacts) is on the CPU.
     """
 
     student: str = "resnet8"
@@ -120,6 +125,7 @@ class EnsembleSettings:
     precision: str = "float16"
     aggregate: str = "mean"
     trim_fraction: float = 0.2
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -137,6 +143,7 @@ class EnsembleSettings:
         require_choice(self.precision, "precision", PRECISIONS)
         require_choice(self.aggregate, "aggregate", AGGREGATES)
         require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
+        require_device_name(self.device, "device")
 
     def kd_term(self) -> KDTerm:
         """How a device's distillation term sits beside its private loss."""

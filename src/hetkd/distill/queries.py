@@ -13,6 +13,11 @@ at the *same* inputs without shipping them when that can be avoided. A
 * ``source="inputs"``: the inputs themselves travel with the message (when
   that is smaller than G's weights).
 
+A generator query may also start with ``reference_count`` reference rows
+(chosen by the same seed) before its ``count - reference_count`` samples of
+G: MEKD mixes real public inputs into the transfer set that way, at the cost
+of a few integers on the wire.
+
 :func:`resolve_queries` turns a spec into the input tensor, on the server and
 on a device alike, so both see bit-identical inputs on the same platform. A
 generator query's latent codes come from :func:`query_latents` and its inputs
@@ -28,6 +33,7 @@ import torch
 
 from hetkd.distill.generative import Generator
 from hetkd.settings import require, require_choice, require_types
+from hetkd.training import module_device
 
 __all__ = [
     "QUERY_SOURCES", "QuerySpec", "GeneratorSpec", "query_latents", "generate_queries", "reference_rows",
@@ -40,19 +46,33 @@ QUERY_SOURCES: tuple[str, ...] = ("reference", "generator", "inputs")
 @dataclass(frozen=True)
 class QuerySpec:
     """Which public inputs to answer on (see the module docstring); it travels in
-    :class:`hetkd.protocol.EnsembleDistill` as its fields."""
+    :class:`hetkd.protocol.EnsembleDistill` as its fields.
+
+    ``count`` inputs in all; a ``generator`` query's first ``reference_count``
+    of them are reference rows, the rest G's samples.
+    """
 
     source: str
     seed: int
     count: int
     batch_size: int = 64
     train_mode: bool = False
+    reference_count: int = 0
 
     def __post_init__(self) -> None:
         require_types(self)
         require_choice(self.source, "source", QUERY_SOURCES)
         require(self.count >= 1, "count", f"a query needs count >= 1, got {self.count}")
         require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        require(0 <= self.reference_count < self.count, "reference_count",
+                f"must be in [0, count = {self.count}), got {self.reference_count}")
+        require(self.reference_count == 0 or self.source == "generator", "reference_count",
+                f"only a 'generator' query mixes in reference rows, this one's source is {self.source!r}")
+
+    @property
+    def generated_count(self) -> int:
+        """How many of the query's inputs a generator draws (``count`` less the reference rows)."""
+        return self.count - self.reference_count
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,32 +108,37 @@ def generate_queries(
     of the inputs. ``train_mode`` runs G's BatchNorm on batch statistics (as
     G sees its samples during deprivatization), in chunks of ``batch_size``;
     otherwise on its running statistics (a frozen G). G itself is left as it
-    was (a copy runs in train mode, so running statistics do not move).
+    was (a copy runs in train mode, so running statistics do not move). G may
+    be on any device: ``z`` is drawn on the CPU and moved to G, and both come
+    back on the CPU.
     """
     if count < 1 or batch_size < 2:
         raise ValueError(f"need count >= 1 and batch_size >= 2, got count={count}, batch_size={batch_size}")
     if train_mode and count % batch_size:
         raise ValueError(f"in train mode count ({count}) must be a multiple of batch_size ({batch_size})")
     z = query_latents(seed, count, generator.latent_dim)
+    device = module_device(generator)
     model = copy.deepcopy(generator).train() if train_mode else generator
     was_training = generator.training
     if not train_mode:
         generator.eval()
     try:
         with torch.no_grad():
-            return z, torch.cat([model(part) for part in z.split(batch_size)])
+            return z, torch.cat([model(part.to(device)) for part in z.split(batch_size)]).cpu()
     finally:
         generator.train(was_training)
 
 
 def reference_rows(spec: QuerySpec, num_reference: int) -> torch.Tensor:
-    """The reference-set row indices ``(count,)`` a ``reference`` query names, for a reference set
-    of ``num_reference`` rows: the first ``count`` of a permutation seeded by the query's seed."""
-    if spec.source != "reference":
-        raise ValueError(f"only a 'reference' query names reference rows, this one's source is {spec.source!r}")
-    if spec.count > num_reference:
-        raise ValueError(f"query asks for {spec.count} reference rows, the reference set has {num_reference}")
-    return torch.randperm(num_reference, generator=torch.Generator().manual_seed(spec.seed))[: spec.count]
+    """The reference-set row indices a query names, for a reference set of ``num_reference`` rows:
+    the first ``count`` (a ``reference`` query) or ``reference_count`` (a generator query that mixes
+    reference rows in) of a permutation seeded by the query's seed."""
+    count = spec.count if spec.source == "reference" else spec.reference_count
+    if count == 0:
+        raise ValueError(f"this {spec.source!r} query names no reference rows")
+    if count > num_reference:
+        raise ValueError(f"query asks for {count} reference rows, the reference set has {num_reference}")
+    return torch.randperm(num_reference, generator=torch.Generator().manual_seed(spec.seed))[:count]
 
 
 def resolve_queries(
@@ -131,7 +156,14 @@ def resolve_queries(
     if spec.source == "generator":
         if generator is None:
             raise ValueError("a 'generator' query needs the generator's weights, and none are held here")
-        return generate_queries(generator, spec.seed, spec.count, spec.batch_size, spec.train_mode)[1]
+        generated = generate_queries(generator, spec.seed, spec.generated_count, spec.batch_size, spec.train_mode)[1]
+        if spec.reference_count == 0:
+            return generated
+        if reference_inputs is None or len(reference_inputs) == 0:
+            raise ValueError(f"this query mixes in {spec.reference_count} reference rows and no reference set is "
+                             "held here")
+        return torch.cat([reference_inputs[reference_rows(spec, len(reference_inputs))].to(generated.dtype),
+                          generated])
     if inputs is None or len(inputs) != spec.count:
         got = None if inputs is None else len(inputs)
         raise ValueError(f"an 'inputs' query must carry {spec.count} inputs, got {got}")

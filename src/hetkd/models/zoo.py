@@ -317,6 +317,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mlp_s": Architecture(lambda s, c: MLP(s, c, [64]), "any", description="MLP 64"),
     "mlp_m": Architecture(lambda s, c: MLP(s, c, [128, 64]), "any", description="MLP 128-64"),
     "mlp_l": Architecture(lambda s, c: MLP(s, c, [256, 128, 64]), "any", description="MLP 256-128-64"),
+    # the MLPs of HtFLlib's MNIST families: FedAvg's one hidden layer of 200 (FedAvgMLP), and a wider one
+    "mlp_200": Architecture(lambda s, c: MLP(s, c, [200]), "any", description="MLP 200 (HtFLlib's FedAvgMLP)"),
+    "mlp_512": Architecture(lambda s, c: MLP(s, c, [512]), "any", description="MLP 512"),
     # small images (8x8 and up)
     "cnn_s": Architecture(lambda s, c: SmallCNN(s, c, [[16], [32]]), "image", 4, "2 conv layers, 16/32"),
     "cnn_m": Architecture(lambda s, c: SmallCNN(s, c, [[32, 32], [64, 64]]), "image", 4, "4 conv layers, 32/64"),
@@ -362,6 +365,8 @@ MODEL_GROUPS: dict[str, list[str]] = {
     "digits-5": ["cnn_s", "cnn_m", "resnet8", "mlp_s", "mlp_m"],
     # 28x28 images on a CPU: HtFLlib's CNN, small MobileNetV2 / ShuffleNetV2, ResNet-8, an MLP
     "mnist-5": ["cnn4", "mobilenet_v2_035", "shufflenet_v2_x0_5", "resnet8", "mlp_m"],
+    # HtFLlib's kind of MNIST family: its 2-conv CNN (FedAvgCNN) and two one-hidden-layer MLPs
+    "htfl-mnist-3": ["cnn4", "mlp_200", "mlp_512"],
     "mnist1d-5": ["cnn1d_s", "cnn1d_m", "resnet1d", "gru", "mlp_m"],
 }
 
