@@ -102,7 +102,7 @@ def bench_gpu(cfg: HetkdConfig, *, steps: int, warmup: int) -> dict[str, Any]:
     workloads: list[tuple[str, str, int, int, Callable[[torch.device], Callable[[], object]]]] = [
         ("device_training", arch, cfg.training.batch_size, cfg.training.num_threads,
          lambda d, arch=arch: _training_step(cfg, arch, shape, classes, d))
-        for arch in dict.fromkeys(cfg.models.architectures)
+        for arch in dict.fromkeys(cfg.models.assign(cfg.simulation.num_devices))  # groups expanded
     ]
     if cfg.strategy.ensemble.student:
         workloads.append(("server_student", cfg.strategy.ensemble.student, cfg.mekd.distill.batch_size,
