@@ -98,11 +98,9 @@ def _check_ensemble(cfg: HetkdConfig) -> None:
     if not e.student:
         raise ConfigError("strategy.ensemble.student", f"strategy '{cfg.strategy.name}' needs a global student "
                           "architecture (a zoo name or package.module:factory)")
-    mixed = cfg.mekd.reference_queries
-    if cfg.strategy.name == "mekd" and (mixed >= e.num_queries or mixed > cfg.reference.size):
-        raise ConfigError("mekd.reference_queries", f"{mixed} reference rows per query must be fewer than "
-                          f"strategy.ensemble.num_queries ({e.num_queries}) and at most reference.size "
-                          f"({cfg.reference.size})")
+    problem = cfg.mekd.reference_queries_problem(e.num_queries, cfg.reference.size)
+    if cfg.strategy.name == "mekd" and problem:
+        raise ConfigError("mekd.reference_queries", f"{problem} (reference.size)")
 
 
 def _check_reference(cfg: HetkdConfig) -> None:

@@ -103,11 +103,9 @@ class MEKD(EnsembleDistill):
         self.deprivatizer = Deprivatizer(self.input_shape, self.num_classes, self.gan, seed=self.seed,
                                          output_range=output_range, device=self.torch_device)
         self.generator: Generator = self.deprivatizer.generator
-        mixed = self.mekd.reference_queries
-        if mixed >= self.ensemble.num_queries or mixed > len(self.public_inputs):
-            raise ValueError(f"mekd.reference_queries ({mixed}) must be below strategy.ensemble.num_queries "
-                             f"({self.ensemble.num_queries}) and at most the reference set's "
-                             f"{len(self.public_inputs)} rows")
+        problem = self.mekd.reference_queries_problem(self.ensemble.num_queries, len(self.public_inputs))
+        if problem:
+            raise ValueError(f"mekd.reference_queries ({self.mekd.reference_queries}): {problem}")
         #: bumped whenever G's weights change; devices are sent the weights once per version
         self.generator_version = 0
         self._device_version: dict[int, int] = {}  # device id -> G version it acknowledged

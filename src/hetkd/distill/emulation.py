@@ -274,6 +274,15 @@ class MEKDSettings:
         require_choice(self.response, "response", ("soft", "hard"))
         require(self.reference_queries >= 0, "reference_queries", f"must be >= 0, got {self.reference_queries}")
 
+    def reference_queries_problem(self, num_queries: int, reference_size: int) -> str | None:
+        """Why ``reference_queries`` does not fit queries of ``num_queries`` inputs over a reference
+        set of ``reference_size`` rows (``None``: it fits). The config check and the strategy both ask."""
+        k = self.reference_queries
+        if k < num_queries and k <= reference_size:
+            return None
+        return (f"{k} reference rows per query must be fewer than strategy.ensemble.num_queries ({num_queries}) "
+                f"and at most the reference set's {reference_size} rows")
+
 
 # --------------------------------------------------------------------------- the student
 
