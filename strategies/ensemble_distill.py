@@ -58,7 +58,7 @@ from hetkd.distill.queries import QuerySpec, resolve_queries
 from hetkd.distill.robust import screened_weights
 from hetkd.distill.similarity import NeighbourSearch
 from hetkd.models import build_model
-from hetkd.strategies.base import DeviceStrategy, Figures, RoundPlan
+from hetkd.strategies.base import DeviceInfo, DeviceStrategy, Figures, RoundPlan
 from hetkd.training import resolve_device, seeded, to_cpu
 
 __all__ = ["EnsembleDistill", "EnsembleRound", "EnsembleTargets"]
@@ -182,6 +182,20 @@ class EnsembleDistill(DeviceStrategy):
     def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
         """The query of this round (``None``: nothing to answer)."""
         raise NotImplementedError
+
+    def asks_about_reference_rows(self) -> bool:
+        """Whether this strategy's queries name rows of the reference set (FedDF; MEKD with
+        ``mekd.reference_queries``), which every device must then hold as the server does."""
+        return False
+
+    def admit(self, info: DeviceInfo) -> str | None:
+        """A device joins only with the server's reference set when queries name its rows: rows are
+        sent as indices, so another set would answer about other inputs (or fail every round)."""
+        if self.asks_about_reference_rows() and info.num_reference != len(self.public_inputs):
+            return (f"holds a reference set of {info.num_reference} rows, the server's has "
+                    f"{len(self.public_inputs)}: {type(self).__name__}'s queries name its rows, so every "
+                    "device must hold the same reference set")
+        return None
 
     def query_inputs(self, query: QuerySpec) -> torch.Tensor:
         """The server's view of the query's inputs."""

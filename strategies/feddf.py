@@ -62,6 +62,9 @@ class FedDF(EnsembleDistill):
     def settings(self) -> dict[str, Any]:
         return super().settings() | {"mekd.distill": self.configured}
 
+    def asks_about_reference_rows(self) -> bool:
+        return True
+
     def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
         if phase != "distill":
             return None

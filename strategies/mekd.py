@@ -140,6 +140,9 @@ class MEKD(EnsembleDistill):
                              reference_count=self.mekd.reference_queries)
         return None
 
+    def asks_about_reference_rows(self) -> bool:
+        return self.mekd.reference_queries > 0
+
     def query_inputs(self, query: QuerySpec) -> torch.Tensor:
         return resolve_queries(query, generator=self.generator, reference_inputs=self.public_inputs)
 

@@ -16,7 +16,7 @@ from hetkd.clients import DeviceDataset, DiskStateStore, make_client_app
 from hetkd.clients.state import ContextStateStore
 from hetkd.distill.ensemble import EnsembleSettings
 from hetkd.distill.exchange import ReferenceDistillSettings
-from hetkd.strategies import FedDF, LocalOnly, SDDist
+from hetkd.strategies import MEKD, FedDF, LocalOnly, SDDist
 from hetkd.training import TrainingConfig
 from tests.conftest import InProcessGrid
 
@@ -147,3 +147,32 @@ def test_rounds_without_a_global_test_set_log_no_nan(caplog):
     assert "personalised_accuracy_mean" in lines[0] and "global" not in lines[0]
     metrics = result.evaluate_metrics_clientapp[1]
     assert "personalised-accuracy-mean" in metrics and not any(k.startswith("global") for k in metrics)
+
+
+def test_devices_without_the_servers_reference_set_are_refused_when_queries_name_its_rows():
+    """FedDF's queries, and MEKD's with ``reference_queries``, name reference rows by index: a device
+    holding another set (or none) is refused at set-up, naming both sizes, instead of failing every round."""
+    from hetkd.distill import MEKDSettings
+
+    def data(context: Context) -> DeviceDataset:
+        pid = int(context.node_config["partition-id"])
+        return _data(context, reference_rows=150 if pid == 1 else 200)
+
+    for strategy in (FedDF(num_classes=10, public_inputs=PUBLIC, student=Net(), num_devices=2, wait_for_devices=5),
+                     MEKD(num_classes=10, public_inputs=PUBLIC, student=Net(), num_devices=2, wait_for_devices=5,
+                          mekd=MEKDSettings(reference_queries=64))):
+        grid = InProcessGrid(2, client_app=make_client_app(lambda ctx: Net(), data, num_classes=10,
+                                                           training=TrainingConfig(local_epochs=1)))
+        reports = []
+        strategy.start(grid=grid, num_rounds=1, on_round_end=reports.append)
+        (failure,) = reports[0].failures
+        assert failure["device"] == 1 and failure["phase"] == "setup"
+        assert "150 rows" in failure["reason"] and "200" in failure["reason"]
+        assert [d.device_id for d in strategy.devices.values()] == [0]
+    # MEKD asking about G's samples only needs no reference set on the devices
+    plain = MEKD(num_classes=10, public_inputs=PUBLIC, student=Net(), num_devices=2, wait_for_devices=5)
+    grid = InProcessGrid(2, client_app=make_client_app(lambda ctx: Net(), data, num_classes=10,
+                                                       training=TrainingConfig(local_epochs=1)))
+    reports = []
+    plain.start(grid=grid, num_rounds=1, on_round_end=reports.append)
+    assert not reports[0].failures
