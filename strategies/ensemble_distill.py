@@ -175,9 +175,15 @@ class EnsembleDistill(DeviceStrategy):
         """``warmup`` or ``distill`` (MEKD adds ``deprivatize``)."""
         return "warmup" if server_round <= self.ensemble.warmup_rounds else "distill"
 
+    def student_learns(self, server_round: int) -> bool:
+        """Whether the ensemble's answers of this round teach the student and, next round, the
+        devices (the ``distill`` phase; MEKD adds its last deprivatization round's reference rows)."""
+        return self.phase(server_round) == "distill"
+
     def distill_rounds(self) -> int:
-        """Rounds in the ``distill`` phase of the run (``num_rounds`` is set by ``start``)."""
-        return sum(1 for r in range(1, self.num_rounds + 1) if self.phase(r) == "distill")
+        """Rounds of the run in which the student learns (``num_rounds`` is set by ``start``):
+        its optimizer's schedule spans them."""
+        return sum(1 for r in range(1, self.num_rounds + 1) if self.student_learns(r))
 
     def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
         """The query of this round (``None``: nothing to answer)."""
@@ -217,8 +223,14 @@ class EnsembleDistill(DeviceStrategy):
         if plan.phase != "distill":
             return Figures()
         assert plan.query is not None and plan.inputs is not None
-        self.targets, figures = self.form_targets(plan.query, device_ids, answers)
-        return figures.add(self.distill_student(server_round, plan.inputs, self.targets))
+        return self.learn_from_ensemble(server_round, plan.query, plan.inputs, device_ids, answers)
+
+    def learn_from_ensemble(self, server_round: int, query: QuerySpec, inputs: torch.Tensor, device_ids: list[int],
+                            answers: torch.Tensor) -> Figures:
+        """Form the targets on ``query`` (its ``inputs``) from the devices' ``answers``, keep them for
+        the devices' next round and distil the student towards them."""
+        self.targets, figures = self.form_targets(query, device_ids, answers)
+        return figures.add(self.distill_student(server_round, inputs, self.targets))
 
     # ------------------------------------------------------------------ the ensemble
 
@@ -253,21 +265,21 @@ class EnsembleDistill(DeviceStrategy):
             return []
         return answer_outliers(answers, self.response, quality)
 
-    def mean_ensemble(self, answers: torch.Tensor, screened: list[int]) -> tuple[torch.Tensor, str]:
-        """All devices' answers ``(n, N, C)`` weighted equally but the ``screened`` ones: the
-        ensemble ``(N, C)`` and its kind (their mean, or with ``aggregate`` a robust aggregate;
-        class-balanced with ``balance_classes``)."""
-        common, kind = self._ensemble(answers, torch.ones(1, answers.shape[0]), screened)
+    def mean_ensemble(self, query: QuerySpec, answers: torch.Tensor, screened: list[int]) -> tuple[torch.Tensor, str]:
+        """All devices' answers ``(n, N, C)`` on ``query`` weighted equally but the ``screened`` ones:
+        the ensemble ``(N, C)`` and its kind (their mean, or with ``aggregate`` a robust aggregate;
+        with ``balance_classes`` class-balanced over each of the query's sources on its own)."""
+        common, kind = self._ensemble(query, answers, torch.ones(1, answers.shape[0]), screened)
         return common[0], kind
 
-    def _ensemble(self, answers: torch.Tensor, weights: torch.Tensor,
+    def _ensemble(self, query: QuerySpec, answers: torch.Tensor, weights: torch.Tensor,
                   screened: list[int]) -> tuple[torch.Tensor, str]:
         e = self.ensemble
         aggregate = e.aggregate
         if aggregate == "screened_mean":  # the screen ran once for the round: the mean of who it kept
             weights, aggregate = screened_weights(weights, screened), "mean"
         return ensemble_responses(answers, self.response, weights, balance=e.balance_classes, aggregate=aggregate,
-                                  trim_fraction=e.trim_fraction)
+                                  trim_fraction=e.trim_fraction, balance_groups=query.source_sizes)
 
     def form_targets(self, query: QuerySpec, device_ids: list[int],
                      answers: torch.Tensor) -> tuple[EnsembleTargets, Figures]:
@@ -275,12 +287,12 @@ class EnsembleDistill(DeviceStrategy):
         weighting, each answering device's own mix; both without the screened teachers."""
         quality = self.answer_quality(query, answers)
         screened = self.screened(answers, quality)
-        common, kind = self.mean_ensemble(answers, screened)
+        common, kind = self.mean_ensemble(query, answers, screened)
         own: dict[int, torch.Tensor] = {}
         figures = Figures()
         if self.ensemble.weighting == "similarity" and answers.shape[0] >= 2:
             weights, figures = self.ensemble_weights(answers)
-            mixed, _ = self._ensemble(answers, weights, screened)
+            mixed, _ = self._ensemble(query, answers, weights, screened)
             own = {d: mixed[i] for i, d in enumerate(device_ids) if float(mixed[i].sum()) > 0}  # someone taught it
         if kind == "soft":
             figures.metrics["ensemble_entropy"] = float(-(common * common.clamp_min(1e-12).log()).sum(1).mean())

@@ -16,11 +16,16 @@ unlabelled public proxy set, and a global student of any architecture.
    corresponding batch. The answers describe G as it was when the round
    began, so within a round they lag G by at most ``steps`` updates (the
    price of one exchange per round instead of one per step). Then G is frozen.
+   With ``reference_queries`` the last deprivatization round's query also
+   starts with that many reference rows: the ensemble's answers on them teach
+   the student that round and the devices the next, as in step 3, so
+   distillation starts as early as FedDF's.
 3. **distillation** (the remaining rounds): devices answer on a fresh batch of
-   ``num_queries`` samples of the frozen G (a seed travels, G's weights only
-   once per device); the server forms the ensemble (mean, or per device by
-   similarity of the answers; corrected to a uniform class prior over the
-   samples unless ``balance_classes=False``), distils its student with the mapping-emulation
+   ``num_queries`` inputs, samples of the frozen G after ``reference_queries``
+   reference rows (a seed travels, G's weights only once per device); the
+   server forms the ensemble (mean, or per device by similarity of the
+   answers; corrected to a uniform class prior over G's samples and over the
+   reference rows, each on its own, unless ``balance_classes=False``), distils its student with the mapping-emulation
    loss ``w_f · L1(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)``, and sends each
    device its targets, which it distils into its own architecture the same
    way beside its private cross-entropy.
@@ -128,12 +133,25 @@ class MEKD(EnsembleDistill):
     def gan_steps_per_round(self) -> int:
         return math.ceil(self.gan.steps / self.ensemble.deprivatize_rounds) if self.gan.steps else 0
 
+    def last_deprivatization(self, server_round: int) -> bool:
+        """Whether G is final after this round (the last deprivatization round)."""
+        return self.phase(server_round) == "deprivatize" and self.phase(server_round + 1) != "deprivatize"
+
+    def student_learns(self, server_round: int) -> bool:
+        """The ``distill`` rounds and, with ``reference_queries``, the last deprivatization round: its
+        query starts with the reference rows, so distillation starts as early as FedDF's."""
+        return super().student_learns(server_round) or (
+            self.mekd.reference_queries > 0 and self.last_deprivatization(server_round))
+
     def make_query(self, server_round: int, phase: str) -> QuerySpec | None:
         seed = derive_seed(self.seed, "mekd-query", server_round)
-        if phase == "deprivatize" and self.gan_steps_per_round():
-            batch = self.gan.batch_size
-            return QuerySpec(source="generator", seed=seed, count=self.gan_steps_per_round() * batch,
-                             batch_size=batch, train_mode=True)
+        if phase == "deprivatize":
+            references = self.mekd.reference_queries if self.student_learns(server_round) else 0
+            generated = self.gan_steps_per_round() * self.gan.batch_size
+            if generated == 0:
+                return QuerySpec(source="reference", seed=seed, count=references) if references else None
+            return QuerySpec(source="generator", seed=seed, count=references + generated,
+                             batch_size=self.gan.batch_size, train_mode=True, reference_count=references)
         if phase == "distill":
             return QuerySpec(source="generator", seed=seed, count=self.ensemble.num_queries,
                              batch_size=self.gan.batch_size, train_mode=False,
@@ -170,7 +188,7 @@ class MEKD(EnsembleDistill):
             inputs = plan.inputs
             assert inputs is not None
             if inputs.numel() * inputs.element_size() < state_bytes(self.generator):
-                return {"query": replace(query, source="inputs"), "query_inputs": inputs.numpy()}
+                return {"query": replace(query, source="inputs", reference_count=0), "query_inputs": inputs.numpy()}
         spec = self.generator_spec()
         if holds_g:
             return {"generator": spec}
@@ -204,10 +222,28 @@ class MEKD(EnsembleDistill):
                       answers: torch.Tensor) -> Figures:
         if plan.phase != "deprivatize":
             return super().learn_answers(server_round, plan, device_ids, answers)
-        query = plan.query
-        assert query is not None
-        ensemble, kind = self.mean_ensemble(answers, self.screened(answers, self.answer_quality(query, answers)))
-        z = query_latents(query.seed, query.count, self.num_classes)  # the codes behind this round's answers
+        query, inputs = plan.query, plan.inputs
+        assert query is not None and inputs is not None
+        references = query.count if query.source == "reference" else query.reference_count
+        figures = Figures()
+        if query.source == "generator":
+            figures = self.learn_generator(server_round, query, answers[:, references:])
+        if self.last_deprivatization(server_round):
+            freeze(self.generator)  # G is final: distillation uses its running statistics
+            self.generator_version += 1
+        if references:  # the reference rows teach the student (and the devices next round) with the final G
+            rows = QuerySpec(source="reference", seed=query.seed, count=references, batch_size=query.batch_size)
+            figures.add(self.learn_from_ensemble(server_round, rows, inputs[:references], device_ids,
+                                                 answers[:, :references]))
+        return figures
+
+    def learn_generator(self, server_round: int, query: QuerySpec, answers: torch.Tensor) -> Figures:
+        """One round of deprivatization: a D-then-G update per batch of the query's samples of G,
+        on the ensemble of the devices' ``answers`` to them."""
+        generated = replace(query, count=query.generated_count, reference_count=0)  # the answers are on these only
+        ensemble, kind = self.mean_ensemble(generated, answers,
+                                            self.screened(answers, self.answer_quality(generated, answers)))
+        z = query_latents(query.seed, query.generated_count, self.num_classes)  # the codes behind the answers
         batch = min(query.batch_size, len(self.public_inputs))
         d_losses, g_losses = [], []
         with seeded(self.seed, "mekd-deprivatize", server_round):  # D's dropout: same seed, same G
@@ -215,9 +251,6 @@ class MEKD(EnsembleDistill):
                 d_losses.append(self.deprivatizer.discriminator_step(self._proxy_batch(batch)))
                 g_losses.append(self.deprivatizer.generator_step(z_k, answers_k, kind)["g_loss"])
         self.generator_version += 1
-        if self.phase(server_round + 1) != "deprivatize":
-            freeze(self.generator)  # G is final: distillation uses its running statistics
-            self.generator_version += 1
         return Figures({"d_loss": sum(d_losses) / len(d_losses), "g_loss": sum(g_losses) / len(g_losses),
                         "gan_steps": len(g_losses)})
 

@@ -34,16 +34,10 @@ def _check_run_folder(out: Path, rounds: int) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ("strategy=local",),
-        ("strategy=fedavg", "models.assignment=homogeneous", "models.architectures=[cnn_m]"),
-    ],
-    ids=["local", "fedavg"],
-)
-def test_two_round_simulation_writes_results_and_learns(tmp_path, overrides):
-    cfg = small_config(tmp_path, *overrides, "output.plots=true", "training.local_epochs=5", devices=4)
+def test_two_round_simulation_writes_results_and_learns(tmp_path):
+    """A whole run folder, from FedAvg (local-only runs in test_sd_dist_beats_local_only_on_global_accuracy)."""
+    cfg = small_config(tmp_path, "strategy=fedavg", "models.assignment=homogeneous", "models.architectures=[cnn_m]",
+                       "output.plots=true", "training.local_epochs=5", devices=4)
     pythonpath = os.environ.get("PYTHONPATH")
     summary = run(cfg)
     assert os.environ.get("PYTHONPATH") == pythonpath, "the run must leave the caller's environment as it was"
@@ -91,14 +85,17 @@ def test_sd_dist_beats_local_only_on_global_accuracy(tmp_path):
     assert sd["mean_bytes_up_per_device_per_round"] < 0.1 * sd["largest_model_bytes"]
 
 
-def test_compare_writes_json_markdown_and_plot(tmp_path):
+def test_compare_writes_json_markdown_and_plot_then_resumes_finished_runs_and_survives_a_failing_one(
+        tmp_path, monkeypatch):
+    """One comparison, then resumed from its runs (one set of simulations serves both halves)."""
+    import hetkd.simulations.runner as runner
     from hetkd.simulations.compare import compare
 
     cfg = small_config(tmp_path, "num-server-rounds=2", devices=3)
-    payload = compare(cfg, ["central", "local", "sd-dist"], [0], tmp_path / "cmp")
+    first = compare(cfg, ["central", "local", "sd-dist"], [0], tmp_path / "cmp")
     for name in ("compare.json", "compare.md", "compare.png"):
         assert (tmp_path / "cmp" / name).is_file()
-    table = payload["strategies"]
+    table = first["strategies"]
     assert set(table) == {"central", "local", "sd-dist"}
     assert table["central"]["final_global_accuracy_mean"]["mean"] > 0.5
     assert table["central"]["bytes_per_device_per_round"]["mean"] == 0
@@ -108,14 +105,6 @@ def test_compare_writes_json_markdown_and_plot(tmp_path):
     assert 0 < table["sd-dist"]["bytes_fraction_of_fedavg_zoo_largest"] < 0.01
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sd-dist |" in text and "± " in text and "resnet32" in text
-
-
-def test_compare_resumes_finished_runs_and_survives_a_failing_one(tmp_path, monkeypatch):
-    import hetkd.simulations.runner as runner
-    from hetkd.simulations.compare import compare
-
-    cfg = small_config(tmp_path, "num-server-rounds=2", devices=3)
-    first = compare(cfg, ["central", "local"], [0], tmp_path / "cmp")
 
     def broken(cfg):
         raise RuntimeError(f"no simulation allowed ({cfg.strategy.name}, lr {cfg.training.lr})")

@@ -118,6 +118,25 @@ def test_class_balancing_removes_the_lean_towards_classes_many_devices_know():
         class_balanced(-leaning)
 
 
+def test_a_generators_skewed_samples_leave_the_real_rows_class_balance_alone():
+    """MEKD's mixed query: reference rows, then G's samples, which the devices mostly call class 0.
+    Balanced together, that lean would turn real rows of class 0 into another class; each source
+    is balanced on its own."""
+    truth = torch.arange(6) % 3
+    real = torch.nn.functional.one_hot(truth, 3).float() * 0.2 + 0.8 / 3  # flat but right, no lean
+    generated = torch.tensor([[0.9, 0.05, 0.05]]).repeat(6, 1)  # G draws class-0 blobs
+    answers = torch.cat([real, generated]).unsqueeze(0)
+    together, _ = ensemble_responses(answers, "soft", torch.ones(1, 1), balance=True)
+    apart, _ = ensemble_responses(answers, "soft", torch.ones(1, 1), balance=True, balance_groups=[6, 6])
+    assert not torch.equal(together[0, :6].argmax(1), truth), "the joint correction pushes real rows off class 0"
+    assert torch.allclose(apart[0, :6], class_balanced(real)) and torch.equal(apart[0, :6].argmax(1), truth)
+    assert torch.allclose(apart[0, 6:], class_balanced(generated))
+    assert QuerySpec("generator", 0, 12, reference_count=6).source_sizes == (6, 6)
+    assert QuerySpec("reference", 0, 12).source_sizes == (12,)
+    with pytest.raises(ValueError, match="balance_groups.*12 inputs.*\\[6, 5\\]"):
+        ensemble_responses(answers, "soft", torch.ones(1, 1), balance=True, balance_groups=[6, 5])
+
+
 def test_answers_on_the_wire_round_trip_and_reject_bad_input():
     logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
     logits[torch.arange(5), torch.tensor([3, 1, 4, 1, 5])] += 3.0  # a clear winner: uint8 keeps the argmax
@@ -408,6 +427,17 @@ def test_mekd_devices_answer_real_reference_rows_beside_generator_samples(tmp_pa
     rows = reference_rows(_request(distilling[-1]).query, len(strategy.public_inputs))
     assert torch.equal(inputs[:24], strategy.public_inputs[rows])
     assert reports[-1].metrics["student_inputs"] == 64 and not any(r.failures for r in reports)
+    # the last deprivatization round (3) asks about the reference rows too: the student learns from them
+    # then, and the devices distil towards the ensemble on them in round 4, as early as FedDF's would
+    round_3 = [_request(t) for t in _replies(grid) if _request(t).server_round == 3]
+    assert all(r.query.reference_count == 24 and r.query.count == 24 + 20 * 16 for r in round_3)
+    assert [_request(t).query.reference_count for t in _replies(grid) if _request(t).server_round == 2] == [0] * 3
+    assert reports[2].metrics["student_inputs"] == 24 and "student_loss" not in reports[1].metrics
+    targets = [_request(t).targets for t in _replies(grid) if _request(t).server_round == 4]
+    assert all(t.query.source == "reference" and t.query.count == 24 for t in targets)
+    assert torch.equal(resolve_queries(targets[0].query, reference_inputs=strategy.public_inputs),
+                       strategy.public_inputs[reference_rows(round_3[0].query, len(strategy.public_inputs))])
+    assert strategy.distill_rounds() == 3 and strategy.student_learns(3) and not strategy.student_learns(2)
 
 
 def test_deprivatization_ships_inputs_instead_of_weights_when_they_are_smaller(tmp_path):

@@ -261,7 +261,9 @@ class MEKDSettings:
     samples, and real public inputs beside them give the student (and the
     devices) targets on the data's own manifold; the mapping-emulation loss
     still compares the answers through G. The devices must hold the reference
-    set; it stays source-blind: the server still sees only answers.
+    set; it stays source-blind: the server still sees only answers. The last
+    deprivatization round asks about the reference rows too, so the student and
+    the devices start distilling a round before G's first samples are queried.
     """
 
     response: str = "soft"

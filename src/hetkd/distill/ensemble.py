@@ -88,7 +88,8 @@ class EnsembleSettings:
     it was configured to. Targets are the plain mean of the answers (``weighting=mean``) or,
     per device, a similarity-weighted mix over its ``num_neighbours`` nearest
     devices by ``similarity`` of their answers; ``balance_classes`` corrects
-    every ensemble to a uniform class prior over the query inputs
+    every ensemble to a uniform class prior over the query inputs, over each
+    source (reference rows, G's samples) of a mixed query on its own
     (:func:`class_balanced`; off: the published plain mean). Soft answers and
     targets travel at ``precision``. ``answer_model`` says which model a
     device answers with: ``private`` (a second copy of its model that trains
@@ -319,7 +320,7 @@ def answer_quality(responses: torch.Tensor, kind: str, labels: torch.Tensor) -> 
 
 def ensemble_responses(
     responses: torch.Tensor, kind: str, weights: torch.Tensor, *, balance: bool = False, aggregate: str = "mean",
-    trim_fraction: float = 0.2, quality: torch.Tensor | None = None,
+    trim_fraction: float = 0.2, quality: torch.Tensor | None = None, balance_groups: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Ensemble answers ``(m, N, C)`` from ``n`` teachers' answers ``(n, N, C)`` and an ``m x n`` weight matrix.
 
@@ -330,7 +331,10 @@ def ensemble_responses(
     majority vote and come back as ``"hard"`` (ties go to the lowest class).
     With ``balance`` each ensemble is first corrected to a uniform class prior
     over the ``N`` inputs (:func:`class_balanced`; for hard answers, the vote
-    shares, before the vote). Rows with zero total weight come back as
+    shares, before the vote); ``balance_groups`` (sizes summing to ``N``)
+    corrects each run of consecutive inputs on its own: inputs from another
+    source, such as a generator's samples beside real rows, need not share
+    the real rows' class prior and would skew theirs. Rows with zero total weight come back as
     all-zero answers. With ``aggregate`` ``screened_mean`` the teachers
     :func:`answer_outliers` flags (by their loss ``quality`` on labelled
     inputs when given, else by their divergence from the others) lose their
@@ -345,6 +349,9 @@ def ensemble_responses(
     if responses.dim() != 3 or len(responses) == 0:
         raise ValueError(f"responses must be (teachers, N, C) with at least one teacher, got {tuple(responses.shape)}")
     n = responses.shape[0]
+    if balance_groups is not None and (sum(balance_groups) != responses.shape[1] or min(balance_groups) < 1):
+        raise ValueError(f"balance_groups must be positive sizes summing to the {responses.shape[1]} inputs, "
+                         f"got {list(balance_groups)}")
     w = torch.as_tensor(weights, dtype=torch.float32)
     if w.dim() != 2 or w.shape[1] != n or (w < 0).any() or not torch.isfinite(w).all():
         raise ValueError(f"weights must be a non-negative (m, {n}) matrix, got shape {tuple(w.shape)}")
@@ -363,7 +370,8 @@ def ensemble_responses(
             if float(totals[i]) > 0:
                 mixed[i] = robust_probabilities(r[row > 0], aggregate, trim_fraction)
     if balance:
-        mixed = class_balanced(mixed)
+        groups = list(balance_groups) if balance_groups is not None else [mixed.shape[1]]
+        mixed = torch.cat([class_balanced(part) for part in mixed.split(groups, dim=1)], dim=1)
     if kind == "hard":
         voted = F.one_hot(mixed.argmax(2), mixed.shape[2]).float()
         return voted * (totals > 0).float().unsqueeze(2), "hard"

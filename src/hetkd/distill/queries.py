@@ -70,6 +70,12 @@ class QuerySpec:
                 f"only a 'generator' query mixes in reference rows, this one's source is {self.source!r}")
 
     @property
+    def source_sizes(self) -> tuple[int, ...]:
+        """The sizes of the query's runs of inputs from one source: ``(reference_count,
+        generated_count)`` for a mixed query, else ``(count,)``."""
+        return (self.reference_count, self.generated_count) if self.reference_count else (self.count,)
+
+    @property
     def generated_count(self) -> int:
         """How many of the query's inputs a generator draws (``count`` less the reference rows)."""
         return self.count - self.reference_count
