@@ -206,7 +206,11 @@ class MEKD(EnsembleDistill):
         for device in replies:  # valid replies: the device now holds the version it was sent
             if device in plan.sent_versions:
                 self._device_version[device] = plan.sent_versions[device]
-        return super().learn(server_round, plan, replies)
+        figures = super().learn(server_round, plan, replies)
+        if self.last_deprivatization(server_round) and self.generator.training:
+            freeze(self.generator)  # nobody answered this round: G is final as it stands
+            self.generator_version += 1
+        return figures
 
     # ------------------------------------------------------------------ learning
 

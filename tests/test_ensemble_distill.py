@@ -289,6 +289,29 @@ def test_a_device_that_drops_out_during_deprivatization_does_not_stall_the_round
     assert reports[2].metrics["answering_devices"] == 3
 
 
+def test_g_is_final_after_the_last_deprivatization_round_even_when_no_device_answered(tmp_path):
+    """Every device drops out of round 3, the last deprivatization round: G is frozen all the same,
+    so the server's loss and the devices' (which freeze the copy they hold) use the same G."""
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, devices=3)
+    grid = InProcessGrid(3)
+
+    def schedule(report):
+        if report.round == 2:
+            grid.faults.update({node: "drop" for node in grid.node_ids})
+        if report.round == 3:
+            grid.faults.clear()
+
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports = []
+    strategy.start(grid=grid, num_rounds=5, on_round_end=lambda r: (reports.append(r), schedule(r)))
+    assert len(reports[2].failures) == 3 and "gan_steps" not in reports[2].metrics
+    assert not strategy.generator.training and not any(p.requires_grad for p in strategy.generator.parameters())
+    assert strategy.loss_generator() is strategy.generator
+    sent = {_request(t).generator.version for t in _replies(grid) if _request(t).server_round == 4}
+    assert sent == {strategy.generator_version}
+    assert reports[3].metrics["answering_devices"] == 3 and not reports[3].failures and not reports[4].failures
+
+
 def test_hard_responses_carry_no_soft_information(tmp_path):
     cfg = small_config(tmp_path, "strategy=mekd", "mekd.response=hard", "mekd.distill.hard_margin=4.5", *SMALL, devices=3)
     grid = InProcessGrid(3)
