@@ -207,10 +207,15 @@ class MEKD(EnsembleDistill):
             if device in plan.sent_versions:
                 self._device_version[device] = plan.sent_versions[device]
         figures = super().learn(server_round, plan, replies)
-        if self.last_deprivatization(server_round) and self.generator.training:
-            freeze(self.generator)  # nobody answered this round: G is final as it stands
-            self.generator_version += 1
+        self.finish_generator(server_round)  # also when nobody answered: G is final as it stands
         return figures
+
+    def finish_generator(self, server_round: int) -> None:
+        """After the last deprivatization round G is final (once): frozen, distillation uses its
+        running statistics, and it is a new version for the devices."""
+        if self.last_deprivatization(server_round) and self.generator.training:
+            freeze(self.generator)
+            self.generator_version += 1
 
     # ------------------------------------------------------------------ learning
 
@@ -228,13 +233,11 @@ class MEKD(EnsembleDistill):
             return super().learn_answers(server_round, plan, device_ids, answers)
         query, inputs = plan.query, plan.inputs
         assert query is not None and inputs is not None
-        references = query.count if query.source == "reference" else query.reference_count
+        references = query.reference_row_count
         figures = Figures()
         if query.source == "generator":
             figures = self.learn_generator(server_round, query, answers[:, references:])
-        if self.last_deprivatization(server_round):
-            freeze(self.generator)  # G is final: distillation uses its running statistics
-            self.generator_version += 1
+        self.finish_generator(server_round)
         if references:  # the reference rows teach the student (and the devices next round) with the final G
             rows = QuerySpec(source="reference", seed=query.seed, count=references, batch_size=query.batch_size)
             figures.add(self.learn_from_ensemble(server_round, rows, inputs[:references], device_ids,

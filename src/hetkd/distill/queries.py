@@ -70,6 +70,12 @@ class QuerySpec:
                 f"only a 'generator' query mixes in reference rows, this one's source is {self.source!r}")
 
     @property
+    def reference_row_count(self) -> int:
+        """How many of the query's inputs are reference rows: all of a ``reference`` query's, the
+        first ``reference_count`` of a ``generator`` query's, none of an ``inputs`` query's."""
+        return self.count if self.source == "reference" else self.reference_count
+
+    @property
     def source_sizes(self) -> tuple[int, ...]:
         """The sizes of the query's runs of inputs from one source: ``(reference_count,
         generated_count)`` for a mixed query, else ``(count,)``."""
@@ -139,7 +145,7 @@ def reference_rows(spec: QuerySpec, num_reference: int) -> torch.Tensor:
     """The reference-set row indices a query names, for a reference set of ``num_reference`` rows:
     the first ``count`` (a ``reference`` query) or ``reference_count`` (a generator query that mixes
     reference rows in) of a permutation seeded by the query's seed."""
-    count = spec.count if spec.source == "reference" else spec.reference_count
+    count = spec.reference_row_count
     if count == 0:
         raise ValueError(f"this {spec.source!r} query names no reference rows")
     if count > num_reference:
