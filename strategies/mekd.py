@@ -22,7 +22,8 @@ unlabelled public proxy set, and a global student of any architecture.
    distillation starts as early as FedDF's.
 3. **distillation** (the remaining rounds): devices answer on a fresh batch of
    ``num_queries`` inputs, samples of the frozen G after ``reference_queries``
-   reference rows (a seed travels, G's weights only once per device); the
+   reference rows, or reference rows only when ``reference_queries`` is
+   ``num_queries`` (a seed travels, G's weights only once per device); the
    server forms the ensemble (mean, or per device by similarity of the
    answers; corrected to a uniform class prior over G's samples and over the
    reference rows, each on its own, unless ``balance_classes=False``), distils its student with the mapping-emulation
@@ -153,6 +154,8 @@ class MEKD(EnsembleDistill):
             return QuerySpec(source="generator", seed=seed, count=references + generated,
                              batch_size=self.gan.batch_size, train_mode=True, reference_count=references)
         if phase == "distill":
+            if self.mekd.reference_queries == self.ensemble.num_queries:  # real rows only: G is in the loss
+                return QuerySpec(source="reference", seed=seed, count=self.ensemble.num_queries)
             return QuerySpec(source="generator", seed=seed, count=self.ensemble.num_queries,
                              batch_size=self.gan.batch_size, train_mode=False,
                              reference_count=self.mekd.reference_queries)

@@ -90,6 +90,31 @@ def in_process_grid() -> Callable[..., InProcessGrid]:
     return InProcessGrid
 
 
+def processes_mentioning(text: str) -> list[str]:
+    """``pid: command line`` of every running process whose command line contains ``text``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{pid}: {cmd[:100]}")
+    return found
+
+
+def assert_every_process_ends(pgid: int, ray_dir: str, seconds: float = 30.0) -> None:
+    """Within ``seconds`` no process is left in group ``pgid`` (a run started in a session of its
+    own) nor mentions ``ray_dir`` (its ``RAY_TMPDIR``: Ray's processes end a moment after the driver)."""
+    from hetkd.simulations.deploy import running_in_group
+
+    deadline = time.monotonic() + seconds
+    while (running_in_group(pgid) or processes_mentioning(ray_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_mentioning(ray_dir), "every Ray process the run started is gone"
+    assert not running_in_group(pgid), "every process the run started is gone"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,7 +21,8 @@ from tests.conftest import InProcessGrid, small_config
 
 SMALL = ("strategy.ensemble.warmup_rounds=1", "strategy.ensemble.deprivatize_rounds=2", "mekd.gan.steps=40",
          "mekd.gan.batch_size=16", "strategy.ensemble.server_steps=20", "strategy.ensemble.num_queries=64",
-         "training.local_epochs=1", "strategy.ensemble.min_steps=0", "reference.size=100", "num-server-rounds=5")
+         "training.local_epochs=1", "strategy.ensemble.min_steps=0", "reference.size=100", "num-server-rounds=5",
+         "strategy.ensemble.student=mlp_s")  # the default ResNet-8 student took 2/3 of a run's time
 
 
 def _start(cfg, grid, rounds):
@@ -206,7 +207,13 @@ def test_mekd_reference_queries_must_fit_the_queries_and_the_reference_set(tmp_p
     q = mekd.make_query(9, "distill")
     assert (q.source, q.count, q.reference_count) == ("generator", 32, 12)
     assert mekd.make_query(3, "deprivatize").reference_count == 0, "G trains on its own samples only"
-    for bad, ensemble in ((32, EnsembleSettings(student="", num_queries=32)),
+    only_rows = MEKD(num_classes=10, public_inputs=_public(40), input_shape=(1, 8, 8),
+                     ensemble=EnsembleSettings(student="", num_queries=32),
+                     mekd=MEKDSettings(reference_queries=32, gan=GanSettings(steps=8, batch_size=8)))
+    q = only_rows.make_query(9, "distill")  # every query a reference row: G enters through the loss only
+    assert (q.source, q.count) == ("reference", 32) and only_rows.loss_generator() is None  # G not final yet
+    assert only_rows.make_query(3, "deprivatize").source == "generator"
+    for bad, ensemble in ((33, EnsembleSettings(student="", num_queries=32)),
                           (41, EnsembleSettings(student="", num_queries=64))):
         with pytest.raises(ValueError, match=f"mekd.reference_queries \\({bad}\\)"):
             MEKD(num_classes=10, public_inputs=_public(40), input_shape=(1, 8, 8), ensemble=ensemble,
@@ -214,7 +221,7 @@ def test_mekd_reference_queries_must_fit_the_queries_and_the_reference_set(tmp_p
     with pytest.raises(ConfigError, match="mekd.reference_queries"):
         small_config(tmp_path, "strategy=mekd", "mekd.reference_queries=-1")
     with pytest.raises(ConfigError, match="mekd.reference_queries.*num_queries \\(64\\)"):
-        check_strategy(small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=64"))
+        check_strategy(small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=65"))
 
 
 # --------------------------------------------------------------------------- protocol (in-process grid)
@@ -461,6 +468,23 @@ def test_mekd_devices_answer_real_reference_rows_beside_generator_samples(tmp_pa
     assert torch.equal(resolve_queries(targets[0].query, reference_inputs=strategy.public_inputs),
                        strategy.public_inputs[reference_rows(round_3[0].query, len(strategy.public_inputs))])
     assert strategy.distill_rounds() == 3 and strategy.student_learns(3) and not strategy.student_learns(2)
+
+
+def test_mekd_on_reference_rows_only_keeps_g_in_the_loss(tmp_path):
+    """``mekd.reference_queries = num_queries``: the distillation rounds ask about reference rows
+    only, and the devices still receive the final G, for the mapping-emulation loss."""
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=64", devices=3)
+    check_strategy(cfg)
+    grid = InProcessGrid(3)
+    strategy, reports = _start(cfg, grid, rounds=5)
+    assert not any(r.failures for r in reports)
+    for t in (t for t in _replies(grid) if _request(t).server_round >= 4):
+        request = _request(t)
+        assert (request.query.source, request.query.count, request.query_inputs) == ("reference", 64, None)
+        assert request.generator.version == strategy.generator_version and _answers(t).answers.shape == (64, 10)
+        assert (request.generator_weights is not None) == (request.server_round == 4), "the frozen G, once"
+    assert strategy.loss_generator() is strategy.generator and not strategy.generator.training
+    assert [r.metrics.get("student_inputs") for r in reports] == [None, None, 64, 64, 64]
 
 
 def test_deprivatization_ships_inputs_instead_of_weights_when_they_are_smaller(tmp_path):

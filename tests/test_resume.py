@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from hetkd.results import read_metrics
 from hetkd.simulations import cli
 from hetkd.simulations.checkpoint import CHECKPOINT_FILE, resumed_config
 from hetkd.simulations.experiment import prepare, run_on_grid
-from tests.conftest import InProcessGrid, small_config
+from tests.conftest import InProcessGrid, assert_every_process_ends, small_config
 
 ROUNDS = 4
 ENSEMBLE = ("strategy.ensemble.warmup_rounds=1", "strategy.ensemble.deprivatize_rounds=2", "mekd.gan.steps=40",
@@ -163,20 +164,26 @@ def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     cut = tmp_path / "cut"
+    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
     proc = subprocess.Popen([sys.executable, "-m", "hetkd.simulations.cli", "run", *args, "--out", str(cut)],
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=dict(os.environ, RAY_TMPDIR=ray_dir), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         while len(read_metrics(cut / "metrics.jsonl")) < 2 if (cut / "metrics.jsonl").is_file() else True:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
         code = proc.wait(timeout=120)
+        seconds = time.monotonic() - sent
         log = proc.stdout.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 130 and f"hetkd run --resume {cut}" in log, log
+    assert "hetkd: stopped: interrupted by SIGINT: rounds 1-" in log and seconds < 30, f"{seconds:.1f}s: {log}"
+    assert_every_process_ends(proc.pid, ray_dir)
     stopped_after = len(read_metrics(cut / "metrics.jsonl"))
     resumed = subprocess.run([sys.executable, "-m", "hetkd.simulations.cli", "run", "--resume", str(cut)],
                              capture_output=True, text=True, timeout=600)

@@ -207,7 +207,7 @@ class EnsembleDistill(TrainRequest):
     then answer this round's ``query`` with the model ``answer_model`` names, as
     ``response`` (``soft`` or ``hard``) encoded at ``precision``.
 
-    Queries on generator samples need G: ``generator`` says how to build it and which
+    Queries on generator samples and MEKD's loss need G: ``generator`` says how to build it and which
     version; ``generator_weights`` carries it when the device does not hold that
     version. ``query_inputs`` carries the inputs themselves when they are smaller.
     """
