@@ -16,11 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
@@ -93,14 +95,20 @@ def in_process_grid() -> Callable[..., InProcessGrid]:
 def processes_mentioning(text: str) -> list[str]:
     """``pid: command line`` of every running process whose command line contains ``text``."""
     found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])  # None where it could not be read (gone, a zombie)
         if text in cmd:
-            found.append(f"{pid}: {cmd[:100]}")
+            found.append(f"{proc.info['pid']}: {cmd[:100]}")
     return found
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[str]:
+    """A folder for Ray's files (``RAY_TMPDIR``, ``ray start --temp-dir``), removed after the test.
+    Short, under /tmp and not in ``tmp_path``: Ray's socket paths must stay under 107 bytes."""
+    path = tempfile.mkdtemp(prefix="hetkd-ray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def assert_every_process_ends(pgid: int, ray_dir: str, seconds: float = 30.0) -> None:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -324,13 +323,12 @@ def test_an_interrupted_comparison_keeps_its_finished_runs_and_resume_goes_on(tm
 
 
 @pytest.mark.slow
-def test_hetkd_run_stops_on_sigterm_keeping_its_rounds_and_leaving_no_process(tmp_path):
+def test_hetkd_run_stops_on_sigterm_keeping_its_rounds_and_leaving_no_process(tmp_path, ray_tmpdir):
     """``kill``: the run stops within seconds, keeps its rounds and plots, and leaves no process
     (Ctrl-C, SIGINT, is the same handler: test_resume's Ctrl-C test checks it the same way)."""
     signum = signal.SIGTERM
-    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
     out = tmp_path / "run"
-    env = dict(os.environ, RAY_TMPDIR=ray_dir)
+    env = dict(os.environ, RAY_TMPDIR=ray_tmpdir)
     proc = subprocess.Popen([sys.executable, "-m", "hetkd.simulations.cli", "run", "num-server-rounds=50",
                              "--out", str(out)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -355,4 +353,4 @@ def test_hetkd_run_stops_on_sigterm_keeping_its_rounds_and_leaving_no_process(tm
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == name and summary["rounds"] == len(rows) >= 1 and len(rows) < 50
     assert (out / "accuracy.png").is_file()
-    assert_every_process_ends(proc.pid, ray_dir)
+    assert_every_process_ends(proc.pid, ray_tmpdir)

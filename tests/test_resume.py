@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -155,7 +154,7 @@ def test_hetkd_run_does_not_start_over_a_folder_holding_a_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path):
+def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path, ray_tmpdir):
     """The CLI on Ray: interrupt a run, resume it, and compare every round with a run never stopped
     (the server takes replies in device order, so Ray's delivery order does not matter)."""
     args = ["num-server-rounds=4", "simulation.num_devices=4", "training.local_epochs=1", "output.progress=false"]
@@ -164,9 +163,8 @@ def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     cut = tmp_path / "cut"
-    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths have a length limit
     proc = subprocess.Popen([sys.executable, "-m", "hetkd.simulations.cli", "run", *args, "--out", str(cut)],
-                            env=dict(os.environ, RAY_TMPDIR=ray_dir), start_new_session=True,
+                            env=dict(os.environ, RAY_TMPDIR=ray_tmpdir), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -183,7 +181,7 @@ def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert code == 130 and f"hetkd run --resume {cut}" in log, log
     assert "hetkd: stopped: interrupted by SIGINT: rounds 1-" in log and seconds < 30, f"{seconds:.1f}s: {log}"
-    assert_every_process_ends(proc.pid, ray_dir)
+    assert_every_process_ends(proc.pid, ray_tmpdir)
     stopped_after = len(read_metrics(cut / "metrics.jsonl"))
     resumed = subprocess.run([sys.executable, "-m", "hetkd.simulations.cli", "run", "--resume", str(cut)],
                              capture_output=True, text=True, timeout=600)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -147,17 +145,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_runs_on_an_existing_ray_cluster(tmp_path):
+def test_runs_on_an_existing_ray_cluster(tmp_path, ray_tmpdir):
     """`ray start --head` as a user would, then a run with simulation.ray_address pointing at it."""
     from hetkd.simulations import run
 
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
-    # Ray's socket paths must stay under the 107-byte limit: a short folder, not tmp_path
-    ray_dir = tempfile.mkdtemp(prefix="hetkd-ray-", dir="/tmp")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_dir}", "--block"],
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmpdir}", "--block"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"},
     )
@@ -193,4 +189,3 @@ def test_runs_on_an_existing_ray_cluster(tmp_path):
                 psutil.Process(pid).kill()
             except psutil.Error:
                 pass
-        shutil.rmtree(ray_dir, ignore_errors=True)
