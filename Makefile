@@ -53,7 +53,7 @@ test-lowest-flower: $(LOWEST_VENV)/.installed
 	$(LOWEST_VENV)/bin/python -m pytest -m slow tests/test_deploy.py
 
 stop:
-	@pid=$$(pgrep -f "flower-superlink.*--simulation" | head -n 1); \
+	@pid=$$(pgrep -f "[f]lower-superlink.*--simulation" | head -n 1); \
 	if [ -n "$$pid" ]; then kill $$pid && echo "stopped local SuperLink (pid $$pid)"; else echo "no local SuperLink running"; fi
 
 clean:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from hetkd.results import read_metrics
 from hetkd.simulations import run
@@ -39,3 +43,28 @@ def test_central_baseline_scores_every_device_with_its_architecture(tmp_path):
     assert len(rows) == 2 and set(rows[-1]["devices"]) == {"0", "1", "2", "3"}
     assert summary["final_global_accuracy_mean"] > 0.5  # pooled data learns fast
     assert summary["mean_bytes_up_per_device_per_round"] == 0
+
+
+def test_make_stop_stops_the_local_superlink_and_not_itself():
+    """`make stop` (the README's way to stop the SuperLink `make run` leaves behind) finds it by its
+    command line; its own shell's command line holds the same words and must not be the match."""
+    if shutil.which("make") is None or shutil.which("pgrep") is None:
+        pytest.skip("needs make and pgrep")
+    pattern = ["pgrep", "-f", "[f]lower-superlink.*--simulation"]
+    if subprocess.run(pattern, capture_output=True).returncode == 0:
+        pytest.skip("a local SuperLink is running; make stop would stop it")
+    def make_stop():
+        done = subprocess.run(["make", "--no-print-directory", "stop"], cwd=Path(__file__).parents[1],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr  # not killed by itself
+        return done.stdout
+
+    assert "no local SuperLink running" in make_stop()
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                 "flower-superlink", "--simulation"])
+    try:
+        assert f"stopped local SuperLink (pid {stand_in.pid})" in make_stop()
+        assert stand_in.wait(timeout=10) != 0
+    finally:
+        stand_in.kill()
+        stand_in.wait()
