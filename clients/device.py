@@ -344,7 +344,8 @@ class DistillClient:
                     break
                 taken = [0]
                 batches = itertools.islice(self._epoch_batches(generator, min_steps, taken), budget)
-                loss, n = train_epoch(model, optimizer, batches, loss_fn, self.torch_device)
+                loss, n = train_epoch(model, optimizer, batches, loss_fn, self.torch_device,
+                                      clip_grad_norm=self.training.clip_grad_norm)
                 if budget is not None:
                     budget -= taken[0]
                 if n:

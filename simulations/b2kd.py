@@ -164,7 +164,8 @@ def train_teacher(cfg: B2KDRunConfig, data: B2KDData) -> nn.Module:
         optimizer = make_optimizer(model, cfg.training)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.b2kd.teacher_epochs)
         for _ in range(cfg.b2kd.teacher_epochs):
-            train_epoch(model, optimizer, data.teacher_train.batches(cfg.training.batch_size, True, rng))
+            train_epoch(model, optimizer, data.teacher_train.batches(cfg.training.batch_size, True, rng),
+                        clip_grad_norm=cfg.training.clip_grad_norm)
             schedule.step()
     return model.eval()
 

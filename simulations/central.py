@@ -69,7 +69,8 @@ def _train_central(cfg: HetkdConfig) -> dict[str, Any]:
             with seeded(cfg.seed, "central-train", arch, rnd) as generator:
                 for _ in range(cfg.training.local_epochs):
                     batches = pool.batches(cfg.training.batch_size, shuffle=True, generator=generator)
-                    loss, _ = train_epoch(model, optimizers[arch], batches, device=device)
+                    loss, _ = train_epoch(model, optimizers[arch], batches, device=device,
+                                          clip_grad_norm=cfg.training.clip_grad_norm)
                     losses.append(loss)
         global_acc = {a: evaluate_accuracy(m, federation.global_test.batches(bs), device)[0] for a, m in models.items()}
         rows: dict[int, dict[str, Any]] = {}

@@ -179,3 +179,22 @@ def test_node_without_partition_id_gets_an_error_naming_the_key(tmp_path):
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 9}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="partition-id'=9 is outside 0..1"):
         client_app(_setup(5, cfg), context)
+
+
+def test_clip_grad_norm_bounds_every_step_a_device_takes(tmp_path):
+    """With plain SGD (no momentum, no weight decay) and one step a round, a step moves the
+    weights by lr x the gradient's norm: with ``training.clip_grad_norm`` by at most lr x that
+    norm, and the same device unclipped moves further (its gradient is larger than the bound)."""
+    moves = {}
+    for clip in (0.0, 0.01):
+        cfg = small_config(tmp_path, "training.optimizer=sgd", "training.momentum=0.0", "training.weight_decay=0.0",
+                           "training.lr=0.5", "training.max_steps=1", f"training.clip_grad_norm={clip}")
+        device = DistillClient.from_config(cfg, 0)
+        before = torch.cat([p.detach().flatten().clone() for p in device.model.parameters()])
+        device.fit(server_round=1)
+        after = torch.cat([p.detach().flatten() for p in device.model.parameters()])
+        moves[clip] = float((after - before).norm())
+    assert moves[0.01] <= 0.5 * 0.01 * (1 + 1e-4)
+    assert moves[0.0] > 0.5 * 0.01 * 2
+    with pytest.raises(ValueError, match="training.clip_grad_norm"):
+        small_config(tmp_path, "training.clip_grad_norm=-1")
