@@ -198,3 +198,5 @@ def test_clip_grad_norm_bounds_every_step_a_device_takes(tmp_path):
     assert moves[0.0] > 0.5 * 0.01 * 2
     with pytest.raises(ValueError, match="training.clip_grad_norm"):
         small_config(tmp_path, "training.clip_grad_norm=-1")
+    with pytest.raises(ValueError, match="training.clip_grad_norm.*privacy.max_grad_norm"):
+        small_config(tmp_path, "training.clip_grad_norm=5", "privacy.enabled=true")

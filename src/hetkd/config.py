@@ -365,6 +365,10 @@ def validate_config(cfg: HetkdConfig) -> None:
     if cfg.adversary.count(n) >= n:
         raise ConfigError("adversary.fraction", f"would make all {n} devices adversarial; leave at least one "
                           f"honest device, got {cfg.adversary.fraction}")
+    if cfg.privacy.enabled and cfg.training.clip_grad_norm:
+        raise ConfigError("training.clip_grad_norm",
+                          f"is {cfg.training.clip_grad_norm} but has no effect with privacy.enabled=true: DP-SGD "
+                          "clips each example's gradient to privacy.max_grad_norm; set it to 0")
     if cfg.simulation.gpus_per_device and cfg.training.device == "cpu":
         raise ConfigError("simulation.gpus_per_device",
                           f"is {cfg.simulation.gpus_per_device} but training.device=cpu would leave the GPU unused; "

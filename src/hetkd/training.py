@@ -70,7 +70,7 @@ class TrainingConfig:
     one extreme batch cannot throw a model to infinity: on real MNIST at lr
     0.05 MobileNetV2 devices otherwise diverged to NaN and sat out the rest of
     the run (``docs/results/mnist_htfllib.md``). DP-SGD clips per example
-    instead (``privacy.max_grad_norm``) and ignores this setting.
+    instead (``privacy.max_grad_norm``): a run config with both is rejected.
     """
 
     local_epochs: int = 5
