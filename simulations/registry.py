@@ -10,7 +10,7 @@ public inputs, global test set).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord
 
 from hetkd.config import ConfigError, HetkdConfig
 from hetkd.data import Federation
+from hetkd.distill.emulation import MEKDSettings
 from hetkd.models import build_model
 from hetkd.settings import did_you_mean
 from hetkd.strategies import MEKD, DeviceStrategy, FedAvg, FedDF, FedMD, LocalOnly, SDDist
@@ -27,6 +28,7 @@ __all__ = [
     "CENTRAL",
     "ENSEMBLE_STRATEGIES",
     "STRATEGIES",
+    "MEKD_SETTINGS",
     "STRATEGY_SETTINGS",
     "StrategySpec",
     "build_strategy",
@@ -39,8 +41,10 @@ __all__ = [
 CENTRAL = "central"
 #: strategies with a server-side global student (``strategy.ensemble.*``)
 ENSEMBLE_STRATEGIES = ("feddf", "mekd")
+#: MEKD's settings, one section per group or key: FedDF's student reads ``mekd.distill`` only
+MEKD_SETTINGS = tuple(f"mekd.{f.name}" for f in fields(MEKDSettings))
 #: config sections that only some strategies read (each spec names its own in ``settings``)
-STRATEGY_SETTINGS = ("strategy.kd", "strategy.sd_dist", "strategy.ensemble", "mekd")
+STRATEGY_SETTINGS = ("strategy.kd", "strategy.sd_dist", "strategy.ensemble", *MEKD_SETTINGS)
 
 
 def _common(cfg: HetkdConfig, device_config: str) -> dict[str, Any]:
@@ -161,13 +165,13 @@ STRATEGIES: dict[str, StrategySpec] = {
                                       **_ensemble(cfg, fed, text)),
         "FedDF-style: the server's student and the devices distil the devices' ensemble on reference rows",
         _check_ensemble,
-        settings=("strategy.ensemble", "mekd"),  # the server's student steps use mekd.distill.*
+        settings=("strategy.ensemble", "mekd.distill"),  # the server's student steps use mekd.distill.*
     ),
     "mekd": StrategySpec(
         lambda cfg, fed, text: MEKD(mekd=cfg.mekd, input_shape=fed.input_shape, **_ensemble(cfg, fed, text)),
         "MEKD: a generator emulates the devices' inverse mapping; student and devices distil through it",
         _check_ensemble,
-        settings=("strategy.ensemble", "mekd"),
+        settings=("strategy.ensemble", *MEKD_SETTINGS),
     ),
 }
 

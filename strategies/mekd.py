@@ -29,7 +29,7 @@ unlabelled public proxy set, and a global student of any architecture.
    reference rows, each on its own, unless ``balance_classes=False``), distils its student with the mapping-emulation
    loss ``w_f · L1(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)``, and sends each
    device its targets, which it distils into its own architecture the same
-   way beside its private cross-entropy.
+   way beside its private cross-entropy (or with KL alone: ``device_loss="kl"``).
 
 Only G's weights (or samples), seeds, answers on generated inputs and scalar
 metrics cross the wire: devices never see the proxy set, the server never sees device data
@@ -160,6 +160,13 @@ class MEKD(EnsembleDistill):
                              batch_size=self.gan.batch_size, train_mode=False,
                              reference_count=self.mekd.reference_queries)
         return None
+
+    def request(self, server_round: int, query: QuerySpec | None) -> P.EnsembleDistill:
+        """The devices' loss is KL alone with ``mekd.device_loss = "kl"`` (the student keeps G's term)."""
+        request = super().request(server_round, query)
+        if self.mekd.device_loss == "kl":
+            return replace(request, loss=replace(request.loss, w_f=0.0))
+        return request
 
     def asks_about_reference_rows(self) -> bool:
         return self.mekd.reference_queries > 0

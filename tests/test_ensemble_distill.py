@@ -487,6 +487,34 @@ def test_mekd_on_reference_rows_only_keeps_g_in_the_loss(tmp_path):
     assert [r.metrics.get("student_inputs") for r in reports] == [None, None, 64, 64, 64]
 
 
+@pytest.mark.parametrize("device_loss", ["emulation", "kl"])
+def test_mekd_devices_distil_with_kl_alone_when_asked_and_the_student_keeps_gs_term(tmp_path, monkeypatch,
+                                                                                    device_loss):
+    import hetkd.distill.emulation as emulation
+
+    through = []  # the generator each computed G term went through
+    loss = emulation.mapping_emulation_loss
+
+    def recording(student_logits, target_logits, generator, **settings):
+        if generator is not None:
+            through.append(generator)
+        return loss(student_logits, target_logits, generator, **settings)
+
+    monkeypatch.setattr(emulation, "mapping_emulation_loss", recording)
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=24",
+                       f"mekd.device_loss={device_loss}", devices=3)
+    grid = InProcessGrid(3)
+    strategy, reports = _start(cfg, grid, rounds=5)
+    assert not any(r.failures for r in reports)
+    assert any(g is strategy.generator for g in through), "the student's loss keeps G's term"
+    on_devices = [g for g in through if g is not strategy.generator]
+    sent = {_request(t).loss.w_f for t in _replies(grid)}
+    if device_loss == "kl":
+        assert sent == {0.0} and not on_devices
+    else:
+        assert sent == {strategy.distill.w_f} and on_devices and strategy.distill.w_f > 0
+
+
 def test_deprivatization_ships_inputs_instead_of_weights_when_they_are_smaller(tmp_path):
     # 2 GAN steps of 8 per round: 16 inputs of 8x8 (4 KiB) against G's ~66 KiB of weights
     cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.gan.steps=4", "mekd.gan.batch_size=8", devices=3)

@@ -388,7 +388,8 @@ def test_least_confident_picks_the_most_uncertain_pairs_and_weights():
 
 @pytest.mark.parametrize(
     "override, key",
-    [("mekd.response=medium", "mekd.response"), ("mekd.distill.distance=l3", "mekd.distill.distance"),
+    [("mekd.response=medium", "mekd.response"), ("mekd.device_loss=l2", "mekd.device_loss"),
+     ("mekd.distill.distance=l3", "mekd.distill.distance"),
      ("mekd.distill.temperature=0", "mekd.distill.temperature"),
      ("mekd.distill.milestones=[0.7,0.3]", "mekd.distill.milestones"),
      ("mekd.gan.batch_size=1", "mekd.gan.batch_size"), ("b2kd.methods=[mekd,dfme]", "b2kd.methods[1]"),

@@ -322,6 +322,26 @@ def test_an_interrupted_comparison_keeps_its_finished_runs_and_resume_goes_on(tm
     assert done["strategies"]["local"]["reused_seeds"] == [0] and "interrupted" not in done
 
 
+@pytest.mark.parametrize("strategy, override, reused", [
+    ("feddf", "mekd.gan.steps=7", True), ("feddf", "mekd.device_loss=kl", True),
+    ("feddf", "mekd.reference_queries=3", True), ("feddf", "strategy.kd.rho=0.9", True),
+    ("feddf", "mekd.distill.temperature=2", False), ("feddf", "strategy.ensemble.server_steps=3", False),
+    ("mekd", "mekd.gan.steps=7", False), ("mekd", "mekd.device_loss=kl", False), ("local", "mekd.gan.steps=7", True),
+])
+def test_a_finished_run_is_reused_unless_a_setting_its_strategy_reads_changed(tmp_path, strategy, override, reused):
+    """``hetkd compare --resume`` after a change to MEKD's generator keeps FedDF's runs, whose student reads
+    ``mekd.distill`` and nothing else of ``mekd``."""
+    from hetkd.config import to_yaml
+    from hetkd.simulations.compare import same_run
+    from hetkd.simulations.experiment import resolve_data_path
+
+    finished = small_config(tmp_path, f"strategy={strategy}")
+    Path(finished.output.dir).mkdir(parents=True)
+    (Path(finished.output.dir) / "config.yaml").write_text(to_yaml(resolve_data_path(finished)))
+    assert same_run(finished)
+    assert same_run(small_config(tmp_path, f"strategy={strategy}", override)) is reused
+
+
 @pytest.mark.slow
 def test_hetkd_run_stops_on_sigterm_keeping_its_rounds_and_leaving_no_process(tmp_path, ray_tmpdir):
     """``kill``: the run stops within seconds, keeps its rounds and plots, and leaves no process

@@ -50,6 +50,7 @@ from hetkd.training import derive_seed
 
 __all__ = [
     "DISTANCES",
+    "DEVICE_LOSSES",
     "StepCallback",
     "generated_distance",
     "mapping_emulation_terms",
@@ -66,6 +67,9 @@ __all__ = [
 
 #: the distance between generated points in the mapping-emulation term
 DISTANCES: tuple[str, ...] = ("l1", "l2")
+
+#: what MEKD's devices distil with: the mapping-emulation loss or KL alone (``MEKDSettings.device_loss``)
+DEVICE_LOSSES: tuple[str, ...] = ("emulation", "kl")
 
 #: per-step metrics callback: (step, {"loss": ..., ...})
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -267,16 +271,24 @@ class MEKDSettings:
     set; it stays source-blind: the server still sees only answers. The last
     deprivatization round asks about the reference rows too, so the student and
     the devices start distilling a round before G's first samples are queried.
+
+    ``device_loss``: the loss the devices distil the ensemble's targets with
+    in the federated strategy, ``emulation`` (the student's: G's term beside
+    KL) or ``kl`` (KL alone, as with ``w_f = 0``). G's term costs every device
+    a forward pass of G per batch for the targets and a forward and backward
+    pass for its own logits; the global student keeps G's term either way.
     """
 
     response: str = "soft"
     reference_queries: int = 0
+    device_loss: str = "emulation"
     gan: GanSettings = field(default_factory=GanSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
 
     def __post_init__(self) -> None:
         require_types(self)
         require_choice(self.response, "response", ("soft", "hard"))
+        require_choice(self.device_loss, "device_loss", DEVICE_LOSSES)
         require(self.reference_queries >= 0, "reference_queries", f"must be >= 0, got {self.reference_queries}")
 
     def reference_queries_problem(self, num_queries: int, reference_size: int) -> str | None:
