@@ -23,7 +23,8 @@ unlabelled public proxy set, and a global student of any architecture.
 3. **distillation** (the remaining rounds): devices answer on a fresh batch of
    ``num_queries`` inputs, samples of the frozen G after ``reference_queries``
    reference rows, or reference rows only when ``reference_queries`` is
-   ``num_queries`` (a seed travels, G's weights only once per device); the
+   ``num_queries`` (a seed travels, G's weights only once per device, and
+   not at all when neither the queries nor the devices' loss need G); the
    server forms the ensemble (mean, or per device by similarity of the
    answers; corrected to a uniform class prior over G's samples and over the
    reference rows, each on its own, unless ``balance_classes=False``), distils its student with the mapping-emulation
@@ -190,7 +191,7 @@ class MEKD(EnsembleDistill):
         """G's spec, and its weights unless the device acknowledged this version already; in
         deprivatization, G's samples instead when they are the smaller payload."""
         query = plan.query
-        if query is None and not targets:
+        if not self.devices_need_generator(query, targets):
             return {}
         holds_g = self._device_version.get(device_id) == self.generator_version
         if query is not None and query.train_mode and not targets and not holds_g:
@@ -206,6 +207,14 @@ class MEKD(EnsembleDistill):
         plan.sent_versions[device_id] = spec.version
         return {"generator": spec, "generator_weights": {k: v.detach().to("cpu", copy=True)
                                                          for k, v in self.generator.state_dict().items()}}
+
+    def devices_need_generator(self, query: QuerySpec | None, targets: bool) -> bool:
+        """Whether the devices need G this round: to draw the inputs of the query or of the targets
+        they are sent, or for G's term in their loss (``device_loss="emulation"``) when they distil."""
+        drawn = [query, self.targets.query if targets and self.targets is not None else None]
+        if any(q is not None and q.source == "generator" for q in drawn):
+            return True
+        return self.mekd.device_loss == "emulation" and (query is not None or targets)
 
     def on_device_failed(self, device_id: int, reason: str, phase: str) -> None:
         """A device that failed may have lost its copy of G: send the weights again next time."""

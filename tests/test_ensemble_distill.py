@@ -470,10 +470,13 @@ def test_mekd_devices_answer_real_reference_rows_beside_generator_samples(tmp_pa
     assert strategy.distill_rounds() == 3 and strategy.student_learns(3) and not strategy.student_learns(2)
 
 
-def test_mekd_on_reference_rows_only_keeps_g_in_the_loss(tmp_path):
+@pytest.mark.parametrize("device_loss", ["emulation", "kl"])
+def test_mekd_on_reference_rows_only_keeps_g_in_the_loss(tmp_path, device_loss):
     """``mekd.reference_queries = num_queries``: the distillation rounds ask about reference rows
-    only, and the devices still receive the final G, for the mapping-emulation loss."""
-    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=64", devices=3)
+    only; the devices still receive the final G for the mapping-emulation loss, and no G at all
+    when they distil with KL alone."""
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=64",
+                       f"mekd.device_loss={device_loss}", devices=3)
     check_strategy(cfg)
     grid = InProcessGrid(3)
     strategy, reports = _start(cfg, grid, rounds=5)
@@ -481,7 +484,11 @@ def test_mekd_on_reference_rows_only_keeps_g_in_the_loss(tmp_path):
     for t in (t for t in _replies(grid) if _request(t).server_round >= 4):
         request = _request(t)
         assert (request.query.source, request.query.count, request.query_inputs) == ("reference", 64, None)
-        assert request.generator.version == strategy.generator_version and _answers(t).answers.shape == (64, 10)
+        assert _answers(t).answers.shape == (64, 10)
+        if device_loss == "kl":
+            assert request.generator is None and request.generator_weights is None, "nothing needs G"
+            continue
+        assert request.generator.version == strategy.generator_version
         assert (request.generator_weights is not None) == (request.server_round == 4), "the frozen G, once"
     assert strategy.loss_generator() is strategy.generator and not strategy.generator.training
     assert [r.metrics.get("student_inputs") for r in reports] == [None, None, 64, 64, 64]
