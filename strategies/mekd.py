@@ -50,7 +50,7 @@ from torch import nn
 
 from hetkd import protocol as P
 from hetkd.distill.deprivatization import Deprivatizer
-from hetkd.distill.emulation import MEKDSettings, freeze
+from hetkd.distill.emulation import EmulationLoss, MEKDSettings, freeze
 from hetkd.distill.generative import Generator, default_output_range, default_width
 from hetkd.distill.queries import GeneratorSpec, QuerySpec, query_latents, resolve_queries
 from hetkd.models import state_bytes
@@ -162,12 +162,13 @@ class MEKD(EnsembleDistill):
                              reference_count=self.mekd.reference_queries)
         return None
 
+    def devices_loss(self) -> EmulationLoss:
+        """The loss the devices distil with: the student's, or KL alone with ``mekd.device_loss = "kl"``."""
+        loss = self.distill.loss()
+        return replace(loss, w_f=0.0) if self.mekd.device_loss == "kl" else loss
+
     def request(self, server_round: int, query: QuerySpec | None) -> P.EnsembleDistill:
-        """The devices' loss is KL alone with ``mekd.device_loss = "kl"`` (the student keeps G's term)."""
-        request = super().request(server_round, query)
-        if self.mekd.device_loss == "kl":
-            return replace(request, loss=replace(request.loss, w_f=0.0))
-        return request
+        return replace(super().request(server_round, query), loss=self.devices_loss())
 
     def asks_about_reference_rows(self) -> bool:
         return self.mekd.reference_queries > 0
@@ -210,11 +211,11 @@ class MEKD(EnsembleDistill):
 
     def devices_need_generator(self, query: QuerySpec | None, targets: bool) -> bool:
         """Whether the devices need G this round: to draw the inputs of the query or of the targets
-        they are sent, or for G's term in their loss (``device_loss="emulation"``) when they distil."""
+        they are sent, or for G's term in their loss (:meth:`devices_loss`) when they distil."""
         drawn = [query, self.targets.query if targets and self.targets is not None else None]
         if any(q is not None and q.source == "generator" for q in drawn):
             return True
-        return self.mekd.device_loss == "emulation" and (query is not None or targets)
+        return self.devices_loss().w_f > 0 and (query is not None or targets)
 
     def on_device_failed(self, device_id: int, reason: str, phase: str) -> None:
         """A device that failed may have lost its copy of G: send the weights again next time."""
