@@ -162,7 +162,8 @@ def compare(
     interrupted: RunInterrupted | None = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(runner.ray_environment(cfg))
-        if runner.start_ray(cfg):  # one Ray session for all runs
+        # one Ray session for all runs; none when only the pooled baseline runs (in this process)
+        if any(name != CENTRAL for name in strategies) and runner.start_ray(cfg):
             stack.callback(ray.shutdown)
         stack.enter_context(stop_on_signals())  # one request stops the comparison, not just its current run
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:

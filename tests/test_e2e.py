@@ -74,7 +74,7 @@ def test_flwr_run_drives_the_same_apps(tmp_path):
 
 def test_sd_dist_beats_local_only_on_global_accuracy(tmp_path):
     """Through Flower's runtime: same partitions, models and seed; only the strategy differs."""
-    common = ("training.local_epochs=5", "num-server-rounds=8", "reference.size=300", "partition.min_samples=10",
+    common = ("training.local_epochs=5", "num-server-rounds=5", "reference.size=300", "partition.min_samples=10",
               "strategy.sd_dist.num_neighbours=5", "strategy.sd_dist.num_candidates=7")
     local = run(small_config(tmp_path / "local", "strategy=local", *common, devices=10))
     sd = run(small_config(tmp_path / "sd", "strategy=sd-dist", *common, devices=10))

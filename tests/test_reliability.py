@@ -290,36 +290,40 @@ def test_the_first_signal_requests_a_stop_and_the_second_takes_the_usual_way():
 
 
 def test_an_interrupted_comparison_keeps_its_finished_runs_and_resume_goes_on(tmp_path, monkeypatch):
+    """Stopped at its second run, a comparison keeps the first; ``--resume`` reads it back and runs the
+    second (the pooled baseline, two seeds: real runs, in this process, without Ray)."""
     import hetkd.simulations.runner as runner
     from hetkd.simulations.compare import compare
 
     cfg = small_config(tmp_path, "num-server-rounds=2", devices=3)
     real_run = runner.run
-    ran: list[str] = []
+    ran: list[int] = []
 
-    def stopped_at_sd_dist(run_cfg, verbose=False):
-        if run_cfg.strategy.name == "sd-dist":
+    def stopped_at_seed_1(run_cfg, verbose=False):
+        if run_cfg.seed == 1:
             raise RunInterrupted(signal.SIGINT, "rounds 1-1 of 2 completed")
-        ran.append(run_cfg.strategy.name)
+        ran.append(run_cfg.seed)
         return real_run(run_cfg)
 
-    monkeypatch.setattr(runner, "run", stopped_at_sd_dist)
+    monkeypatch.setattr(runner, "run", stopped_at_seed_1)
+    monkeypatch.setattr(runner, "start_ray", lambda cfg: pytest.fail("the pooled baseline alone needs no Ray"))
     with pytest.raises(RunInterrupted):
-        compare(cfg, ["local", "sd-dist"], [0], tmp_path / "cmp")
-    assert ran == ["local"], "nothing runs after the stop"
+        compare(cfg, ["central"], [0, 1], tmp_path / "cmp")
+    assert ran == [0], "nothing runs after the stop"
     payload = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert payload["interrupted"].startswith("interrupted by SIGINT")
-    assert payload["strategies"]["local"]["final_personalised_accuracy_mean"]["mean"] > 0
+    assert payload["strategies"]["central"]["final_personalised_accuracy_mean"]["mean"] > 0
     assert "--resume" in (tmp_path / "cmp" / "compare.md").read_text()
 
     def counted(run_cfg, verbose=False):
-        ran.append(run_cfg.strategy.name)
+        ran.append(run_cfg.seed)
         return real_run(run_cfg)
 
     monkeypatch.setattr(runner, "run", counted)
-    done = compare(cfg, ["local", "sd-dist"], [0], tmp_path / "cmp", resume=True)
-    assert ran == ["local", "sd-dist"], "the finished run is read back, the interrupted one runs"
-    assert done["strategies"]["local"]["reused_seeds"] == [0] and "interrupted" not in done
+    done = compare(cfg, ["central"], [0, 1], tmp_path / "cmp", resume=True)
+    assert ran == [0, 1], "the finished run is read back, the interrupted one runs"
+    assert done["strategies"]["central"]["reused_seeds"] == [0] and "interrupted" not in done
+    assert len(done["strategies"]["central"]["run_dirs"]) == 2
 
 
 @pytest.mark.parametrize("strategy, override, reused", [
