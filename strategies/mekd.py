@@ -211,7 +211,8 @@ class MEKD(EnsembleDistill):
 
     def devices_need_generator(self, query: QuerySpec | None, targets: bool) -> bool:
         """Whether the devices need G this round: to draw the inputs of the query or of the targets
-        they are sent, or for G's term in their loss (:meth:`devices_loss`) when they distil."""
+        they are sent, or for G's term in their loss (:meth:`devices_loss`), sent in any round with a
+        query or targets (so with a query alone it arrives before the targets it will be needed for)."""
         drawn = [query, self.targets.query if targets and self.targets is not None else None]
         if any(q is not None and q.source == "generator" for q in drawn):
             return True
