@@ -9,6 +9,7 @@ tests (marked ``slow``) go through Flower's real runtime instead.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import shutil
@@ -31,6 +32,19 @@ from hetkd.simulations.fleet import superlink_address_args
 from hetkd.simulations.local_grid import InProcessGrid, Traffic  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+_PARTITION_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One partition cache (:mod:`hetkd.data.partition_cache`) for the session and every process it
+    starts, never the user's own; removed when the session ends. (A hook, not module code: test
+    modules import this file again as ``tests.conftest``.)"""
+    config.stash[_PARTITION_CACHE] = tempfile.mkdtemp(prefix="hetkd-test-cache-")
+    os.environ["HETKD_CACHE_DIR"] = config.stash[_PARTITION_CACHE]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(config.stash[_PARTITION_CACHE], ignore_errors=True)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -130,11 +144,30 @@ def free_port() -> int:
 
 
 @contextmanager
+def superlink_lock(exclusive: bool) -> Iterator[None]:
+    """Held, shared, while a test runs a ``flower-superlink --simulation`` and, exclusive, around
+    ``make stop``, which stops the first such SuperLink it finds: `make test` runs tests in two
+    pytest-xdist workers, and one's ``make stop`` must not meet the other's SuperLink."""
+    with open(Path(tempfile.gettempdir()) / "hetkd-tests-simulation-superlink.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def simulation_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode for ``flwr run`` (its own FLWR_HOME, free ports, stopped by PID).
 
     Yields the environment ``flwr run`` needs; the connection ``hetkd-test`` is its default.
     """
+    with superlink_lock(exclusive=False), _started_simulation_superlink(tmp_path) as env:
+        yield env
+
+
+@contextmanager
+def _started_simulation_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
     bin_dir = Path(sys.executable).parent
     home = tmp_path / "flwr-home"
     home.mkdir()
@@ -171,3 +204,4 @@ def simulation_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
             os.killpg(link.pid, signal.SIGKILL)
             link.wait(10)
         log.close()
+

@@ -12,7 +12,7 @@ import pytest
 from hetkd.results import read_metrics
 from hetkd.simulations import run
 from hetkd.simulations.cli import main
-from tests.conftest import small_config
+from tests.conftest import small_config, superlink_lock
 
 
 def test_config_prints_the_resolved_yaml(capsys):
@@ -50,21 +50,22 @@ def test_make_stop_stops_the_local_superlink_and_not_itself():
     command line; its own shell's command line holds the same words and must not be the match."""
     if shutil.which("make") is None or shutil.which("pgrep") is None:
         pytest.skip("needs make and pgrep")
-    pattern = ["pgrep", "-f", "[f]lower-superlink.*--simulation"]
-    if subprocess.run(pattern, capture_output=True).returncode == 0:
-        pytest.skip("a local SuperLink is running; make stop would stop it")
     def make_stop():
         done = subprocess.run(["make", "--no-print-directory", "stop"], cwd=Path(__file__).parents[1],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr  # not killed by itself
         return done.stdout
 
-    assert "no local SuperLink running" in make_stop()
-    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
-                                 "flower-superlink", "--simulation"])
-    try:
-        assert f"stopped local SuperLink (pid {stand_in.pid})" in make_stop()
-        assert stand_in.wait(timeout=10) != 0
-    finally:
-        stand_in.kill()
-        stand_in.wait()
+    with superlink_lock(exclusive=True):  # no other test's SuperLink runs meanwhile
+        pattern = ["pgrep", "-f", "[f]lower-superlink.*--simulation"]
+        if subprocess.run(pattern, capture_output=True).returncode == 0:
+            pytest.skip("a local SuperLink is running; make stop would stop it")
+        assert "no local SuperLink running" in make_stop()
+        stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                     "flower-superlink", "--simulation"])
+        try:
+            assert f"stopped local SuperLink (pid {stand_in.pid})" in make_stop()
+            assert stand_in.wait(timeout=10) != 0
+        finally:
+            stand_in.kill()
+            stand_in.wait()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -53,6 +56,75 @@ def test_partition_sizes_add_up_and_are_disjoint(method):
         assert len(allidx) == len(LABELS), "the partition must use the whole pool"
 
 
+PARTITIONS = {
+    "iid": lambda seed: iid_partition(LABELS, 10, seed=seed),
+    "dirichlet": lambda seed: dirichlet_partition(LABELS, 10, alpha=0.5, seed=seed, min_samples=10),
+    "pathological": lambda seed: pathological_partition(LABELS, 10, classes_per_device=2, seed=seed),
+    "quantity_skew": lambda seed: quantity_skew_partition(LABELS, 10, sparse_fraction=0.5, sparse_max_samples=20,
+                                                          seed=seed),
+}
+
+
+def _no_flwr_datasets(*_: object) -> None:
+    raise AssertionError("flwr-datasets was asked for a partition the cache holds")
+
+
+@pytest.mark.parametrize("method", sorted(PARTITIONS))
+def test_a_partition_is_made_once_then_read_back_from_the_cache(method, tmp_path, monkeypatch):
+    from hetkd.data import partition
+
+    monkeypatch.setenv("HETKD_CACHE_DIR", str(tmp_path))
+    made = PARTITIONS[method](0)
+    assert len(list((tmp_path / "partitions").glob("*.npz"))) == 1
+    monkeypatch.setattr(partition, "_flwr_datasets_partition", _no_flwr_datasets)
+    again = PARTITIONS[method](0)
+    assert len(again) == len(made) and all(np.array_equal(a, b) for a, b in zip(again, made))
+    with pytest.raises(AssertionError, match="flwr-datasets was asked"):  # another seed: another partition
+        PARTITIONS[method](1)
+
+
+def test_a_second_process_builds_the_same_devices_without_importing_hf_datasets(tmp_path, monkeypatch):
+    from hetkd.data import build_federation
+
+    monkeypatch.setenv("HETKD_CACHE_DIR", str(tmp_path))
+    cfg = resolve_config(overrides={"seed": 9173})  # a seed no other test builds: this process makes it
+    made = build_federation(cfg)
+    code = ("import sys; from hetkd.config import resolve_config; from hetkd.data import build_federation; "
+            "fed = build_federation(resolve_config(overrides={'seed': 9173})); "
+            "print([d.train.indices.tolist() for d in fed.devices], 'datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"{[d.train.indices.tolist() for d in made.devices]} False"
+
+
+def test_a_damaged_cache_entry_is_made_again_and_replaced(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HETKD_CACHE_DIR", str(tmp_path))
+    made = PARTITIONS["dirichlet"](0)
+    (entry,) = (tmp_path / "partitions").glob("*.npz")
+    entry.write_bytes(b"not an npz")
+    with caplog.at_level("WARNING", logger="hetkd.data.partition_cache"):
+        again = PARTITIONS["dirichlet"](0)
+    assert all(np.array_equal(a, b) for a, b in zip(again, made)) and "unreadable" in caplog.text
+    np.savez(entry, count=np.int64(2), part0=np.array([0, 1]), part1=np.array([1, 5000]))  # not a partition
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hetkd.data.partition_cache"):
+        again = PARTITIONS["dirichlet"](0)
+    assert all(np.array_equal(a, b) for a, b in zip(again, made)) and "does not hold a partition" in caplog.text
+    from hetkd.data.partition_cache import load_parts, partition_key  # replaced by a good entry
+    assert len(list((tmp_path / "partitions").glob("*"))) == 1 and load_parts(entry.stem, len(LABELS)) is not None
+    assert partition_key("DirichletPartitioner", {}, LABELS) != partition_key("DirichletPartitioner", {}, LABELS[::-1])
+
+
+def test_an_unwritable_or_disabled_cache_never_stops_a_partition(tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("HETKD_CACHE_DIR", str(blocked))
+    with caplog.at_level("WARNING", logger="hetkd.data.partition_cache"):
+        parts = PARTITIONS["iid"](0)
+    assert len(parts) == 10 and str(blocked) in caplog.text and "HETKD_CACHE_DIR" in caplog.text
+    monkeypatch.setenv("HETKD_CACHE_DIR", "")
+    assert len(PARTITIONS["iid"](0)) == 10 and not list(tmp_path.rglob("*.npz"))
+
+
 def test_small_alpha_gives_skewed_devices_and_large_alpha_near_iid():
     skewed = _dominant_share(dirichlet_partition(LABELS, 10, alpha=0.1, seed=0, min_samples=5), LABELS)
     mild = _dominant_share(dirichlet_partition(LABELS, 10, alpha=100.0, seed=0, min_samples=5), LABELS)
@@ -100,6 +172,23 @@ def test_offline_datasets_have_the_documented_shapes():
     m1d = load_dataset("mnist1d", num_samples=500)
     assert m1d.input_shape == (1, 40) and len(m1d) == 500
     assert load_dataset("mnist1d", num_samples=500) is m1d  # generated once per process
+
+
+def test_digits_are_scikit_learns_arrays_read_without_importing_sklearn_datasets(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from hetkd.data import sources
+
+    bunch = load_digits()
+    digits = sources._digits()
+    assert np.array_equal(digits.raw[:, 0], bunch.images.astype(np.uint8))
+    assert np.array_equal(digits.labels, bunch.target)
+    monkeypatch.setattr(sources, "_shipped_digits_table", lambda: None)  # file moved: sklearn's own loader
+    fallback = sources._digits()
+    assert np.array_equal(fallback.raw, digits.raw) and np.array_equal(fallback.labels, digits.labels)
+    code = ("import sys; from hetkd.data.sources import _digits; _digits(); "
+            "assert 'sklearn.datasets' not in sys.modules, 'sklearn.datasets imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_mnist1d_generation_leaves_numpy_global_rng_alone():

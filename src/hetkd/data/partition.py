@@ -4,18 +4,20 @@ Each function maps the pool's labels to one index array per device (positions
 into the pool), deterministically from ``seed``. The label-skew and iid
 partitioners are flwr-datasets' own (:class:`~flwr_datasets.partitioner.DirichletPartitioner`
 and friends), driven through a two-column Hugging Face dataset of labels and
-positions, so our partitions are the ones the Flower ecosystem reports on.
+positions, so our partitions are the ones the Flower ecosystem reports on. Each
+partition they make is kept in a disk cache (:mod:`hetkd.data.partition_cache`),
+so later processes building the same devices do not import ``datasets`` again.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from hetkd.data.partition_cache import load_parts, partition_key, store_parts
 from hetkd.settings import require, require_choice, require_types
 
 __all__ = [
@@ -81,19 +83,28 @@ class PartitionConfig:
                 "must be > 0 for partition.method=quantity_skew")
 
 
-def _run_partitioner(make: Callable[[], object], labels: np.ndarray) -> list[np.ndarray]:
-    import datasets
+def _run_partitioner(partitioner: str, labels: np.ndarray, **settings: object) -> list[np.ndarray]:
+    """Positions in ``labels`` of each partition made by flwr-datasets' ``partitioner`` (a class
+    of :mod:`flwr_datasets.partitioner`) with ``settings``; read from the partition cache
+    (:mod:`hetkd.data.partition_cache`) when this partition was made before."""
+    key = partition_key(partitioner, settings, labels)
+    cached = load_parts(key, len(labels))
+    if cached is not None:
+        return cached
+    parts = _flwr_datasets_partition(partitioner, labels, settings)
+    store_parts(key, parts)
+    return parts
 
-    partitioner = make()
-    table = datasets.Dataset.from_dict(
+
+def _flwr_datasets_partition(partitioner: str, labels: np.ndarray, settings: dict[str, object]) -> list[np.ndarray]:
+    import datasets
+    import flwr_datasets.partitioner
+
+    made = getattr(flwr_datasets.partitioner, partitioner)(**settings)
+    made.dataset = datasets.Dataset.from_dict(
         {"label": labels.astype(np.int64), "position": np.arange(len(labels), dtype=np.int64)}
     )
-    partitioner.dataset = table  # type: ignore[attr-defined]
-    out = []
-    for pid in range(partitioner.num_partitions):  # type: ignore[attr-defined]
-        part = partitioner.load_partition(pid)  # type: ignore[attr-defined]
-        out.append(np.asarray(part["position"], dtype=np.int64))
-    return out
+    return [np.asarray(made.load_partition(pid)["position"], dtype=np.int64) for pid in range(made.num_partitions)]
 
 
 def _check_devices(num_devices: int, pool_size: int) -> None:
@@ -108,11 +119,9 @@ def _check_devices(num_devices: int, pool_size: int) -> None:
 
 def iid_partition(labels: np.ndarray, num_devices: int, seed: int) -> list[np.ndarray]:
     """Equal-size random shards (flwr-datasets ``IidPartitioner`` on a shuffled pool)."""
-    from flwr_datasets.partitioner import IidPartitioner
-
     _check_devices(num_devices, len(labels))
     order = np.random.default_rng(seed).permutation(len(labels))
-    parts = _run_partitioner(lambda: IidPartitioner(num_partitions=num_devices), labels[order])
+    parts = _run_partitioner("IidPartitioner", labels[order], num_partitions=num_devices)
     return [order[p] for p in parts]
 
 
@@ -125,8 +134,6 @@ def dirichlet_partition(
     Draws are repeated (up to flwr-datasets' limit) until every device holds
     at least ``min_samples`` samples.
     """
-    from flwr_datasets.partitioner import DirichletPartitioner
-
     _check_devices(num_devices, len(labels))
     if alpha <= 0:
         raise PartitionError(f"partition.alpha must be > 0, got {alpha}")
@@ -139,16 +146,15 @@ def dirichlet_partition(
         warnings.simplefilter("ignore")
         try:
             return _run_partitioner(
-                lambda: DirichletPartitioner(
-                    num_partitions=num_devices,
-                    partition_by="label",
-                    alpha=alpha,
-                    min_partition_size=min_samples,
-                    self_balancing=False,
-                    shuffle=True,
-                    seed=seed,
-                ),
+                "DirichletPartitioner",
                 labels,
+                num_partitions=num_devices,
+                partition_by="label",
+                alpha=alpha,
+                min_partition_size=min_samples,
+                self_balancing=False,
+                shuffle=True,
+                seed=seed,
             )
         except ValueError as err:
             raise PartitionError(
@@ -162,8 +168,6 @@ def pathological_partition(
     labels: np.ndarray, num_devices: int, classes_per_device: int, seed: int
 ) -> list[np.ndarray]:
     """Each device holds samples of exactly ``classes_per_device`` classes."""
-    from flwr_datasets.partitioner import PathologicalPartitioner
-
     _check_devices(num_devices, len(labels))
     num_classes = len(np.unique(labels))
     if not 1 <= classes_per_device <= num_classes:
@@ -171,15 +175,14 @@ def pathological_partition(
             f"partition.classes_per_device must be in [1, {num_classes}], got {classes_per_device}"
         )
     parts = _run_partitioner(
-        lambda: PathologicalPartitioner(
-            num_partitions=num_devices,
-            partition_by="label",
-            num_classes_per_partition=classes_per_device,
-            class_assignment_mode="first-deterministic",
-            shuffle=True,
-            seed=seed,
-        ),
+        "PathologicalPartitioner",
         labels,
+        num_partitions=num_devices,
+        partition_by="label",
+        num_classes_per_partition=classes_per_device,
+        class_assignment_mode="first-deterministic",
+        shuffle=True,
+        seed=seed,
     )
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
@@ -195,8 +198,6 @@ def quantity_skew_partition(
 ) -> list[np.ndarray]:
     """Quantity skew: ``sparse_fraction`` of the devices get ``sparse_max_samples``
     random samples; the others share the rest equally (flwr-datasets ``SizePartitioner``)."""
-    from flwr_datasets.partitioner import SizePartitioner
-
     _check_devices(num_devices, len(labels))
     rng = np.random.default_rng(seed)
     num_sparse = min(num_devices - 1, math.ceil(sparse_fraction * num_devices))
@@ -215,7 +216,7 @@ def quantity_skew_partition(
     for k, i in enumerate(rich):
         sizes[i] = base + (1 if k < extra else 0)
     order = rng.permutation(len(labels))
-    parts = _run_partitioner(lambda: SizePartitioner(partition_sizes=sizes), labels[order])
+    parts = _run_partitioner("SizePartitioner", labels[order], partition_sizes=sizes)
     return [order[p] for p in parts]
 
 

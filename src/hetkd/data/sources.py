@@ -231,11 +231,34 @@ class DataView:
 
 
 def _digits(**_: object) -> ArrayDataset:
-    from sklearn.datasets import load_digits
+    """scikit-learn's 8x8 digits: the arrays of :func:`sklearn.datasets.load_digits`."""
+    table = _shipped_digits_table()
+    if table is None:  # a scikit-learn that keeps the file elsewhere: its own loader
+        from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    images = bunch.images.astype(np.uint8)[:, None, :, :]  # values 0..16
-    return ArrayDataset("digits", images, bunch.target.astype(np.int64), 10, 2.0 / 16.0, -1.0)
+        bunch = load_digits()
+        pixels, labels = bunch.data, bunch.target
+    else:
+        pixels, labels = table[:, :-1], table[:, -1]
+    images = pixels.astype(np.uint8).reshape(-1, 1, 8, 8)  # values 0..16
+    return ArrayDataset("digits", images, labels.astype(np.int64), 10, 2.0 / 16.0, -1.0)
+
+
+def _shipped_digits_table() -> np.ndarray | None:
+    """The digits file scikit-learn ships (64 pixels and the label per row), read without
+    importing ``sklearn.datasets``: that import (scipy and all) costs each process that
+    builds a device about 2 s, paid again by every deployed ClientApp process. ``None``
+    when the file is not where scikit-learn 1.x keeps it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DatasetUnavailableError("dataset 'digits' needs scikit-learn: pip install scikit-learn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        return None
+    table = np.loadtxt(path, delimiter=",")
+    return table if table.ndim == 2 and table.shape[1] == 65 else None
 
 
 def _mnist1d(num_samples: int, **_: object) -> ArrayDataset:
