@@ -1,6 +1,6 @@
 """``hetkd bench CONFIG [--out DIR]``: how hetkd scales, measured (``bench.json`` + ``bench.png``).
 
-Five parts (``bench.parts``), each a function that returns plain JSON rows:
+Six parts (``bench.parts``), each a function that returns plain JSON rows:
 
 1. :func:`bench_scale` — real simulations (Flower + Ray, the config's
    strategy and state store) of ``bench.populations`` devices, and of the
@@ -27,7 +27,11 @@ Five parts (``bench.parts``), each a function that returns plain JSON rows:
    ``models.architectures`` (``training.batch_size``), the server student's
    distillation step (``strategy.ensemble.student``, ``mekd.distill``, through
    G) and MEKD's D-then-G step (``mekd.gan``). Without CUDA it writes the
-   CPU rows and says no GPU was present.
+   CPU rows and says no GPU was present;
+6. :func:`~hetkd.simulations.startup_bench.bench_startup` — the seconds a fresh process
+   (a Ray worker; on a deployed SuperNode, the ClientApp process of every message)
+   spends importing the ClientApp and building its device, with an empty partition
+   cache and with a warm one.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from hetkd.simulations.local_grid import InProcessGrid
 from hetkd.simulations.memory import GIB, TreeMemoryMonitor
 from hetkd.simulations.registry import build_strategy, initial_arrays
 from hetkd.simulations.runner import run
+from hetkd.simulations.startup_bench import bench_startup
 
 __all__ = [
     "BENCH_PARTS",
@@ -72,11 +77,12 @@ __all__ = [
     "bench_bytes",
     "bench_similarity",
     "bench_gpu",
+    "bench_startup",
     "run_bench",
     "add_parser",
 ]
 
-BENCH_PARTS = ("scale", "overhead", "bytes", "similarity", "gpu")
+BENCH_PARTS = ("scale", "overhead", "bytes", "similarity", "gpu", "startup")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,9 +103,10 @@ class BenchConfig:
        ``similarity_exact_max`` devices and as configured;
     5. seconds per step on the CPU and on CUDA: the mean of ``gpu_steps``
        steps after ``gpu_warmup_steps`` untimed ones (CUDA's kernels and
-       allocator warm up).
+       allocator warm up);
+    6. ``startup_repeats`` cold and as many warm starts of a process building a device.
     ``parts`` selects which of ``scale``, ``overhead``, ``bytes``,
-    ``similarity``, ``gpu`` run; memory is sampled every ``memory_poll_seconds``.
+    ``similarity``, ``gpu``, ``startup`` run; memory is sampled every ``memory_poll_seconds``.
     """
 
     parts: list[str] = field(default_factory=lambda: list(BENCH_PARTS))
@@ -118,6 +125,7 @@ class BenchConfig:
     memory_poll_seconds: float = 0.5
     gpu_steps: int = 30
     gpu_warmup_steps: int = 5
+    startup_repeats: int = 3
 
     def __post_init__(self) -> None:
         require_types(self)
@@ -127,7 +135,7 @@ class BenchConfig:
             values = getattr(self, key)
             require(all(v >= 1 for v in values), key, f"must list sizes >= 1, got {list(values)}")
         for key in ("bench_rounds", "overhead_devices", "overhead_rounds", "overhead_epochs", "similarity_reference",
-                    "gpu_steps"):
+                    "gpu_steps", "startup_repeats"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(self.gpu_warmup_steps >= 0, "gpu_warmup_steps", f"must be >= 0, got {self.gpu_warmup_steps}")
         require(len(self.similarity_learners) > 0 and all(0 < f <= 1 for f in self.similarity_learners),
@@ -428,6 +436,7 @@ def run_bench(cfg: BenchRunConfig, out: str | Path) -> dict[str, Any]:
     parts = {
         "similarity": lambda: bench_similarity(cfg),
         "gpu": lambda: bench_gpu(cfg, steps=cfg.bench.gpu_steps, warmup=cfg.bench.gpu_warmup_steps),
+        "startup": lambda: bench_startup(cfg, repeats=cfg.bench.startup_repeats),
         "bytes": lambda: bench_bytes(cfg, out),
         "overhead": lambda: bench_overhead(cfg, out),
         "scale": lambda: bench_scale(cfg, out),

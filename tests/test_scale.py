@@ -110,6 +110,22 @@ def test_bench_similarity_part_writes_json_and_plot(tmp_path):
     assert all(r["seconds"] > 0 for r in rows)
 
 
+def test_bench_startup_part_starts_device_processes_cold_then_warm(tmp_path):
+    """A fresh device process imports Hugging Face ``datasets`` only to make a partition: with the
+    partition cache warm it does not; scikit-learn's loaders are never imported for digits."""
+    cfg = resolve_config(None, ["bench.parts=[startup]", "bench.startup_repeats=1"], schema=BenchRunConfig)
+    result = run_bench(cfg, tmp_path)
+    startup = json.loads((tmp_path / "bench.json").read_text())["startup"]
+    assert (tmp_path / "bench.png").is_file() and result["startup"]["rows"] == startup["rows"]
+    cold, warm = startup["rows"]
+    assert (cold["start"], warm["start"]) == ("cold", "warm")
+    assert cold["imported"]["datasets"] and not warm["imported"]["datasets"]
+    assert not cold["imported"]["sklearn.datasets"] and not warm["imported"]["sklearn.datasets"]
+    assert all(r["process_seconds"] > r["import_seconds"] + r["device_seconds"] > 0 for r in (cold, warm))
+    with pytest.raises(ValueError, match="startup_repeats"):
+        resolve_config(None, ["bench.startup_repeats=0"], schema=BenchRunConfig)
+
+
 @pytest.mark.slow
 def test_200_devices_stay_within_a_memory_bound(tmp_path):
     from hetkd.simulations import run

@@ -149,7 +149,7 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(18, 9))
     _plot_gpu(axes[0, 2], result.get("gpu"))
-    axes[1, 2].set_axis_off()
+    _plot_startup(axes[1, 2], result.get("startup"))
     ax = axes[0, 0]
     scale = result.get("scale")
     if scale:
@@ -224,6 +224,23 @@ def plot_bench(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_startup(ax: Any, startup: dict[str, Any] | None) -> None:
+    """Panel 6 of ``bench.png``: a fresh device process's seconds, cold and warm partition cache."""
+    if not startup:
+        ax.set_axis_off()
+        return
+    starts = ["cold", "warm"]
+    imports = [startup["mean"][s]["import_seconds"] for s in starts]
+    devices = [startup["mean"][s]["device_seconds"] for s in starts]
+    rest = [startup["mean"][s]["process_seconds"] - i - d for s, i, d in zip(starts, imports, devices)]
+    ax.bar(starts, imports, label="import the ClientApp")
+    ax.bar(starts, devices, bottom=imports, label="build device 0")
+    ax.bar(starts, rest, bottom=[i + d for i, d in zip(imports, devices)], label="interpreter start/exit")
+    ax.set_ylabel("seconds (mean)")
+    ax.set_title(f"6. a fresh device process ({startup['dataset']}, partition cache cold / warm)")
+    ax.legend(fontsize=7)
 
 
 def _plot_gpu(ax: Any, gpu: dict[str, Any] | None) -> None:

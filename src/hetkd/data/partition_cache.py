@@ -7,7 +7,8 @@ SuperNode every ClientApp process, which Flower starts once per message. A
 partition is a pure function of the labels, the partitioner's settings and the
 flwr-datasets release, so it is computed once and read back from
 ``HETKD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/hetkd``, else ``~/.cache/hetkd``;
-set it to an empty string to turn the cache off).
+set it to an empty string to turn the cache off). Entries are small (four bytes a
+sample) and the folder can be deleted at any time.
 
 An entry is written to a temporary file and renamed into place, so processes
 racing to write the same entry never leave half a file; an entry that cannot be
@@ -96,13 +97,18 @@ def store_parts(key: str, parts: list[np.ndarray]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as out:
-                np.savez(out, count=np.int64(len(parts)), **{f"part{i}": p for i, p in enumerate(parts)})
+                np.savez(out, count=np.int64(len(parts)), **{f"part{i}": _compact(p) for i, p in enumerate(parts)})
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as err:
         _warn_unwritable(path.parent, err)
+
+
+def _compact(positions: np.ndarray) -> np.ndarray:
+    """Positions as int32 where they fit (an entry for all of MNIST: 280 KB instead of 560)."""
+    return positions.astype(np.int32) if len(positions) == 0 or positions.max() < 2**31 else positions
 
 
 _warned: set[Path] = set()
