@@ -1,9 +1,10 @@
-"""A disk cache of flwr-datasets partitions, so a process that builds a device skips the import.
+"""A disk cache of flwr-datasets partitions, so a process that builds a device skips making them.
 
-flwr-datasets' partitioners work on a Hugging Face ``datasets.Dataset``, and
-importing ``datasets`` (pyarrow and all) costs a process about 2 s. Every process
-that builds a device pays it: each Ray worker of a simulation, and on a deployed
-SuperNode every ClientApp process, which Flower starts once per message. A
+flwr-datasets' partitioners work on a Hugging Face ``datasets.Dataset``: importing
+``datasets`` (pyarrow and all) and making the partition cost a process that builds
+the default device 2.6 s of its 4.3 (``hetkd bench bench.parts=[startup]``, 2 cores).
+Every process that builds a device paid it: each Ray worker of a simulation, and on
+a deployed SuperNode every ClientApp process, which Flower starts once per message. A
 partition is a pure function of the labels, the partitioner's settings and the
 flwr-datasets release, so it is computed once and read back from
 ``HETKD_CACHE_DIR`` (default ``$XDG_CACHE_HOME/hetkd``, else ``~/.cache/hetkd``;
