@@ -15,8 +15,9 @@ LOWEST_FLOWER ?= 1.39.0
 LOWEST_VENV ?= .venv-flwr$(LOWEST_FLOWER)
 DEVICES ?= 10
 RUN_CONFIG ?=
-# tests run in two pytest-xdist workers: on 2 cores about 15 minutes instead of 20 (a third of the
-# serial run's CPU time is spent waiting on processes starting); PYTEST_WORKERS= runs them one by one
+# tests run in two pytest-xdist workers: on 2 cores about 15 minutes instead of 20 (one at a time,
+# they leave the cores idle a third of the time, waiting on the processes they start);
+# PYTEST_WORKERS= runs them one by one
 PYTEST_WORKERS ?= -n 2
 # `flwr run` would otherwise install the app's dependencies with uv for every run
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1

@@ -204,4 +204,3 @@ def _started_simulation_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
             os.killpg(link.pid, signal.SIGKILL)
             link.wait(10)
         log.close()
-
