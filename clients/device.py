@@ -434,6 +434,7 @@ class DistillClient:
         loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         inputs: torch.Tensor | None = None,
         epochs: int | None = None,
+        generated: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Train on private data while distilling towards ``target_logits`` on public inputs.
 
@@ -443,12 +444,15 @@ class DistillClient:
         inputs per private batch, steps per epoch); ``loss(student_logits,
         target_logits)`` is the term itself (:class:`hetkd.distill.KLLoss`, or
         MEKD's mapping-emulation loss); see :class:`hetkd.distill.ReferenceKD`.
+        ``generated`` (one boolean per input) marks G's samples, for a loss
+        that computes G's term on them alone.
         """
         inputs = self.reference_inputs() if inputs is None else inputs
         if target_logits.shape[0] != len(inputs):
             raise ValueError(f"targets have {target_logits.shape[0]} rows but there are {len(inputs)} public inputs")
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "reference", self.device_id, server_round))
-        term = ReferenceKD(inputs, target_logits, kd.rho, kd.batch_size or self.training.batch_size, loss, generator)
+        term = ReferenceKD(inputs, target_logits, kd.rho, kd.batch_size or self.training.batch_size, loss, generator,
+                           generated=generated)
         return self.fit(server_round, epochs, term, kd.min_steps)
 
     def reference_inputs(self) -> torch.Tensor:

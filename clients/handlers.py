@@ -265,6 +265,7 @@ def train_ensemble_distill(request: P.EnsembleDistill, context: Context, devices
             return client.fit_towards(
                 round_, teacher_logits(answers, targets.kind, hard_margin=request.loss.hard_margin), request.kd, loss,
                 inputs=resolve_queries(targets.query, **held),
+                generated=targets.query.generated_rows() if request.loss.generated_only else None,
             )
 
         metrics = train_round(client, round_, private, None if targets is None else distil, request.kd.rho,

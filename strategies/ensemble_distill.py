@@ -46,7 +46,7 @@ from torch import nn
 
 from hetkd import protocol as P
 from hetkd.distill.codec import decode_answers, encode_answers
-from hetkd.distill.emulation import DistillSettings, StudentOptimizer, kd_steps, transfer_batches
+from hetkd.distill.emulation import DistillSettings, EmulationLoss, StudentOptimizer, kd_steps, transfer_batches
 from hetkd.distill.ensemble import (
     EnsembleSettings,
     answer_outliers,
@@ -161,8 +161,9 @@ class EnsembleDistill(DeviceStrategy):
         self.global_test = global_test
         #: what the devices distil towards next round (``None`` before the first ensemble)
         self.targets: EnsembleTargets | None = None
-        #: the rounds' (query inputs, teacher logits) the student distils on, oldest first
-        self.student_memory: deque[tuple[torch.Tensor, torch.Tensor]] = deque(
+        #: the rounds' (query inputs, teacher logits, which inputs are G's samples) the student
+        #: distils on, oldest first
+        self.student_memory: deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = deque(
             maxlen=self.ensemble.student_memory or None)
         self._student_optimizer: StudentOptimizer | None = None
 
@@ -215,6 +216,11 @@ class EnsembleDistill(DeviceStrategy):
     def loss_generator(self) -> nn.Module | None:
         """The generator of the mapping-emulation term (``None``: plain KL)."""
         return None
+
+    def emulation_loss(self) -> EmulationLoss:
+        """The loss the student and the devices distil with (MEKD: G's term on G's samples only
+        when ``mekd.emulation_inputs`` says so)."""
+        return self.distill.loss()
 
     def learn_answers(self, server_round: int, plan: EnsembleRound, device_ids: list[int],
                       answers: torch.Tensor) -> Figures:
@@ -307,10 +313,12 @@ class EnsembleDistill(DeviceStrategy):
 
     # ------------------------------------------------------------------ the global student
 
-    def student_loss(self, student_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-        """``w_f · dist(G(s/T_g), G(t/T_g)) + w_kl · T · KL`` (``w_f = 0`` or no G: KL only)."""
-        return self.distill.loss().bind(self.loss_generator() if self.distill.w_f > 0 else None)(
-            student_logits, target_logits)
+    def student_loss(self, student_logits: torch.Tensor, target_logits: torch.Tensor,
+                     generated: torch.Tensor | None = None) -> torch.Tensor:
+        """``w_f · dist(G(s/T_g), G(t/T_g)) + w_kl · T · KL`` (``w_f = 0`` or no G: KL only);
+        ``generated`` marks the rows that are G's samples (:meth:`emulation_loss`)."""
+        return self.emulation_loss().bind(self.loss_generator() if self.distill.w_f > 0 else None)(
+            student_logits, target_logits, generated)
 
     def distill_student(self, server_round: int, inputs: torch.Tensor, targets: EnsembleTargets) -> Figures:
         """``server_steps`` SGD steps of the student towards the plain ensemble: on ``inputs``
@@ -321,12 +329,17 @@ class EnsembleDistill(DeviceStrategy):
         if self._student_optimizer is None:
             self._student_optimizer = self._new_student_optimizer()
         logits = teacher_logits(targets.common, targets.kind, hard_margin=self.distill.hard_margin)
-        self.student_memory.append((inputs, logits))
-        inputs = torch.cat([x for x, _ in self.student_memory])
-        logits = torch.cat([t for _, t in self.student_memory])
+        self.student_memory.append((inputs, logits, targets.query.generated_rows()))
+        inputs, logits, generated = (torch.cat(parts) for parts in zip(*self.student_memory))
+
+        def loss(student_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            rows = rows.cpu()
+            return self.student_loss(student_logits, logits[rows].to(self.torch_device),
+                                     generated[rows].to(self.torch_device))
+
         with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
-            draw = transfer_batches(inputs, logits, self.distill.batch_size, rng)
-            losses = kd_steps(self._student_optimizer, steps, self._on_device(draw), self.student_loss)
+            draw = transfer_batches(inputs, torch.arange(len(inputs)), self.distill.batch_size, rng)
+            losses = kd_steps(self._student_optimizer, steps, self._on_device(draw), loss)
         return Figures({"student_loss": sum(losses) / len(losses), "student_inputs": len(inputs)})
 
     def _on_device(self, draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -370,7 +383,10 @@ class EnsembleDistill(DeviceStrategy):
         self.targets = None if t is None else EnsembleTargets(
             QuerySpec(**t["query"]), t["kind"], t["common"], {int(d): v for d, v in t["own"].items()})
         self.student_memory.clear()
-        self.student_memory.extend((inputs, logits) for inputs, logits in state["student_memory"])
+        for inputs, logits, *generated in state["student_memory"]:
+            if not generated:  # a checkpoint from before the mask: G's term was on every row
+                generated = [torch.ones(len(inputs), dtype=torch.bool)]
+            self.student_memory.append((inputs, logits, generated[0]))
 
     @torch.no_grad()
     def student_accuracy(self) -> float | None:
@@ -410,7 +426,7 @@ class EnsembleDistill(DeviceStrategy):
         """A round's request without targets or generator: the settings every device gets."""
         e = self.ensemble
         return P.EnsembleDistill(
-            server_round=server_round, kd=e.kd_term(), loss=self.distill.loss(), response=self.response,
+            server_round=server_round, kd=e.kd_term(), loss=self.emulation_loss(), response=self.response,
             answer_model=e.answer_model, precision=e.precision, query=query,
         )
 

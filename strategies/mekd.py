@@ -28,7 +28,8 @@ unlabelled public proxy set, and a global student of any architecture.
    server forms the ensemble (mean, or per device by similarity of the
    answers; corrected to a uniform class prior over G's samples and over the
    reference rows, each on its own, unless ``balance_classes=False``), distils its student with the mapping-emulation
-   loss ``w_f · L1(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)``, and sends each
+   loss ``w_f · L1(G(s/T_g), G(t/T_g)) + w_kl · T · KL(t/T ‖ s/T)`` (G's term on G's samples
+   alone, the reference rows on KL, with ``emulation_inputs="generated"``), and sends each
    device its targets, which it distils into its own architecture the same
    way beside its private cross-entropy (or with KL alone: ``device_loss="kl"``).
 
@@ -162,9 +163,13 @@ class MEKD(EnsembleDistill):
                              reference_count=self.mekd.reference_queries)
         return None
 
+    def emulation_loss(self) -> EmulationLoss:
+        """The student's loss: with ``mekd.emulation_inputs = "generated"`` G's term on G's samples only."""
+        return replace(self.distill.loss(), generated_only=self.mekd.emulation_inputs == "generated")
+
     def devices_loss(self) -> EmulationLoss:
         """The loss the devices distil with: the student's, or KL alone with ``mekd.device_loss = "kl"``."""
-        loss = self.distill.loss()
+        loss = self.emulation_loss()
         return replace(loss, w_f=0.0) if self.mekd.device_loss == "kl" else loss
 
     def request(self, server_round: int, query: QuerySpec | None) -> P.EnsembleDistill:

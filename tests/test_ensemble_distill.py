@@ -14,9 +14,11 @@ from hetkd.distill.deprivatization import GanSettings
 from hetkd.distill.emulation import MEKDSettings, freeze
 from hetkd.distill.ensemble import EnsembleSettings, class_balanced, ensemble_responses, teacher_logits
 from hetkd.distill.generative import make_generator
+from hetkd.distill.losses import ReferenceKD
 from hetkd.distill.queries import QuerySpec, generate_queries, reference_rows, resolve_queries
 from hetkd.simulations.registry import build_strategy, check_strategy
 from hetkd.strategies import MEKD, EnsembleDistill, FedDF
+from hetkd.strategies.ensemble_distill import EnsembleTargets
 from tests.conftest import InProcessGrid, small_config
 
 SMALL = ("strategy.ensemble.warmup_rounds=1", "strategy.ensemble.deprivatize_rounds=2", "mekd.gan.steps=40",
@@ -399,12 +401,17 @@ def test_the_student_distils_on_the_last_rounds_queries_it_remembers(tmp_path):
     strategy, reports = _start(cfg, InProcessGrid(3), rounds=6)
     assert not any(r.failures for r in reports)
     assert [r.metrics.get("student_inputs") for r in reports] == [None] * 3 + [64, 128, 128]
-    remembered = [inputs for inputs, _ in strategy.student_memory]
+    remembered = [inputs for inputs, _, _ in strategy.student_memory]
     assert len(remembered) == 2
     for server_round, inputs in zip((5, 6), remembered):
         assert torch.equal(inputs, strategy.query_inputs(strategy.make_query(server_round, "distill")))
     assert torch.equal(strategy.student_memory[-1][1],
                        teacher_logits(strategy.targets.common, "soft", hard_margin=strategy.distill.hard_margin))
+    assert all(generated.all() for _, _, generated in strategy.student_memory), "every query input is G's"
+    state = strategy.state_dict()  # a checkpoint from before the memory said which rows are G's samples:
+    state["student_memory"] = [(inputs, logits) for inputs, logits, _ in state["student_memory"]]
+    strategy.load_state_dict(state)  # G's term then covered every row
+    assert [g.tolist() for *_, g in strategy.student_memory] == [[True] * 64] * 2
     with pytest.raises(ValueError, match="student_memory"):
         FedDF(num_classes=10, public_inputs=_public(), ensemble=EnsembleSettings(student="", student_memory=-1))
     with pytest.raises(ConfigError, match="strategy.ensemble.student_memory"):
@@ -499,12 +506,13 @@ def test_mekd_devices_distil_with_kl_alone_when_asked_and_the_student_keeps_gs_t
                                                                                     device_loss):
     import hetkd.distill.emulation as emulation
 
-    through = []  # the generator each computed G term went through
+    through, masks = [], []  # the generator each computed G term went through, and its rows
     loss = emulation.mapping_emulation_loss
 
     def recording(student_logits, target_logits, generator, **settings):
         if generator is not None:
             through.append(generator)
+            masks.append(settings.get("generated"))
         return loss(student_logits, target_logits, generator, **settings)
 
     monkeypatch.setattr(emulation, "mapping_emulation_loss", recording)
@@ -514,12 +522,80 @@ def test_mekd_devices_distil_with_kl_alone_when_asked_and_the_student_keeps_gs_t
     strategy, reports = _start(cfg, grid, rounds=5)
     assert not any(r.failures for r in reports)
     assert any(g is strategy.generator for g in through), "the student's loss keeps G's term"
+    assert all(m is None for m in masks), "mekd.emulation_inputs=all (the default): G's term on every row"
+    assert not any(_request(t).loss.generated_only for t in _replies(grid))
     on_devices = [g for g in through if g is not strategy.generator]
     sent = {_request(t).loss.w_f for t in _replies(grid)}
     if device_loss == "kl":
         assert sent == {0.0} and not on_devices
     else:
         assert sent == {strategy.distill.w_f} and on_devices and strategy.distill.w_f > 0
+
+
+def test_a_query_says_which_of_its_inputs_are_gs_samples():
+    assert QuerySpec("generator", 0, 5, reference_count=3).generated_rows().tolist() == [False] * 3 + [True] * 2
+    assert QuerySpec("generator", 0, 4).generated_rows().all()
+    assert QuerySpec("inputs", 0, 4).generated_rows().all(), "shipped inputs are G's samples"
+    assert not QuerySpec("reference", 0, 4).generated_rows().any()
+
+
+def test_a_device_passes_the_drawn_rows_generated_marks_to_the_loss():
+    k, n = 4, 10
+    inputs = torch.randn(n, 3)
+    row_logits = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 2)  # row i's targets hold i
+    generated = torch.arange(n) >= k
+    seen = []
+
+    def loss(student_logits, target_logits, generated):
+        assert torch.equal(generated, target_logits[:, 0] >= k), "each drawn row keeps its own mark"
+        seen.append(generated)
+        return student_logits.sum() * 0
+
+    term = ReferenceKD(inputs, row_logits, 0.5, 16, loss, torch.Generator().manual_seed(0), generated=generated)
+    model = torch.nn.Linear(3, 2)
+    term(model, torch.randn(2, 3), torch.tensor([0, 1]))
+    term.public_loss(model)
+    assert len(seen) == 2 and all(m.any() and not m.all() for m in seen)
+    with pytest.raises(ValueError, match="generated must be one boolean per public input"):
+        ReferenceKD(inputs, row_logits, 0.5, 16, loss, generated=generated[:5])
+
+
+def test_mekd_puts_gs_term_on_gs_samples_only_when_asked(tmp_path, monkeypatch):
+    """``mekd.emulation_inputs=generated``: the student's and the devices' G term covers G's
+    samples and leaves the reference rows beside them to KL (``all``, the default, covers every
+    row: the test of ``mekd.device_loss`` below)."""
+    import hetkd.distill.emulation as emulation
+
+    masks = {"server": [], "devices": []}
+    loss = emulation.mapping_emulation_loss
+
+    def recording(student_logits, target_logits, generator, **settings):
+        if generator is not None:
+            masks["server" if generator is strategy.generator else "devices"].append(settings.get("generated"))
+        return loss(student_logits, target_logits, generator, **settings)
+
+    monkeypatch.setattr(emulation, "mapping_emulation_loss", recording)
+    cfg = small_config(tmp_path, "strategy=mekd", *SMALL, "mekd.reference_queries=24", "mekd.device_loss=emulation",
+                       "mekd.emulation_inputs=generated", devices=3)
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    grid, reports = InProcessGrid(3), []
+    strategy.start(grid=grid, num_rounds=5, on_round_end=reports.append)
+    assert not any(r.failures for r in reports) and masks["server"] and masks["devices"]
+    assert {_request(t).loss.generated_only for t in _replies(grid)} == {True}
+    assert all(m is not None for m in masks["server"] + masks["devices"])
+    # round 3's transfer set is the reference rows alone (its G term is zero), rounds 4-5 mix in 40 of G's samples
+    share = torch.cat(masks["server"]).float().mean().item()
+    assert 0.2 < share < 0.55, share  # 2 of 3 rounds at 40 / 64
+    rows, generated = torch.arange(64), QuerySpec("generator", 1, 64, reference_count=24).generated_rows()
+    seen = []
+    monkeypatch.setattr(strategy, "student_loss", lambda s, t, g: seen.append((t, g)) or s.sum() * 0)
+    common = torch.softmax(torch.stack([rows.float() / 64, -rows.float() / 64] + [torch.zeros(64)] * 8, 1), 1)
+    query = QuerySpec("generator", 1, 64, reference_count=24)
+    strategy.distill_student(6, strategy.query_inputs(query), EnsembleTargets(query, "soft", common))
+    assert len(seen) == strategy.ensemble.server_steps
+    for target, mask in seen:  # each drawn row brings its own mark: row i's target logit gap grows with i
+        gap = (target[:, 0] - target[:, 1]) * 32 + 1e-4
+        assert torch.equal(mask, generated[gap.floor().long().clamp(0, 63)])
 
 
 def test_deprivatization_ships_inputs_instead_of_weights_when_they_are_smaller(tmp_path):

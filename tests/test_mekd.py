@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,50 @@ def test_w_f_zero_is_plain_kd_and_needs_no_generator():
         mapping_emulation_loss(s, t, None, w_f=1.0)
     with pytest.raises(ValueError, match="distance"):
         mapping_emulation_loss(s, t, lambda z: z, distance="l3")
+
+
+def test_gs_term_on_generated_rows_only_weighs_them_as_among_all_rows():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4)
+    generated = torch.tensor([False, True, False, True, True, False])
+
+    def generator(z):
+        return torch.tanh(z * 2)
+
+    f_all, kl_all = mapping_emulation_terms(s, t, generator, temperature=2.0, generator_temperature=1.0)
+    f_gen, kl_gen = mapping_emulation_terms(s, t, generator, temperature=2.0, generator_temperature=1.0,
+                                            generated=generated)
+    f_sub, _ = mapping_emulation_terms(s[generated], t[generated], generator, temperature=2.0,
+                                       generator_temperature=1.0)
+    assert kl_gen.item() == pytest.approx(kl_all.item()), "KL stays on every row"
+    assert f_gen.item() == pytest.approx(f_sub.item() * 3 / 6)
+    every = mapping_emulation_terms(s, t, generator, generated=torch.ones(6, dtype=torch.bool))[0]
+    assert every.item() == pytest.approx(mapping_emulation_terms(s, t, generator)[0].item())
+    none, _ = mapping_emulation_terms(s, t, generator, generated=torch.zeros(6, dtype=torch.bool))
+    assert none.item() == 0.0
+    # the real rows get no gradient from G's term: only KL moves them
+    loss = mapping_emulation_loss(s, t, generator, w_kl=0.0, generated=generated)
+    loss.backward()
+    assert s.grad[~generated].abs().sum() == 0 and s.grad[generated].abs().sum() > 0
+    for bad in (torch.ones(5, dtype=torch.bool), torch.ones(6)):
+        with pytest.raises(ValueError, match="generated"):
+            mapping_emulation_terms(s, t, generator, generated=bad)
+
+
+def test_a_loss_bound_for_generated_rows_only_needs_the_mask():
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    mask = torch.tensor([True, False, False, True])
+    paper = DistillSettings(w_f=1.0).loss()
+    assert not paper.generated_only, "the paper's loss: G's term on every row"
+    every_row = paper.bind(torch.tanh)
+    assert every_row(s, t, mask).item() == pytest.approx(every_row(s, t).item()), "the mask only counts when asked"
+    bound = replace(paper, generated_only=True).bind(torch.tanh)
+    assert bound(s, t, mask).item() == pytest.approx(
+        mapping_emulation_loss(s, t, torch.tanh, generated=mask, temperature=5.0, generator_temperature=5.0).item())
+    with pytest.raises(ValueError, match="generated"):
+        bound(s, t)
+    kl_only = replace(paper, generated_only=True, w_f=0.0).bind(None)
+    assert kl_only(s, t).item() == pytest.approx(kl_only(s, t, mask).item())
 
 
 def test_identical_logits_give_zero_loss_and_the_teacher_side_carries_no_gradient():
@@ -389,6 +434,7 @@ def test_least_confident_picks_the_most_uncertain_pairs_and_weights():
 @pytest.mark.parametrize(
     "override, key",
     [("mekd.response=medium", "mekd.response"), ("mekd.device_loss=l2", "mekd.device_loss"),
+     ("mekd.emulation_inputs=rows", "mekd.emulation_inputs"),
      ("mekd.distill.distance=l3", "mekd.distill.distance"),
      ("mekd.distill.temperature=0", "mekd.distill.temperature"),
      ("mekd.distill.milestones=[0.7,0.3]", "mekd.distill.milestones"),

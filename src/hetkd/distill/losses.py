@@ -108,7 +108,10 @@ class ReferenceKD:
     mapping-emulation loss on generated inputs
     (:meth:`hetkd.distill.emulation.EmulationLoss.bind`). Both batches go
     through the model in one forward pass. Use it as the ``loss_fn`` of
-    :func:`hetkd.training.train_epoch`.
+    :func:`hetkd.training.train_epoch`. With ``generated`` (one boolean per
+    public input: which are G's samples) the drawn rows' entries are passed
+    to ``loss`` as ``generated=``, for MEKD's loss with G's term on G's
+    samples only.
     """
 
     def __init__(
@@ -117,8 +120,10 @@ class ReferenceKD:
         target_logits: torch.Tensor,
         rho: float,
         batch_size: int,
-        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        loss: Callable[..., torch.Tensor],
         generator: torch.Generator | None = None,
+        *,
+        generated: torch.Tensor | None = None,
     ) -> None:
         if len(reference_inputs) != len(target_logits):
             raise ValueError(
@@ -132,19 +137,23 @@ class ReferenceKD:
             raise ValueError(f"reference batch size must be >= 1, got {batch_size}")
         if not torch.isfinite(target_logits).all():
             raise ValueError("target logits contain NaN or infinite values")
+        if generated is not None and (generated.dtype != torch.bool or tuple(generated.shape) != (len(reference_inputs),)):
+            raise ValueError(f"generated must be one boolean per public input ({len(reference_inputs)}), "
+                             f"got {generated.dtype} of shape {tuple(generated.shape)}")
         self.inputs = reference_inputs
         self.targets = target_logits.float()
         self.rho = rho
         self.batch_size = batch_size
         self.loss = loss
         self.generator = generator
+        self.generated = generated
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         idx = self._draw()
         ref_x = self.inputs[idx].to(x.device)
         logits = model(torch.cat([x, ref_x]))
         ce = F.cross_entropy(logits[: len(x)], y)
-        kd = self.loss(logits[len(x) :], self.targets[idx].to(x.device))
+        kd = self._kd(logits[len(x) :], idx, x.device)
         return (1.0 - self.rho) * ce + self.rho * kd
 
     def public_loss(self, model: torch.nn.Module, device: torch.device | None = None) -> torch.Tensor:
@@ -153,8 +162,15 @@ class ReferenceKD:
         the same public rows :meth:`__call__` would have drawn at this point."""
         idx = self._draw()
         ref_x = self.inputs[idx] if device is None else self.inputs[idx].to(device)
+        return self.rho * self._kd(model(ref_x), idx, device)
+
+    def _kd(self, logits: torch.Tensor, idx: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        """``loss`` on the drawn rows ``idx`` (with their ``generated`` entries when given)."""
         target = self.targets[idx] if device is None else self.targets[idx].to(device)
-        return self.rho * self.loss(model(ref_x), target)
+        if self.generated is None:
+            return self.loss(logits, target)
+        generated = self.generated[idx] if device is None else self.generated[idx].to(device)
+        return self.loss(logits, target, generated=generated)
 
     def _draw(self) -> torch.Tensor:
         return torch.randint(len(self.inputs), (self.batch_size,), generator=self.generator)

@@ -86,6 +86,12 @@ class QuerySpec:
         """How many of the query's inputs a generator draws (``count`` less the reference rows)."""
         return self.count - self.reference_count
 
+    def generated_rows(self) -> torch.Tensor:
+        """Which of the query's inputs are a generator's samples, ``(count,)`` booleans: those after
+        a ``generator`` query's reference rows, all of an ``inputs`` query's (G's samples, shipped
+        when smaller than G), none of a ``reference`` query's."""
+        return torch.arange(self.count) >= self.reference_row_count
+
 
 @dataclass(frozen=True, kw_only=True)
 class GeneratorSpec:
