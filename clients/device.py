@@ -431,7 +431,7 @@ class DistillClient:
         server_round: int,
         target_logits: torch.Tensor,
         kd: KDTerm,
-        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        loss: Callable[..., torch.Tensor],
         inputs: torch.Tensor | None = None,
         epochs: int | None = None,
         generated: torch.Tensor | None = None,
