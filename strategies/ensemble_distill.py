@@ -331,11 +331,10 @@ class EnsembleDistill(DeviceStrategy):
         logits = teacher_logits(targets.common, targets.kind, hard_margin=self.distill.hard_margin)
         self.student_memory.append((inputs, logits, targets.query.generated_rows()))
         inputs, logits, generated = (torch.cat(parts) for parts in zip(*self.student_memory))
+        logits, generated = logits.to(self.torch_device), generated.to(self.torch_device)  # once, not per step
 
         def loss(student_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            rows = rows.cpu()
-            return self.student_loss(student_logits, logits[rows].to(self.torch_device),
-                                     generated[rows].to(self.torch_device))
+            return self.student_loss(student_logits, logits[rows], generated[rows])
 
         with seeded(self.seed, "student", server_round) as rng:  # batches and any dropout: from the seed
             draw = transfer_batches(inputs, torch.arange(len(inputs)), self.distill.batch_size, rng)
