@@ -47,7 +47,7 @@ from flwr.supercore import log
 from hetkd import protocol as P
 from hetkd.interrupt import raise_if_stopped
 from hetkd.results import accuracy_summary
-from hetkd.sampling import Sampling, sample_devices
+from hetkd.sampling import Sampling, sample_devices, wait_until
 from hetkd.settings import with_overrides
 from hetkd.strategies.metering import MeteredGrid
 from hetkd.strategies.rounds import (
@@ -59,6 +59,7 @@ from hetkd.strategies.rounds import (
     decode_reply,
     finite,
     privacy_figures,
+    say_where_the_models_are,
     sum_finite,
     warn_ignored_flower_config,
 )
@@ -162,9 +163,7 @@ class DeviceStrategy(Strategy):
         expected = self.num_devices or self.sampling.min_devices
         if block:
             wait = self.sampling.wait_for_devices
-            deadline = time.monotonic() + wait
-            while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
-                time.sleep(0.5)
+            wait_until(lambda: len(list(grid.get_node_ids())) >= expected, wait)
             connected = len(list(grid.get_node_ids()))
             if connected < self.sampling.min_devices:
                 raise RuntimeError(
@@ -217,8 +216,22 @@ class DeviceStrategy(Strategy):
         return sorted((n for n in self.devices if n in connected), key=self.device_id)
 
     def sample(self, grid: Grid, server_round: int, fraction: float, purpose: str) -> list[int]:
-        """Seeded sample of ``fraction`` of the available devices (node ids, in device order)."""
-        nodes = self.available(grid)
+        """Seeded sample of ``fraction`` of the available devices (node ids, in device order).
+
+        With fewer than ``min_devices`` of them connected (nodes that missed heartbeats or rejoined
+        under a new node id), it first waits up to ``wait_for_devices`` s, as the first round does.
+        """
+        nodes, least = self.available(grid), self.sampling.min_devices
+        if len(nodes) < least and fraction > 0:
+            log(WARNING, "round %d (%s): %d registered device(s) connected, fewer than min_devices=%d; waiting up "
+                "to %.0fs", server_round, purpose, len(nodes), least, self.sampling.wait_for_devices)
+            def back() -> bool:
+                self.setup_devices(grid)  # a device back under a new node id is set up again
+                return len(self.available(grid)) >= least
+            wait_until(back, self.sampling.wait_for_devices)
+            nodes = self.available(grid)
+            if len(nodes) < least:
+                log(WARNING, "round %d (%s): going on with %d device(s)", server_round, purpose, len(nodes))
         by_device = {self.device_id(n): n for n in nodes}
         chosen = sample_devices(list(by_device), fraction, self.sampling.min_devices, self.seed, server_round,
                                 purpose)
@@ -464,21 +477,8 @@ class DeviceStrategy(Strategy):
             if on_round_end is not None:
                 on_round_end(report)
         if global_model is None:
-            self._say_where_the_models_are(handed=len(arrays) > 0)
+            say_where_the_models_are(type(self).__name__, handed=len(arrays) > 0)
         return result
-
-    def _say_where_the_models_are(self, handed: bool) -> None:
-        """Once, at the end: there is no global model in ``result.arrays``; the devices hold theirs.
-
-        A warning when the caller handed ``initial_arrays`` (a Flower quickstart
-        saves ``result.arrays`` as its final model), a note otherwise.
-        """
-        log(WARNING if handed else INFO,
-            "%s keeps no global model: result.arrays is empty%s. Every device keeps its own personalised "
-            "model on its node: in Flower's Context.state, or on disk with make_client_app(..., state_dir=DIR) or "
-            "the node config state-dir=DIR (hetkd run: simulation.state_store=disk, DIR=<out>/device-state), from "
-            "where hetkd.clients.DiskStateStore(DIR, device_id).load()['model'] reads its weights",
-            type(self).__name__, " (the initial_arrays handed to start() were not trained)" if handed else "")
 
     def _report(self, server_round: int, seconds: float, meter: MeteredGrid, sampled: int) -> RoundReport:
         up, down = meter.per_device("train")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import Message
@@ -22,7 +22,7 @@ from flwr.supercore import log
 from hetkd import protocol as P
 
 __all__ = ["DeviceInfo", "Figures", "RoundLog", "RoundPlan", "RoundReport", "decode_reply", "finite", "privacy_figures",
-           "sum_finite", "warn_ignored_flower_config"]
+           "say_where_the_models_are", "sum_finite", "warn_ignored_flower_config"]
 
 
 @dataclass(frozen=True)
@@ -141,3 +141,17 @@ def privacy_figures(replies: dict[int, P.Reply]) -> Figures:
         figures.metrics.update(epsilon_max=max(epsilons), epsilon_mean=sum(epsilons) / len(epsilons),
                                privacy_exhausted_devices=sum(bool(r.privacy_exhausted) for r in spent.values()))
     return figures
+
+
+def say_where_the_models_are(strategy: str, handed: bool) -> None:
+    """Once, at the end: there is no global model in ``result.arrays``; the devices hold theirs.
+
+    A warning when the caller handed ``initial_arrays`` (a Flower quickstart
+    saves ``result.arrays`` as its final model), a note otherwise.
+    """
+    log(WARNING if handed else INFO,
+        "%s keeps no global model: result.arrays is empty%s. Every device keeps its own personalised "
+        "model on its node: in Flower's Context.state, or on disk with make_client_app(..., state_dir=DIR) or "
+        "the node config state-dir=DIR (hetkd run: simulation.state_store=disk, DIR=<out>/device-state), from "
+        "where hetkd.clients.DiskStateStore(DIR, device_id).load()['model'] reads its weights",
+        strategy, " (the initial_arrays handed to start() were not trained)" if handed else "")

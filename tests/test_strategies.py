@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 from flwr.app import ArrayRecord
 
 from hetkd.config import to_yaml
 from hetkd.data import build_federation
+from hetkd.sampling import wait_until
 from hetkd.simulations.registry import build_strategy, initial_arrays
 from hetkd.strategies import FedAvg, HeterogeneousModelsError, LocalOnly, RoundReport
 from tests.conftest import InProcessGrid, corrupt_metric, small_config
@@ -122,6 +125,63 @@ def test_missing_devices_stop_the_start_with_advice(tmp_path):
     grid.connected = set(grid.node_ids[:2])
     with pytest.raises(RuntimeError, match="num-supernodes=4"):
         strategy.start(grid=grid, num_rounds=1)
+
+
+def test_wait_until_stops_when_ready_or_when_the_time_is_up():
+    calls = iter([False, False, True])
+    assert wait_until(lambda: next(calls), seconds=5, poll=0.01)
+    started = time.monotonic()
+    assert not wait_until(lambda: False, seconds=0.2, poll=0.05)
+    assert 0.2 <= time.monotonic() - started < 2
+    for bad in ({"seconds": -1}, {"seconds": 1, "poll": 0}):
+        with pytest.raises(ValueError, match="seconds=|poll="):
+            wait_until(lambda: True, **bad)
+
+
+def _drop_every_node_after_round_one(grid: InProcessGrid, back_after: float | None):
+    """An ``on_round_end`` that disconnects every node after round 1 (missed heartbeats) and, after
+    ``back_after`` seconds, reconnects them, node 0 under a new node id (a restarted SuperNode)."""
+    reports: list[RoundReport] = []
+
+    def come_back() -> None:
+        old = grid.node_ids[0]
+        grid.node_ids[0] = new = old + 10_000
+        grid.contexts[new] = grid.contexts.pop(old)
+        grid.contexts[new].node_id = new
+        grid.connected = set(grid.node_ids)
+
+    def on_round_end(report: RoundReport) -> None:
+        reports.append(report)
+        if report.round == 1:
+            grid.connected = set()
+            if back_after is not None:
+                threading.Timer(back_after, come_back).start()
+
+    return reports, on_round_end
+
+
+def test_a_round_waits_for_devices_that_dropped_off_and_sets_up_those_back_under_new_ids(tmp_path):
+    cfg = small_config(tmp_path, "strategy.min_devices=4", "strategy.wait_for_devices=30")
+    grid = InProcessGrid(4)
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports, on_round_end = _drop_every_node_after_round_one(grid, back_after=1.0)
+    started = time.monotonic()
+    strategy.start(grid=grid, num_rounds=2, on_round_end=on_round_end)
+    assert time.monotonic() - started < 25, "it waited for the devices, not for the whole allowance"
+    assert [(r.sampled, r.trained) for r in reports] == [(4, 4), (4, 4)]
+    assert reports[1].failures == [] and sorted(strategy.devices.values(), key=lambda d: d.device_id)[0].node_id \
+        == grid.node_ids[0]
+
+
+def test_a_round_whose_devices_never_come_back_goes_on_after_the_wait(tmp_path):
+    cfg = small_config(tmp_path, "strategy.wait_for_devices=1")
+    grid = InProcessGrid(4)
+    strategy = build_strategy(cfg, build_federation(cfg), to_yaml(cfg))
+    reports, on_round_end = _drop_every_node_after_round_one(grid, back_after=None)
+    started = time.monotonic()
+    strategy.start(grid=grid, num_rounds=3, on_round_end=on_round_end)
+    assert time.monotonic() - started >= 2, "rounds 2 and 3 each waited wait_for_devices"
+    assert [r.sampled for r in reports] == [4, 0, 0]
 
 
 def test_a_node_that_cannot_be_set_up_is_reported_once_and_not_asked_again(tmp_path):

@@ -10,14 +10,15 @@ numbers its nodes and in whatever order they connect.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from hetkd.settings import require, require_types
 
-__all__ = ["Sampling", "sample_devices"]
+__all__ = ["Sampling", "sample_devices", "wait_until"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +29,8 @@ class Sampling:
     evaluate each round, at least ``min_devices`` (0 evaluating devices skips
     evaluation). Evaluation runs every ``evaluate_every`` rounds and always
     after the last one. The first round waits up to ``wait_for_devices``
-    seconds for the devices the run expects to connect.
+    seconds for the devices the run expects to connect; a later round that
+    finds fewer than ``min_devices`` of them connected waits as long for those.
     """
 
     fraction_train: float = 1.0
@@ -69,3 +71,16 @@ def sample_devices(
     rng = np.random.default_rng([seed, server_round, 0 if purpose == "train" else 1])
     chosen = rng.choice(len(ids), size=k, replace=False)
     return [ids[i] for i in sorted(chosen)]
+
+
+def wait_until(ready: Callable[[], bool], seconds: float, poll: float = 0.5) -> bool:
+    """Ask ``ready`` every ``poll`` seconds until it says yes or ``seconds`` have passed; return its
+    last answer. Like Flower's ``sample_nodes`` waiting for nodes, but never forever."""
+    if seconds < 0 or poll <= 0:
+        raise ValueError(f"wait_until needs seconds >= 0 and poll > 0, got seconds={seconds}, poll={poll}")
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
