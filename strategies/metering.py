@@ -20,6 +20,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from hetkd import protocol as P
 from hetkd.interrupt import raise_if_stopped
 
 __all__ = ["MeteredGrid", "payload_bytes", "addressed"]
@@ -58,8 +59,11 @@ class MeteredGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        # a set-up is booked as set-up whenever it happens (a device that rejoins mid-round)
+        setup = bool(messages) and messages[0].metadata.message_type == P.SetupRequest.message_type
+        phase = "setup" if setup else self.phase
         for m in messages:
-            self.down[self.phase][m.metadata.dst_node_id] += payload_bytes(m.content)
+            self.down[phase][m.metadata.dst_node_id] += payload_bytes(m.content)
         if not messages:
             return []
         replies = self._push_and_pull(messages, timeout)
@@ -69,7 +73,7 @@ class MeteredGrid:
         for r in replies:
             answered.add(r.metadata.src_node_id)
             if not r.has_error():
-                self.up[self.phase][r.metadata.src_node_id] += payload_bytes(r.content)
+                self.up[phase][r.metadata.src_node_id] += payload_bytes(r.content)
         for m in messages:
             if m.metadata.dst_node_id not in answered:
                 self.unanswered[m.metadata.dst_node_id] = f"no reply within {timeout}s ({m.metadata.message_type})"

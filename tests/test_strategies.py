@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord
 
 from hetkd.config import to_yaml
 from hetkd.data import build_federation
+from hetkd.interrupt import RunInterrupted, request_stop, stop_on_signals
 from hetkd.sampling import wait_until
 from hetkd.simulations.registry import build_strategy, initial_arrays
 from hetkd.strategies import FedAvg, HeterogeneousModelsError, LocalOnly, RoundReport
@@ -136,6 +137,11 @@ def test_wait_until_stops_when_ready_or_when_the_time_is_up():
     for bad in ({"seconds": -1}, {"seconds": 1, "poll": 0}):
         with pytest.raises(ValueError, match="seconds=|poll="):
             wait_until(lambda: True, **bad)
+    started = time.monotonic()
+    with stop_on_signals(), pytest.raises(RunInterrupted, match="waiting for devices"):
+        request_stop()  # Ctrl-C while a round waits for its devices
+        wait_until(lambda: False, seconds=60)
+    assert time.monotonic() - started < 5
 
 
 def _drop_every_node_after_round_one(grid: InProcessGrid, back_after: float | None):
@@ -169,6 +175,8 @@ def test_a_round_waits_for_devices_that_dropped_off_and_sets_up_those_back_under
     strategy.start(grid=grid, num_rounds=2, on_round_end=on_round_end)
     assert time.monotonic() - started < 25, "it waited for the devices, not for the whole allowance"
     assert [(r.sampled, r.trained) for r in reports] == [(4, 4), (4, 4)]
+    # the rejoiner's set-up is booked as set-up, not as round 2's training traffic
+    assert reports[1].metrics["bytes_down_per_device"] == reports[0].metrics["bytes_down_per_device"]
     assert reports[1].failures == [] and sorted(strategy.devices.values(), key=lambda d: d.device_id)[0].node_id \
         == grid.node_ids[0]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetkd.interrupt import raise_if_stopped
 from hetkd.settings import require, require_types
 
 __all__ = ["Sampling", "sample_devices", "wait_until"]
@@ -75,11 +76,13 @@ def sample_devices(
 
 def wait_until(ready: Callable[[], bool], seconds: float, poll: float = 0.5) -> bool:
     """Ask ``ready`` every ``poll`` seconds until it says yes or ``seconds`` have passed; return its
-    last answer. Like Flower's ``sample_nodes`` waiting for nodes, but never forever."""
+    last answer. Like Flower's ``sample_nodes`` waiting for nodes, but never forever, and a
+    requested stop (Ctrl-C) ends the wait with :class:`~hetkd.interrupt.RunInterrupted`."""
     if seconds < 0 or poll <= 0:
         raise ValueError(f"wait_until needs seconds >= 0 and poll > 0, got seconds={seconds}, poll={poll}")
     deadline = time.monotonic() + seconds
     while not ready():
+        raise_if_stopped("while waiting for devices to connect")
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll)
