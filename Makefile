@@ -17,7 +17,8 @@ DEVICES ?= 10
 RUN_CONFIG ?=
 # tests run in two pytest-xdist workers, one torch thread per process (tests/conftest.py): 989 s on
 # a 2-core AMD EPYC, 1,240 s with a torch thread per core (one worker at a time leaves the cores idle
-# a third of the time, waiting on the processes its tests start); PYTEST_WORKERS= runs them one by one
+# a third of the time, waiting on the processes its tests start); PYTEST_WORKERS= runs them one by one.
+# `make test` lists its 15 slowest tests, to keep the whole suite within about 15 minutes
 PYTEST_WORKERS ?= -n 2
 # `flwr run` would otherwise install the app's dependencies with uv for every run
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
@@ -40,7 +41,7 @@ run: install
 		--run-config "output.root='$(CURDIR)/outputs' simulation.num_devices=$(DEVICES) $(RUN_CONFIG)"
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_WORKERS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not slow"
