@@ -228,9 +228,9 @@ class DeviceStrategy(Strategy):
             def back() -> bool:
                 self.setup_devices(grid)  # a device back under a new node id is set up again
                 return len(self.available(grid)) >= least
-            wait_until(back, self.sampling.wait_for_devices)
+            back_in_time = wait_until(back, self.sampling.wait_for_devices)
             nodes = self.available(grid)
-            if len(nodes) < least:
+            if not back_in_time:
                 log(WARNING, "round %d (%s): going on with %d device(s)", server_round, purpose, len(nodes))
         by_device = {self.device_id(n): n for n in nodes}
         chosen = sample_devices(list(by_device), fraction, self.sampling.min_devices, self.seed, server_round,
@@ -434,7 +434,6 @@ class DeviceStrategy(Strategy):
         log(INFO, "Starting %s for %d rounds", type(self).__name__, num_rounds)
         self.summary()
         self._round = RoundLog()
-        meter.phase = "setup"
         self.setup_devices(meter, block=True)  # type: ignore[arg-type]
         if evaluate_fn is not None and first_round == 1:
             res = evaluate_fn(0, arrays)
@@ -444,7 +443,6 @@ class DeviceStrategy(Strategy):
             raise_if_stopped(f"before round {server_round}")
             started = time.perf_counter()
             meter.reset()
-            meter.phase = "setup"
             self.setup_devices(meter)  # type: ignore[arg-type]  # late joiners
             meter.phase = "train"
             messages = list(self.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), meter))  # type: ignore[arg-type]

@@ -38,7 +38,8 @@ class MeteredGrid:
     """A :class:`~flwr.serverapp.Grid` wrapper that counts payload bytes per node.
 
     Traffic is booked under the current ``phase`` (``"train"`` for the
-    algorithm's exchange, ``"evaluate"`` for measurement).
+    algorithm's exchange, ``"evaluate"`` for measurement), set-up messages
+    under ``"setup"`` whenever they are sent.
     """
 
     def __init__(self, grid: Grid) -> None:
@@ -59,7 +60,7 @@ class MeteredGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        # a set-up is booked as set-up whenever it happens (a device that rejoins mid-round)
+        # a set-up is booked as set-up whenever it happens (at the start, or a device that rejoins mid-round)
         setup = bool(messages) and messages[0].metadata.message_type == P.SetupRequest.message_type
         phase = "setup" if setup else self.phase
         for m in messages:
