@@ -35,7 +35,7 @@ def _check_run_folder(out: Path, rounds: int) -> list[dict]:
 
 
 def test_two_round_simulation_writes_results_and_learns(tmp_path):
-    """A whole run folder, from FedAvg (local-only runs in test_sd_dist_beats_local_only_on_global_accuracy)."""
+    """A whole run folder, from FedAvg (local-only and SD-Dist: the compare test below)."""
     cfg = small_config(tmp_path, "strategy=fedavg", "models.assignment=homogeneous", "models.architectures=[cnn_m]",
                        "output.plots=true", "training.local_epochs=5", devices=4)
     pythonpath = os.environ.get("PYTHONPATH")
@@ -72,37 +72,36 @@ def test_flwr_run_drives_the_same_apps(tmp_path):
         assert "[tool.flwr.app.config]" in (app_dir / "pyproject.toml").read_text()
 
 
-def test_sd_dist_beats_local_only_on_global_accuracy(tmp_path):
-    """Through Flower's runtime: same partitions, models and seed; only the strategy differs."""
-    common = ("training.local_epochs=5", "num-server-rounds=5", "reference.size=300", "partition.min_samples=10",
-              "strategy.sd_dist.num_neighbours=5", "strategy.sd_dist.num_candidates=7")
-    local = run(small_config(tmp_path / "local", "strategy=local", *common, devices=10))
-    sd = run(small_config(tmp_path / "sd", "strategy=sd-dist", *common, devices=10))
-    assert sd["final_global_accuracy_mean"] >= local["final_global_accuracy_mean"] + 0.08, (local, sd)
-    assert sd["final_personalised_accuracy_mean"] >= local["final_personalised_accuracy_mean"]
-    assert (Path(sd["out_dir"]) / "similarity.png").is_file()
-    # predictions only: far below what one model's weights would cost
-    assert sd["mean_bytes_up_per_device_per_round"] < 0.1 * sd["largest_model_bytes"]
-
-
-def test_compare_writes_json_markdown_and_plot_then_resumes_finished_runs_and_survives_a_failing_one(
+def test_compare_shows_sd_dist_beating_local_only_then_resumes_finished_runs_and_survives_a_failing_one(
         tmp_path, monkeypatch):
-    """One comparison, then resumed from its runs (one set of simulations serves both halves)."""
+    """`hetkd compare` through Flower's runtime: same partitions, models and seed, only the strategy
+    differs, and SD-Dist beats local-only on the global test set; the comparison's files; then the
+    same comparison resumed from its runs (one set of simulations serves every half)."""
     import hetkd.simulations.runner as runner
     from hetkd.simulations.compare import compare
 
-    cfg = small_config(tmp_path, "num-server-rounds=2", devices=3)
+    common = ("training.local_epochs=5", "num-server-rounds=5", "reference.size=300", "partition.min_samples=10",
+              "strategy.sd_dist.num_neighbours=5", "strategy.sd_dist.num_candidates=7")
+    cfg = small_config(tmp_path, *common, devices=10)
     first = compare(cfg, ["central", "local", "sd-dist"], [0], tmp_path / "cmp")
     for name in ("compare.json", "compare.md", "compare.png"):
         assert (tmp_path / "cmp" / name).is_file()
     table = first["strategies"]
     assert set(table) == {"central", "local", "sd-dist"}
+    local, sd = table["local"], table["sd-dist"]
+    assert sd["final_global_accuracy_mean"]["mean"] >= local["final_global_accuracy_mean"]["mean"] + 0.08, table
+    assert sd["final_personalised_accuracy_mean"]["mean"] >= local["final_personalised_accuracy_mean"]["mean"]
+    sd_run = Path(sd["run_dirs"][0])
+    assert (sd_run / "similarity.png").is_file()
+    # predictions only: far below what one model's weights would cost
+    summary = json.loads((sd_run / "summary.json").read_text())
+    assert summary["mean_bytes_up_per_device_per_round"] < 0.1 * summary["largest_model_bytes"]
     assert table["central"]["final_global_accuracy_mean"]["mean"] > 0.5
     assert table["central"]["bytes_per_device_per_round"]["mean"] == 0
-    assert table["sd-dist"]["bytes_per_device_per_round"]["mean"] > table["local"]["bytes_per_device_per_round"]["mean"]
+    assert sd["bytes_per_device_per_round"]["mean"] > local["bytes_per_device_per_round"]["mean"]
     # the communication claim: predictions cost far under 1 % of FedAvg with the zoo's largest model
-    assert table["sd-dist"]["zoo_largest_model"]["architecture"] == "resnet32"
-    assert 0 < table["sd-dist"]["bytes_fraction_of_fedavg_zoo_largest"] < 0.01
+    assert sd["zoo_largest_model"]["architecture"] == "resnet32"
+    assert 0 < sd["bytes_fraction_of_fedavg_zoo_largest"] < 0.01
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sd-dist |" in text and "± " in text and "resnet32" in text
 
@@ -117,16 +116,15 @@ def test_compare_writes_json_markdown_and_plot_then_resumes_finished_runs_and_su
         assert again["strategies"][name]["bytes_per_device_per_round"] == first["strategies"][name]["bytes_per_device_per_round"]
     assert "Read back from earlier runs" in (tmp_path / "cmp" / "compare.md").read_text()
     # settings a strategy never reads do not invalidate its runs; settings it reads do
-    kd_only = small_config(tmp_path, "num-server-rounds=2", "strategy.kd.rho=0.9", "strategy.sd_dist.num_neighbours=1",
-                           devices=3)
+    kd_only = small_config(tmp_path, *common, "strategy.kd.rho=0.9", "strategy.sd_dist.num_neighbours=1", devices=10)
     kept = compare(kd_only, ["central", "local"], [0], tmp_path / "cmp", resume=True)
     assert all(kept["strategies"][name]["reused_seeds"] == [0] for name in ("central", "local"))
-    student = small_config(tmp_path, "num-server-rounds=2", "strategy.ensemble.student=mlp_s", devices=3)
+    student = small_config(tmp_path, *common, "strategy.ensemble.student=mlp_s", devices=10)
     rerun = compare(student, ["central", "local"], [0], tmp_path / "cmp", resume=True)
     assert rerun["strategies"]["local"]["reused_seeds"] == [0]
     assert rerun["strategies"]["central"]["failed_runs"][0]["error"].startswith("RuntimeError: no simulation allowed")
     # a different config is not the finished run: it is run (here: fails), reported, and the other goes on
-    changed = small_config(tmp_path, "num-server-rounds=2", "training.lr=0.01", devices=3)
+    changed = small_config(tmp_path, *common, "training.lr=0.01", devices=10)
     result = compare(changed, ["central", "local"], [0], tmp_path / "cmp", resume=True)
     assert result["strategies"]["local"]["failed_runs"][0]["error"].startswith("RuntimeError: no simulation allowed")
     assert result["strategies"]["local"]["final_personalised_accuracy_mean"]["mean"] is None

@@ -157,7 +157,7 @@ def test_hetkd_run_does_not_start_over_a_folder_holding_a_run(tmp_path, capsys):
 def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path, ray_tmpdir):
     """The CLI on Ray: interrupt a run, resume it, and compare every round with a run never stopped
     (the server takes replies in device order, so Ray's delivery order does not matter)."""
-    args = ["num-server-rounds=4", "simulation.num_devices=4", "training.local_epochs=1", "output.progress=false"]
+    args = ["num-server-rounds=3", "simulation.num_devices=4", "training.local_epochs=1", "output.progress=false"]
     whole = tmp_path / "whole"
     done = subprocess.run([sys.executable, "-m", "hetkd.simulations.cli", "run", *args, "--out", str(whole)],
                           capture_output=True, text=True, timeout=600)
@@ -168,7 +168,7 @@ def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path, ra
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while len(read_metrics(cut / "metrics.jsonl")) < 2 if (cut / "metrics.jsonl").is_file() else True:
+        while len(read_metrics(cut / "metrics.jsonl")) < 1 if (cut / "metrics.jsonl").is_file() else True:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
@@ -188,5 +188,5 @@ def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path, ra
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed after round {stopped_after}" in resumed.stdout
     got, want = read_metrics(cut / "metrics.jsonl"), read_metrics(whole / "metrics.jsonl")
-    assert [r["round"] for r in got] == list(range(1, 5))
+    assert [r["round"] for r in got] == list(range(1, 4))
     assert [_figures(r) for r in got] == [_figures(r) for r in want]
