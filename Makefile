@@ -16,7 +16,7 @@ LOWEST_VENV ?= .venv-flwr$(LOWEST_FLOWER)
 DEVICES ?= 10
 RUN_CONFIG ?=
 # tests run in two pytest-xdist workers, one torch thread per process (tests/conftest.py): 931-977 s in
-# CI (935 s on 3f0f4f5), 989 s on a 2-core AMD EPYC, 1,240 s there with a torch thread per core (one worker at a time leaves the cores idle
+# CI (935 and 1,008 s after 3f0f4f5), 989 s on a 2-core AMD EPYC, 1,240 s there with a torch thread per core (one worker at a time leaves the cores idle
 # a third of the time, waiting on the processes its tests start); PYTEST_WORKERS= runs them one by one.
 # `make test` lists its 15 slowest tests, to keep the whole suite within about 15 minutes
 PYTEST_WORKERS ?= -n 2
