@@ -86,6 +86,25 @@ def small_config(tmp_path, *overrides: str, devices: int = 4) -> HetkdConfig:
     )
 
 
+#: the files every finished run folder holds (with output.plots on)
+RUN_FILES = ("config.yaml", "federation.json", "metrics.jsonl", "summary.json", "accuracy.png")
+
+
+def check_run_folder(out: Path, rounds: int) -> list[dict]:
+    """Assert that ``out`` is a whole run folder of ``rounds`` rounds, with every headline figure of
+    its last round; return its metrics rows."""
+    from hetkd.results import read_metrics
+
+    for name in RUN_FILES:
+        assert (out / name).is_file(), f"{name} missing from {out}"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    for key in ("personalised_accuracy_mean", "personalised_accuracy_std", "personalised_accuracy_worst10",
+                "global_accuracy_mean", "bytes_up_per_device", "bytes_down_per_device", "seconds"):
+        assert rows[-1][key] is not None, key
+    return rows
+
+
 def corrupt_metric(key: str, value: float = math.nan) -> Callable[[Message], Message]:
     """A fault that overwrites one metric of a device's replies."""
 

@@ -437,9 +437,11 @@ def test_similarity_weighting_gives_each_device_its_own_targets(tmp_path):
 def test_mekd_global_student_beats_chance_by_a_wide_margin(tmp_path):
     from hetkd.simulations import run
 
+    # through Flower's Ray runtime, G's weights and samples on the wire; the student reached 0.68 (0.72 with
+    # 300 GAN steps and 150 server steps a round, 5 s more) on a 2-core AMD EPYC
     cfg = small_config(tmp_path, "strategy=mekd", "num-server-rounds=5", "strategy.ensemble.warmup_rounds=2",
-                       "strategy.ensemble.deprivatize_rounds=2", "mekd.gan.steps=300",
-                       "strategy.ensemble.server_steps=150", "strategy.ensemble.num_queries=256",
+                       "strategy.ensemble.deprivatize_rounds=2", "mekd.gan.steps=200",
+                       "strategy.ensemble.server_steps=100", "strategy.ensemble.num_queries=256",
                        "training.local_epochs=3", "reference.size=300", "partition.method=iid", devices=4)
     summary = run(cfg)
     assert summary["failures"] == 0

@@ -354,6 +354,7 @@ def test_hetkd_run_stops_on_sigterm_keeping_its_rounds_and_leaving_no_process(tm
     out = tmp_path / "run"
     env = dict(os.environ, RAY_TMPDIR=ray_tmpdir)
     proc = subprocess.Popen([sys.executable, "-m", "hetkd.simulations.cli", "run", "num-server-rounds=50",
+                             "simulation.num_devices=3", "training.local_epochs=1", "output.progress=false",
                              "--out", str(out)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -18,7 +18,7 @@ import torch
 from flwr.app import Message
 
 from hetkd.clients import DiskStateStore
-from hetkd.config import ConfigError
+from hetkd.config import ConfigError, resolve_config
 from hetkd.interrupt import RunInterrupted, request_stop, stop_on_signals
 from hetkd.results import read_metrics
 from hetkd.simulations import cli
@@ -155,13 +155,12 @@ def test_hetkd_run_does_not_start_over_a_folder_holding_a_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_hetkd_run_resume_after_ctrl_c_equals_the_uninterrupted_run(tmp_path, ray_tmpdir):
-    """The CLI on Ray: interrupt a run, resume it, and compare every round with a run never stopped
-    (the server takes replies in device order, so Ray's delivery order does not matter)."""
+    """The CLI on Ray: interrupt a run, resume it, and compare every round with the same run never
+    stopped, made in this process without Ray (the server takes replies in device order, so neither
+    Ray's delivery order nor the runtime changes a figure)."""
     args = ["num-server-rounds=3", "simulation.num_devices=4", "training.local_epochs=1", "output.progress=false"]
     whole = tmp_path / "whole"
-    done = subprocess.run([sys.executable, "-m", "hetkd.simulations.cli", "run", *args, "--out", str(whole)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_on_grid(InProcessGrid(4), prepare(resolve_config(None, [*args, f"output.dir={whole}"]), shared_output=True))
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "hetkd.simulations.cli", "run", *args, "--out", str(cut)],
                             env=dict(os.environ, RAY_TMPDIR=ray_tmpdir), start_new_session=True,

@@ -21,7 +21,7 @@ import pytest
 from hetkd.config import ConfigError, resolve_config
 from hetkd.results import read_metrics
 from hetkd.simulations.bench import BenchRunConfig, TreeMemoryMonitor, run_bench
-from tests.conftest import small_config
+from tests.conftest import check_run_folder, small_config
 
 GIB = float(1 << 30)
 
@@ -162,7 +162,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_runs_on_an_existing_ray_cluster(tmp_path, ray_tmpdir):
-    """`ray start --head` as a user would, then a run with simulation.ray_address pointing at it."""
+    """`ray start --head` as a user would, then a two-round FedAvg run with simulation.ray_address
+    pointing at it: the whole run folder, learning, and the cluster left running (the other
+    strategies run on a Ray of their own in test_e2e's comparison and the tests below)."""
     from hetkd.simulations import run
 
     ray_bin = Path(sys.executable).with_name("ray")
@@ -182,12 +184,19 @@ def test_runs_on_an_existing_ray_cluster(tmp_path, ray_tmpdir):
             time.sleep(0.5)
         else:
             pytest.fail(f"the Ray head node did not open port {port} (exit code {head.poll()})")
-        cfg = small_config(tmp_path, f"simulation.ray_address=127.0.0.1:{port}", "num-server-rounds=1",
-                           "training.local_epochs=1", devices=3)
+        cfg = small_config(tmp_path, f"simulation.ray_address=127.0.0.1:{port}", "strategy=fedavg",
+                           "models.assignment=homogeneous", "models.architectures=[cnn_m]", "output.plots=true",
+                           "training.local_epochs=5", devices=4)
+        pythonpath = os.environ.get("PYTHONPATH")
         summary = run(cfg)
-        assert summary["failures"] == 0
-        assert read_metrics(Path(summary["out_dir"]) / "metrics.jsonl")[0]["trained"] == 3
+        assert os.environ.get("PYTHONPATH") == pythonpath, "the run must leave the caller's environment as it was"
         assert head.poll() is None, "the run must disconnect from the cluster, not stop it"
+        out = Path(summary["out_dir"])
+        rows = check_run_folder(out, 2)
+        assert [r["trained"] for r in rows] == [4, 4] and summary["failures"] == 0
+        assert summary["final_personalised_accuracy_mean"] > 0.3, "10 classes: chance is 0.1"
+        assert rows[-1]["global_accuracy_mean"] > 0.15
+        assert json.loads((out / "summary.json").read_text())["strategy"] == "fedavg"
     finally:
         members = [head.pid] + [p.pid for p in psutil.Process(head.pid).children(recursive=True)] \
             if head.poll() is None else []
