@@ -15,9 +15,11 @@ LOWEST_FLOWER ?= 1.39.0
 LOWEST_VENV ?= .venv-flwr$(LOWEST_FLOWER)
 DEVICES ?= 10
 RUN_CONFIG ?=
-# tests run in two pytest-xdist workers, one torch thread per process (tests/conftest.py): 931-977 s in
-# CI (935 and 1,008 s after 3f0f4f5), 989 s on a 2-core AMD EPYC, 1,240 s there with a torch thread per core (one worker at a time leaves the cores idle
-# a third of the time, waiting on the processes its tests start); PYTEST_WORKERS= runs them one by one.
+# tests run in two pytest-xdist workers, one torch thread per process (tests/conftest.py): 931-1,008 s in
+# CI before bbc9021; on the 2-core AMD EPYC of 2026-12-07 (evening), 544 and 562 s for the tests that took
+# CI 935 and 1,008 s, and 463 s after bbc9021. A torch thread per core oversubscribes the cores (1,240 s
+# where two workers took 989 s); one worker at a time leaves them idle a third of the time, waiting on the
+# processes its tests start; PYTEST_WORKERS= runs the tests one by one.
 # `make test` lists its 15 slowest tests, to keep the whole suite within about 15 minutes
 PYTEST_WORKERS ?= -n 2
 # `flwr run` would otherwise install the app's dependencies with uv for every run
