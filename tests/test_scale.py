@@ -163,8 +163,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_runs_on_an_existing_ray_cluster(tmp_path, ray_tmpdir):
     """`ray start --head` as a user would, then a two-round FedAvg run with simulation.ray_address
-    pointing at it: the whole run folder, learning, and the cluster left running (the other
-    strategies run on a Ray of their own in test_e2e's comparison and the tests below)."""
+    pointing at it: the whole run folder, learning, and the cluster left running (runs on a Ray of
+    their own: test_e2e's comparison, the 200-device test above)."""
     from hetkd.simulations import run
 
     ray_bin = Path(sys.executable).with_name("ray")
