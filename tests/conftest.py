@@ -28,6 +28,7 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from hetkd.config import HetkdConfig, resolve_config
+from hetkd.results import read_metrics
 from hetkd.simulations.fleet import superlink_address_args
 from hetkd.simulations.local_grid import InProcessGrid, Traffic  # noqa: F401  (re-exported for tests)
 
@@ -93,8 +94,6 @@ RUN_FILES = ("config.yaml", "federation.json", "metrics.jsonl", "summary.json", 
 def check_run_folder(out: Path, rounds: int) -> list[dict]:
     """Assert that ``out`` is a whole run folder of ``rounds`` rounds, with every headline figure of
     its last round; return its metrics rows."""
-    from hetkd.results import read_metrics
-
     for name in RUN_FILES:
         assert (out / name).is_file(), f"{name} missing from {out}"
     rows = read_metrics(out / "metrics.jsonl")

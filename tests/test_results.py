@@ -8,6 +8,7 @@ import math
 import pytest
 
 from hetkd.results import RunRecorder, accuracy_summary, final_figures, read_metrics
+from tests.conftest import RUN_FILES
 
 
 def test_accuracy_summary_closed_form():
@@ -44,7 +45,7 @@ def test_recorder_writes_each_round_as_it_ends(tmp_path):
     assert summary["final_personalised_accuracy_mean"] == 0.7
     assert summary["best_personalised_accuracy_mean"] == 0.7
     assert summary["strategy"] == "local"
-    for name in ("config.yaml", "federation.json", "metrics.jsonl", "summary.json", "accuracy.png"):
+    for name in RUN_FILES:
         assert (tmp_path / "run" / name).is_file(), name
 
 
